@@ -1,0 +1,3 @@
+from vhostd.cli import main
+
+raise SystemExit(main())
