@@ -1,0 +1,5 @@
+# The native data plane is compiled by cffi at install time; cffi_modules is a
+# setup() keyword that pyproject.toml cannot express.
+from setuptools import setup
+
+setup(cffi_modules=["vhostd/native/build.py:ffibuilder"])

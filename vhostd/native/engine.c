@@ -1,0 +1,609 @@
+/* Worker threads and the queue lifecycle the control plane drives.
+ *
+ * A fixed pool of workers each waits in epoll on the kick eventfds of the
+ * queues assigned to it (round robin).  A kick makes the owning worker take
+ * the queue lock and drain the ring; no Python runs on this path.  The
+ * control plane (Python, via cffi, GIL released) takes the same lock to
+ * change a queue, so a queue is never reconfigured mid-batch.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "vd.h"
+
+struct vd_worker {
+    pthread_t thread;
+    int epfd;
+    int wake_fd;
+    int stop;
+    pthread_mutex_t lock;          /* protects the fields below */
+    pthread_cond_t cond;
+    uint64_t sync_req, sync_done;  /* quiescence handshake, see vd_engine_sync */
+    struct vd_queue *polled;       /* queues without a kick fd */
+};
+
+struct vd_engine {
+    int nworkers;
+    unsigned next;
+    struct vd_worker w[];
+};
+
+/* ---------------------------------------------------------------- SIGBUS guard
+ * The front-end could shrink a memfd after we mapped it; touching the lost
+ * pages raises SIGBUS.  Workers run ring processing under a guard that turns
+ * such a fault into a broken queue instead of a dead daemon. */
+
+static __thread sigjmp_buf *guard_jb;
+static struct sigaction old_sigbus;
+static pthread_once_t sigbus_once = PTHREAD_ONCE_INIT;
+
+static void on_sigbus(int sig, siginfo_t *info, void *uctx)
+{
+    if (guard_jb)
+        siglongjmp(*guard_jb, 1);
+    /* Not ours: behave as before we were installed. */
+    if (old_sigbus.sa_flags & SA_SIGINFO && old_sigbus.sa_sigaction) {
+        old_sigbus.sa_sigaction(sig, info, uctx);
+        return;
+    }
+    if (old_sigbus.sa_handler != SIG_DFL && old_sigbus.sa_handler != SIG_IGN && old_sigbus.sa_handler) {
+        old_sigbus.sa_handler(sig);
+        return;
+    }
+    signal(SIGBUS, SIG_DFL);
+    raise(SIGBUS);
+}
+
+static void install_sigbus(void)
+{
+    struct sigaction sa = {0};
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, &old_sigbus);
+}
+
+static void process_guarded(struct vd_queue *q)
+{
+    sigjmp_buf jb;
+    if (sigsetjmp(jb, 1)) {
+        guard_jb = NULL;
+        vd_queue_fail(q, "queue %d: guest memory access faulted (SIGBUS): the front-end shrank shared memory",
+                      q->index);
+        return;
+    }
+    guard_jb = &jb;
+    vd_queue_process(q);
+    guard_jb = NULL;
+}
+
+/* ---------------------------------------------------------------- workers */
+
+static void service(struct vd_queue *q, int kicked)
+{
+    pthread_mutex_lock(&q->lock);
+    if (kicked && q->kick_fd >= 0) {
+        uint64_t v;
+        if (read(q->kick_fd, &v, sizeof(v)) == sizeof(v))
+            q->st.kicks++;
+    }
+    if (q->started && q->enabled && !q->broken)
+        process_guarded(q);
+    pthread_mutex_unlock(&q->lock);
+}
+
+static void *worker_main(void *arg)
+{
+    struct vd_worker *w = arg;
+    struct epoll_event ev[64];
+    sigset_t all;
+
+    /* Signals are Python's business (its handlers run on the main thread). */
+    sigfillset(&all);
+    sigdelset(&all, SIGBUS);
+    sigdelset(&all, SIGSEGV);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+
+    for (;;) {
+        pthread_mutex_lock(&w->lock);
+        uint64_t seen = w->sync_req;
+        int stop = w->stop;
+        int timeout = w->polled ? 1 : -1;
+        pthread_mutex_unlock(&w->lock);
+        if (stop)
+            break;
+        int n = epoll_wait(w->epfd, ev, 64, timeout);
+        for (int i = 0; i < n; i++) {
+            if (ev[i].data.ptr == NULL) {
+                uint64_t v;
+                if (read(w->wake_fd, &v, sizeof(v)) < 0) {
+                }
+                continue;
+            }
+            service(ev[i].data.ptr, 1);
+        }
+        /* Polled queues: the lock-free peek at w->polled is re-read under lock. */
+        pthread_mutex_lock(&w->lock);
+        struct vd_queue *p = w->polled;
+        pthread_mutex_unlock(&w->lock);
+        for (; p; p = p->poll_next)
+            service(p, 0);
+        pthread_mutex_lock(&w->lock);
+        w->sync_done = seen;
+        pthread_cond_broadcast(&w->cond);
+        pthread_mutex_unlock(&w->lock);
+    }
+    return NULL;
+}
+
+static void wake(struct vd_worker *w)
+{
+    uint64_t one = 1;
+    if (write(w->wake_fd, &one, sizeof(one)) < 0) {
+    }
+}
+
+vd_engine *vd_engine_new(int nworkers)
+{
+    pthread_once(&sigbus_once, install_sigbus);
+    if (nworkers < 1)
+        nworkers = 1;
+    vd_engine *e = calloc(1, sizeof(*e) + nworkers * sizeof(struct vd_worker));
+    if (!e)
+        return NULL;
+    e->nworkers = nworkers;
+    for (int i = 0; i < nworkers; i++) {
+        struct vd_worker *w = &e->w[i];
+        w->epfd = epoll_create1(EPOLL_CLOEXEC);
+        w->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        pthread_mutex_init(&w->lock, NULL);
+        pthread_cond_init(&w->cond, NULL);
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+        epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->wake_fd, &ev);
+        pthread_create(&w->thread, NULL, worker_main, w);
+        char name[16];
+        snprintf(name, sizeof(name), "vhostd-w%d", i % 1000);
+        pthread_setname_np(w->thread, name);
+    }
+    return e;
+}
+
+void vd_engine_free(vd_engine *e)
+{
+    for (int i = 0; i < e->nworkers; i++) {
+        struct vd_worker *w = &e->w[i];
+        pthread_mutex_lock(&w->lock);
+        w->stop = 1;
+        pthread_mutex_unlock(&w->lock);
+        wake(w);
+        pthread_join(w->thread, NULL);
+        close(w->epfd);
+        close(w->wake_fd);
+    }
+    free(e);
+}
+
+/* Wait until every worker has finished an epoll round that began after this
+ * call: afterwards no worker holds a queue pointer it got before. */
+static void engine_sync(vd_engine *e)
+{
+    for (int i = 0; i < e->nworkers; i++) {
+        struct vd_worker *w = &e->w[i];
+        pthread_mutex_lock(&w->lock);
+        uint64_t want = ++w->sync_req;
+        pthread_mutex_unlock(&w->lock);
+        wake(w);
+        pthread_mutex_lock(&w->lock);
+        while (w->sync_done < want && !w->stop)
+            pthread_cond_wait(&w->cond, &w->lock);
+        pthread_mutex_unlock(&w->lock);
+    }
+}
+
+/* ---------------------------------------------------------------- devices */
+
+vd_device *vd_device_new(vd_engine *e, int nqueues, uint32_t max_queue_size, vd_handle_fn handle, void *ctx,
+                         int event_fd)
+{
+    if (nqueues < 1 || nqueues > VD_MAX_QUEUES)
+        return NULL;
+    vd_device *d = calloc(1, sizeof(*d) + nqueues * sizeof(struct vd_queue));
+    if (!d)
+        return NULL;
+    d->engine = e;
+    d->nqueues = nqueues;
+    d->max_queue_size = max_queue_size;
+    d->handle = handle;
+    d->ctx = ctx;
+    d->event_fd = event_fd;
+    for (int i = 0; i < nqueues; i++) {
+        struct vd_queue *q = &d->q[i];
+        pthread_mutex_init(&q->lock, NULL);
+        q->dev = d;
+        q->index = i;
+        q->kick_fd = q->call_fd = q->err_fd = -1;
+        q->worker = &e->w[e->next++ % e->nworkers];
+    }
+    return d;
+}
+
+static void close_fd(int *fd)
+{
+    if (*fd >= 0)
+        close(*fd);
+    *fd = -1;
+}
+
+static void poll_list_remove(struct vd_queue *q)
+{
+    struct vd_worker *w = q->worker;
+    pthread_mutex_lock(&w->lock);
+    for (struct vd_queue **pp = &w->polled; *pp; pp = &(*pp)->poll_next) {
+        if (*pp == q) {
+            *pp = q->poll_next;
+            break;
+        }
+    }
+    q->poll_next = NULL;
+    pthread_mutex_unlock(&w->lock);
+}
+
+/* Detach the queue from its worker.  Caller must not hold q->lock. */
+static void queue_detach(struct vd_queue *q)
+{
+    if (q->kick_fd >= 0)
+        epoll_ctl(q->worker->epfd, EPOLL_CTL_DEL, q->kick_fd, NULL);
+    if (q->polled)
+        poll_list_remove(q);
+}
+
+/* Stop processing: afterwards the worker will not touch the ring. */
+static void queue_stop(struct vd_queue *q)
+{
+    queue_detach(q);
+    pthread_mutex_lock(&q->lock);
+    q->started = 0;
+    q->polled = 0;
+    q->desc = q->avail = q->used = NULL;
+    pthread_mutex_unlock(&q->lock);
+}
+
+static int queue_attach(struct vd_queue *q, char *err, size_t errlen)
+{
+    struct vd_worker *w = q->worker;
+    if (q->kick_fd >= 0) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = q};
+        if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, q->kick_fd, &ev) < 0) {
+            snprintf(err, errlen, "queue %d: cannot wait on the kick fd: %s", q->index, strerror(errno));
+            return -errno;
+        }
+    } else {
+        pthread_mutex_lock(&w->lock);
+        q->poll_next = w->polled;
+        w->polled = q;
+        q->polled = 1;
+        pthread_mutex_unlock(&w->lock);
+        wake(w);
+    }
+    return 0;
+}
+
+/* Start the queue: translate rings, begin serving.  Caller must not hold q->lock. */
+static int queue_start(struct vd_queue *q, char *err, size_t errlen)
+{
+    pthread_mutex_lock(&q->lock);
+    int rc = vd_queue_translate(q, err, errlen);
+    if (rc == 0) {
+        q->event_idx = !!(q->dev->features & (1ull << VIRTIO_RING_F_EVENT_IDX));
+        q->indirect = !!(q->dev->features & (1ull << VIRTIO_RING_F_INDIRECT_DESC));
+        q->fresh = 1;
+        q->signalled_valid = 0;
+        q->broken = 0;
+        q->started = 1;
+    }
+    pthread_mutex_unlock(&q->lock);
+    if (rc)
+        return rc;
+    rc = queue_attach(q, err, errlen);
+    if (rc) {
+        pthread_mutex_lock(&q->lock);
+        q->started = 0;
+        pthread_mutex_unlock(&q->lock);
+        return rc;
+    }
+    vd_queue_poke(q->dev, q->index);
+    return 0;
+}
+
+static struct vd_queue *queue(vd_device *d, int i)
+{
+    return (i >= 0 && i < d->nqueues) ? &d->q[i] : NULL;
+}
+
+#define QUEUE_OR_FAIL(q, d, i)                                                          \
+    struct vd_queue *q = queue(d, i);                                                   \
+    if (!q) {                                                                           \
+        snprintf(err, errlen, "queue %d does not exist (device has %d)", i, d->nqueues); \
+        return -EINVAL;                                                                 \
+    }
+
+int vd_queue_set_num(vd_device *d, int i, uint32_t num, char *err, size_t errlen)
+{
+    QUEUE_OR_FAIL(q, d, i);
+    if (num == 0 || num > d->max_queue_size || (num & (num - 1))) {
+        snprintf(err, errlen, "queue %d: size %u is not a power of two from 1 to %u", i, num, d->max_queue_size);
+        return -EINVAL;
+    }
+    if (q->started) {
+        snprintf(err, errlen, "queue %d: cannot resize a running queue", i);
+        return -EBUSY;
+    }
+    q->num = num;
+    /* A chain may be as long as the ring, or as long as the segments we advertise. */
+    q->chain_limit = num > d->max_queue_size ? num : d->max_queue_size;
+    if (q->chain_limit > VD_MAX_CHAIN)
+        q->chain_limit = VD_MAX_CHAIN;
+    return 0;
+}
+
+int vd_queue_set_addr(vd_device *d, int i, uint64_t desc, uint64_t used, uint64_t avail, char *err, size_t errlen)
+{
+    QUEUE_OR_FAIL(q, d, i);
+    pthread_mutex_lock(&q->lock);
+    q->desc_uva = desc;
+    q->used_uva = used;
+    q->avail_uva = avail;
+    q->addr_set = 1;
+    int rc = 0;
+    if (q->started)  /* Ring moved under a running queue (allowed by the spec): re-translate. */
+        rc = vd_queue_translate(q, err, errlen);
+    if (rc)
+        q->started = 0;
+    pthread_mutex_unlock(&q->lock);
+    return rc;
+}
+
+int vd_queue_set_base(vd_device *d, int i, uint16_t base, char *err, size_t errlen)
+{
+    QUEUE_OR_FAIL(q, d, i);
+    if (q->started) {
+        snprintf(err, errlen, "queue %d: cannot set the base of a running queue", i);
+        return -EBUSY;
+    }
+    q->last_avail = base;
+    q->used_idx = base;
+    return 0;
+}
+
+int vd_queue_get_base(vd_device *d, int i, uint16_t *base, char *err, size_t errlen)
+{
+    QUEUE_OR_FAIL(q, d, i);
+    queue_stop(q);
+    close_fd(&q->kick_fd);
+    *base = q->last_avail;
+    return 0;
+}
+
+int vd_queue_set_kick(vd_device *d, int i, int fd, char *err, size_t errlen)
+{
+    struct vd_queue *q = queue(d, i);
+    if (!q) {
+        if (fd >= 0)
+            close(fd);
+        snprintf(err, errlen, "queue %d does not exist (device has %d)", i, d->nqueues);
+        return -EINVAL;
+    }
+    queue_stop(q);
+    close_fd(&q->kick_fd);
+    q->kick_fd = fd;
+    return queue_start(q, err, errlen);
+}
+
+static int set_fd(vd_device *d, int i, int fd, int which, char *err, size_t errlen)
+{
+    struct vd_queue *q = queue(d, i);
+    if (!q) {
+        if (fd >= 0)
+            close(fd);
+        snprintf(err, errlen, "queue %d does not exist (device has %d)", i, d->nqueues);
+        return -EINVAL;
+    }
+    pthread_mutex_lock(&q->lock);
+    int *slot = which ? &q->err_fd : &q->call_fd;
+    close_fd(slot);
+    *slot = fd;
+    q->signalled_valid = 0;
+    pthread_mutex_unlock(&q->lock);
+    return 0;
+}
+
+int vd_queue_set_call(vd_device *d, int i, int fd, char *err, size_t errlen)
+{
+    return set_fd(d, i, fd, 0, err, errlen);
+}
+
+int vd_queue_set_err(vd_device *d, int i, int fd, char *err, size_t errlen)
+{
+    return set_fd(d, i, fd, 1, err, errlen);
+}
+
+int vd_queue_set_enable(vd_device *d, int i, int enable, char *err, size_t errlen)
+{
+    QUEUE_OR_FAIL(q, d, i);
+    pthread_mutex_lock(&q->lock);
+    q->enabled = enable;
+    pthread_mutex_unlock(&q->lock);
+    if (enable)
+        vd_queue_poke(d, i);
+    return 0;
+}
+
+/* Make the worker look at the queue soon (requests may be waiting). */
+void vd_queue_poke(vd_device *d, int i)
+{
+    struct vd_queue *q = queue(d, i);
+    if (!q)
+        return;
+    pthread_mutex_lock(&q->lock);
+    if (q->started && q->kick_fd >= 0) {
+        uint64_t one = 1;
+        /* Writing to the kick eventfd wakes our own epoll like a driver kick. */
+        if (write(q->kick_fd, &one, sizeof(one)) < 0) {
+        }
+    }
+    pthread_mutex_unlock(&q->lock);
+}
+
+void vd_device_set_features(vd_device *d, uint64_t features)
+{
+    d->features = features;
+}
+
+/* Memory changes pause every queue: lock all, change, re-translate, unlock. */
+static void lock_all(vd_device *d)
+{
+    for (int i = 0; i < d->nqueues; i++)
+        pthread_mutex_lock(&d->q[i].lock);
+}
+
+static void unlock_all_retranslate(vd_device *d)
+{
+    for (int i = 0; i < d->nqueues; i++) {
+        struct vd_queue *q = &d->q[i];
+        if (q->started) {
+            char err[VD_ERRMSG];
+            if (vd_queue_translate(q, err, sizeof(err)) < 0)
+                vd_queue_fail(q, "%s (after a memory table change)", err);
+        }
+        pthread_mutex_unlock(&q->lock);
+    }
+}
+
+int vd_mem_set_table(vd_device *d, int n, const struct vd_region_desc *regions, const int *fds, char *err,
+                     size_t errlen)
+{
+    struct vd_mem fresh = {0};
+    int rc = 0;
+    for (int i = 0; i < n && rc == 0; i++)
+        rc = vd_mem_add(&fresh, &regions[i], fds[i], err, errlen);
+    for (int i = 0; i < n; i++)
+        close(fds[i]);
+    if (rc) {
+        vd_mem_clear(&fresh);
+        return rc;
+    }
+    lock_all(d);
+    struct vd_mem old = d->mem;
+    d->mem = fresh;
+    unlock_all_retranslate(d);
+    vd_mem_clear(&old);
+    return 0;
+}
+
+int vd_mem_add_region(vd_device *d, const struct vd_region_desc *region, int fd, char *err, size_t errlen)
+{
+    lock_all(d);
+    int rc = vd_mem_add(&d->mem, region, fd, err, errlen);
+    unlock_all_retranslate(d);
+    close(fd);
+    return rc;
+}
+
+int vd_mem_remove_region(vd_device *d, const struct vd_region_desc *region, char *err, size_t errlen)
+{
+    lock_all(d);
+    int rc = vd_mem_remove(&d->mem, region, err, errlen);
+    unlock_all_retranslate(d);
+    return rc;
+}
+
+void vd_device_reset(vd_device *d)
+{
+    for (int i = 0; i < d->nqueues; i++) {
+        struct vd_queue *q = &d->q[i];
+        queue_stop(q);
+        pthread_mutex_lock(&q->lock);
+        close_fd(&q->kick_fd);
+        close_fd(&q->call_fd);
+        close_fd(&q->err_fd);
+        q->num = 0;
+        q->addr_set = 0;
+        q->enabled = 0;
+        q->broken = 0;
+        q->error_pending = 0;
+        q->last_avail = q->used_idx = 0;
+        pthread_mutex_unlock(&q->lock);
+    }
+    d->needs_reset = 0;
+    d->features = 0;
+}
+
+void vd_device_clear_memory(vd_device *d)
+{
+    lock_all(d);
+    vd_mem_clear(&d->mem);
+    for (int i = 0; i < d->nqueues; i++)
+        pthread_mutex_unlock(&d->q[i].lock);
+}
+
+void vd_device_free(vd_device *d)
+{
+    vd_device_reset(d);
+    engine_sync(d->engine);
+    vd_mem_clear(&d->mem);
+    for (int i = 0; i < d->nqueues; i++)
+        pthread_mutex_destroy(&d->q[i].lock);
+    free(d);
+}
+
+int vd_device_needs_reset(vd_device *d)
+{
+    return d->needs_reset;
+}
+
+int vd_device_take_error(vd_device *d, char *buf, size_t len)
+{
+    for (int i = 0; i < d->nqueues; i++) {
+        struct vd_queue *q = &d->q[i];
+        pthread_mutex_lock(&q->lock);
+        int pending = q->error_pending;
+        if (pending) {
+            snprintf(buf, len, "%s", q->errmsg);
+            q->error_pending = 0;
+        }
+        pthread_mutex_unlock(&q->lock);
+        if (pending)
+            return i;
+    }
+    return -1;
+}
+
+int vd_queue_get_stats(vd_device *d, int i, struct vd_queue_info *out)
+{
+    struct vd_queue *q = queue(d, i);
+    if (!q)
+        return -EINVAL;
+    pthread_mutex_lock(&q->lock);
+    out->num = q->num;
+    out->started = q->started;
+    out->enabled = q->enabled;
+    out->broken = q->broken;
+    out->polled = q->polled;
+    out->last_avail = q->last_avail;
+    out->used_idx = q->used_idx;
+    out->requests = q->st.requests;
+    out->kicks = q->st.kicks;
+    out->notifies = q->st.notifies;
+    out->out_bytes = q->st.out_bytes;
+    out->in_bytes = q->st.in_bytes;
+    pthread_mutex_unlock(&q->lock);
+    return 0;
+}

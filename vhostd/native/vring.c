@@ -1,0 +1,271 @@
+/* Split virtqueue processing (virtio 1.2 section 2.7), device side. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "vd.h"
+
+/* Ring layout offsets (virtio 1.2 2.7.6 / 2.7.8). */
+#define AVAIL_FLAGS 0
+#define AVAIL_IDX 2
+#define AVAIL_RING 4
+#define USED_FLAGS 0
+#define USED_IDX 2
+#define USED_RING 4
+
+static inline uint16_t rd16(const uint8_t *p)
+{
+    uint16_t v;
+    __atomic_load(( uint16_t *)p, &v, __ATOMIC_RELAXED);
+    return v;
+}
+
+static inline void wr16(uint8_t *p, uint16_t v)
+{
+    __atomic_store((uint16_t *)p, &v, __ATOMIC_RELAXED);
+}
+
+static inline uint16_t avail_idx(const struct vd_queue *q) { return rd16(q->avail + AVAIL_IDX); }
+static inline uint16_t avail_flags(const struct vd_queue *q) { return rd16(q->avail + AVAIL_FLAGS); }
+static inline uint16_t used_event(const struct vd_queue *q) { return rd16(q->avail + AVAIL_RING + 2 * q->num); }
+static inline void set_avail_event(struct vd_queue *q, uint16_t v) { wr16(q->used + USED_RING + 8 * q->num, v); }
+
+void vd_queue_fail(struct vd_queue *q, const char *fmt, ...)
+{
+    va_list ap;
+    if (q->broken)
+        return;
+    q->broken = 1;
+    va_start(ap, fmt);
+    vsnprintf(q->errmsg, sizeof(q->errmsg), fmt, ap);
+    va_end(ap);
+    q->error_pending = 1;
+    q->dev->needs_reset = 1;
+    uint64_t one = 1;
+    /* Tell the front-end (vring err fd) and our control plane (event fd). */
+    if (q->err_fd >= 0 && write(q->err_fd, &one, sizeof(one)) < 0) {
+    }
+    if (q->dev->event_fd >= 0 && write(q->dev->event_fd, &one, sizeof(one)) < 0) {
+    }
+}
+
+/* Translate the ring addresses (front-end user addresses) to host pointers. */
+int vd_queue_translate(struct vd_queue *q, char *err, size_t errlen)
+{
+    uint32_t n = q->num;
+    if (!q->addr_set || !n) {
+        snprintf(err, errlen, "queue %d started before its size and addresses were set", q->index);
+        return -EINVAL;
+    }
+    if (q->desc_uva % 16 || q->avail_uva % 2 || q->used_uva % 4) {
+        snprintf(err, errlen, "queue %d ring addresses are misaligned (desc %#llx avail %#llx used %#llx)",
+                 q->index, (unsigned long long)q->desc_uva, (unsigned long long)q->avail_uva,
+                 (unsigned long long)q->used_uva);
+        return -EINVAL;
+    }
+    q->desc = vd_mem_uva(&q->dev->mem, q->desc_uva, 16ull * n);
+    q->avail = vd_mem_uva(&q->dev->mem, q->avail_uva, 6ull + 2ull * n);
+    q->used = vd_mem_uva(&q->dev->mem, q->used_uva, 6ull + 8ull * n);
+    if (!q->desc || !q->avail || !q->used) {
+        snprintf(err, errlen,
+                 "queue %d rings (desc %#llx avail %#llx used %#llx, size %u) are not inside guest memory%s",
+                 q->index, (unsigned long long)q->desc_uva, (unsigned long long)q->avail_uva,
+                 (unsigned long long)q->used_uva, n,
+                 q->dev->mem.n ? "" : " (no memory table: is guest memory shared? use share=on)");
+        q->desc = q->avail = q->used = NULL;
+        return -EFAULT;
+    }
+    return 0;
+}
+
+static inline void read_desc(const uint8_t *table, uint32_t i, struct vring_desc *d)
+{
+    memcpy(d, table + 16ull * i, sizeof(*d));
+}
+
+/* Walk the chain starting at `head` into q->iov.  Returns 0, or -1 after
+ * marking the queue broken (a structural error the driver cannot recover
+ * from without a reset). */
+static int map_chain(struct vd_queue *q, uint16_t head, struct vd_req *req)
+{
+    const struct vd_mem *mem = &q->dev->mem;
+    const uint8_t *table = q->desc;
+    uint32_t table_len = q->num;
+    uint32_t i = head, count = 0;
+    int in_indirect = 0, seen_write = 0, niov = 0;
+    struct vring_desc d;
+
+    req->head = head;
+    req->nout = req->nin = 0;
+    req->out_bytes = req->in_bytes = 0;
+    req->iov = q->iov;
+    if (head >= q->num) {
+        vd_queue_fail(q, "queue %d: avail ring names descriptor %u, ring size is %u", q->index, head, q->num);
+        return -1;
+    }
+    for (;;) {
+        if (++count > q->chain_limit) {
+            vd_queue_fail(q, "queue %d: descriptor chain at head %u is longer than %u (loop?)",
+                          q->index, head, q->chain_limit);
+            return -1;
+        }
+        read_desc(table, i, &d);
+        if (d.flags & VRING_DESC_F_INDIRECT) {
+            if (!q->indirect) {
+                vd_queue_fail(q, "queue %d: indirect descriptor but INDIRECT_DESC was not negotiated", q->index);
+                return -1;
+            }
+            if (in_indirect) {
+                vd_queue_fail(q, "queue %d: nested indirect descriptor table at head %u", q->index, head);
+                return -1;
+            }
+            if (d.flags & VRING_DESC_F_NEXT) {
+                vd_queue_fail(q, "queue %d: indirect descriptor with NEXT set at head %u", q->index, head);
+                return -1;
+            }
+            if (d.len == 0 || d.len % 16 || d.len / 16 > q->chain_limit) {
+                vd_queue_fail(q, "queue %d: indirect table of %u bytes at head %u is empty, ragged or too long",
+                              q->index, d.len, head);
+                return -1;
+            }
+            table = vd_mem_gpa(mem, d.addr, d.len);
+            if (!table) {
+                vd_queue_fail(q, "queue %d: indirect table %#llx+%u at head %u is outside guest memory",
+                              q->index, (unsigned long long)d.addr, d.len, head);
+                return -1;
+            }
+            table_len = d.len / 16;
+            in_indirect = 1;
+            i = 0;
+            continue;
+        }
+        if (d.flags & VRING_DESC_F_WRITE) {
+            seen_write = 1;
+        } else if (seen_write) {
+            vd_queue_fail(q, "queue %d: readable descriptor after a writable one at head %u", q->index, head);
+            return -1;
+        }
+        if (d.len) {
+            int n = vd_mem_map(mem, d.addr, d.len, q->iov + niov, VD_MAX_IOV - niov);
+            if (n < 0) {
+                vd_queue_fail(q, "queue %d: buffer %#llx+%u at head %u is outside guest memory",
+                              q->index, (unsigned long long)d.addr, d.len, head);
+                return -1;
+            }
+            niov += n;
+            if (d.flags & VRING_DESC_F_WRITE) {
+                req->nin += n;
+                req->in_bytes += d.len;
+            } else {
+                req->nout += n;
+                req->out_bytes += d.len;
+            }
+        }
+        if (!(d.flags & VRING_DESC_F_NEXT))
+            return 0;
+        if (d.next >= table_len) {
+            vd_queue_fail(q, "queue %d: descriptor next %u is beyond its table of %u at head %u",
+                          q->index, d.next, table_len, head);
+            return -1;
+        }
+        i = d.next;
+    }
+}
+
+static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
+{
+    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
+}
+
+/* Make the used entries visible and signal the driver if it wants it. */
+static void publish_used(struct vd_queue *q)
+{
+    uint16_t old = rd16(q->used + USED_IDX);
+    uint16_t now = q->used_idx;
+    if (old == now)
+        return;
+    __atomic_thread_fence(__ATOMIC_RELEASE); /* ring entries before idx */
+    wr16(q->used + USED_IDX, now);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* idx before reading the driver's suppression state */
+    int notify;
+    if (q->event_idx) {
+        uint16_t prev = q->signalled_valid ? q->signalled_used : old;
+        notify = need_event(used_event(q), now, prev);
+        q->signalled_used = now;
+        q->signalled_valid = 1;
+    } else {
+        notify = !(avail_flags(q) & VRING_AVAIL_F_NO_INTERRUPT);
+    }
+    if (notify && q->call_fd >= 0) {
+        uint64_t one = 1;
+        if (write(q->call_fd, &one, sizeof(one)) == sizeof(one))
+            q->st.notifies++;
+    }
+}
+
+static void notify_enable(struct vd_queue *q, int on)
+{
+    if (q->event_idx) {
+        if (on)
+            set_avail_event(q, q->last_avail);
+    } else {
+        uint16_t f = rd16(q->used + USED_FLAGS);
+        wr16(q->used + USED_FLAGS, on ? (f & ~VRING_USED_F_NO_NOTIFY) : (f | VRING_USED_F_NO_NOTIFY));
+    }
+}
+
+void vd_queue_process(struct vd_queue *q)
+{
+    struct vd_req req;
+    unsigned since_publish = 0;
+
+    if (q->fresh) {
+        /* The used ring is the truth about completed requests (also after a
+         * reconnect); read it here, under the worker's SIGBUS guard. */
+        q->used_idx = rd16(q->used + USED_IDX);
+        q->fresh = 0;
+    }
+    for (;;) {
+        notify_enable(q, 0);
+        for (;;) {
+            uint16_t avail = avail_idx(q);
+            uint16_t pending = (uint16_t)(avail - q->last_avail);
+            if (pending > q->num) {
+                vd_queue_fail(q, "queue %d: avail index jumped from %u to %u, more than the ring size %u",
+                              q->index, q->last_avail, avail, q->num);
+                goto out;
+            }
+            if (!pending)
+                break;
+            __atomic_thread_fence(__ATOMIC_ACQUIRE); /* idx before ring entries */
+            while (pending--) {
+                uint16_t head = rd16(q->avail + AVAIL_RING + 2 * (q->last_avail % q->num));
+                if (map_chain(q, head, &req) < 0)
+                    goto out;
+                uint32_t len = q->dev->handle(q->dev->ctx, &req, q->index);
+                uint8_t *elem = q->used + USED_RING + 8 * (q->used_idx % q->num);
+                uint32_t id = head;
+                memcpy(elem, &id, 4);
+                memcpy(elem + 4, &len, 4);
+                q->used_idx++;
+                q->last_avail++;
+                q->st.requests++;
+                q->st.out_bytes += req.out_bytes;
+                q->st.in_bytes += len;
+                if (++since_publish >= VD_USED_BATCH) {
+                    publish_used(q);
+                    since_publish = 0;
+                }
+            }
+        }
+        notify_enable(q, 1);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST); /* re-enable before the final check */
+        if (avail_idx(q) == q->last_avail)
+            break;
+    }
+out:
+    publish_used(q);
+}

@@ -1,0 +1,356 @@
+"""The back-end side of vhost-user as a state machine with no sockets inside.
+
+`BackendProtocol.handle(message)` validates one front-end request (payload
+size, fds, ring index, negotiated features), applies it to a
+`RequestHandler` and returns the replies to send.  The handler is the device
+side (memory table, vrings, config space); this module only knows the
+protocol.  Errors come in two kinds:
+
+* `RequestError` -- this request is refused.  With REPLY_ACK negotiated and
+  the need_reply flag set, the front-end gets a failure ack and the session
+  goes on; otherwise the connection must be dropped (the front-end would
+  assume success), so it becomes a `ProtocolError`.
+* `ProtocolError` -- the caller must log it and close the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Protocol
+
+from vhostd.protocol.codec import (
+    ConfigAccess,
+    MemoryRegion,
+    Message,
+    PayloadError,
+    ProtocolError,
+    VringAddr,
+    VringState,
+    pack_u64,
+    unpack_memory_table,
+    unpack_single_region,
+    unpack_u64,
+)
+from vhostd.protocol.constants import (
+    F_PROTOCOL_FEATURES,
+    MAX_CONFIG_SPACE,
+    MAX_MEM_SLOTS,
+    VRING_IDX_MASK,
+    VRING_NOFD_MASK,
+    ProtocolFeature,
+    Request,
+)
+
+log = logging.getLogger("vhostd.protocol")
+
+
+class RequestError(Exception):
+    """The handler refuses one request; the message says why."""
+
+
+class RequestHandler(Protocol):
+    """What a device offers to the protocol.  Every fd passed in is owned by
+    the handler from then on; a handler that raises must still close it."""
+
+    def device_features(self) -> int: ...
+    def protocol_features(self) -> int: ...
+    def num_queues(self) -> int: ...
+    def set_features(self, features: int) -> None: ...
+    def set_mem_table(self, regions: list[MemoryRegion], fds: list[int]) -> None: ...
+    def add_mem_region(self, region: MemoryRegion, fd: int) -> None: ...
+    def remove_mem_region(self, region: MemoryRegion) -> None: ...
+    def set_vring_num(self, index: int, num: int) -> None: ...
+    def set_vring_addr(self, addr: VringAddr) -> None: ...
+    def set_vring_base(self, index: int, base: int) -> None: ...
+    def get_vring_base(self, index: int) -> int: ...
+    def set_vring_kick(self, index: int, fd: int | None) -> None: ...
+    def set_vring_call(self, index: int, fd: int | None) -> None: ...
+    def set_vring_err(self, index: int, fd: int | None) -> None: ...
+    def set_vring_enable(self, index: int, enable: bool) -> None: ...
+    def get_config(self, offset: int, size: int) -> bytes: ...
+    def set_config(self, offset: int, data: bytes, flags: int) -> None: ...
+    def set_status(self, status: int) -> None: ...
+    def get_status(self) -> int: ...
+    def reset(self) -> None: ...
+
+
+def _bit(feature: int) -> int:
+    return 1 << feature
+
+
+# Requests that carry exactly one fd (unless the NOFD bit says otherwise).
+_ONE_FD = {Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR, Request.ADD_MEM_REG}
+# Requests allowed to carry an fd we ignore (spec: REM_MEM_REG "MAY accept").
+_TOLERATED_FD = {Request.REM_MEM_REG}
+
+# Protocol feature each optional request depends on.
+_NEEDS = {
+    Request.GET_QUEUE_NUM: ProtocolFeature.MQ,
+    Request.GET_CONFIG: ProtocolFeature.CONFIG,
+    Request.SET_CONFIG: ProtocolFeature.CONFIG,
+    Request.GET_MAX_MEM_SLOTS: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    Request.ADD_MEM_REG: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    Request.REM_MEM_REG: ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    Request.RESET_DEVICE: ProtocolFeature.RESET_DEVICE,
+    Request.SET_STATUS: ProtocolFeature.STATUS,
+    Request.GET_STATUS: ProtocolFeature.STATUS,
+}
+
+
+class BackendProtocol:
+    def __init__(self, handler: RequestHandler, logger: logging.Logger | logging.LoggerAdapter = log) -> None:
+        self.handler = handler
+        self.log = logger
+        self.acked_features = 0
+        self.acked_protocol_features = 0
+        self.owner = False
+        self._dispatch = {
+            Request.GET_FEATURES: self._get_features,
+            Request.SET_FEATURES: self._set_features,
+            Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            Request.SET_OWNER: self._set_owner,
+            Request.RESET_OWNER: self._reset_owner,
+            Request.SET_MEM_TABLE: self._set_mem_table,
+            Request.SET_VRING_NUM: self._set_vring_num,
+            Request.SET_VRING_ADDR: self._set_vring_addr,
+            Request.SET_VRING_BASE: self._set_vring_base,
+            Request.GET_VRING_BASE: self._get_vring_base,
+            Request.SET_VRING_KICK: self._set_vring_kick,
+            Request.SET_VRING_CALL: self._set_vring_call,
+            Request.SET_VRING_ERR: self._set_vring_err,
+            Request.SET_VRING_ENABLE: self._set_vring_enable,
+            Request.GET_QUEUE_NUM: self._get_queue_num,
+            Request.GET_CONFIG: self._get_config,
+            Request.SET_CONFIG: self._set_config,
+            Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            Request.ADD_MEM_REG: self._add_mem_reg,
+            Request.REM_MEM_REG: self._rem_mem_reg,
+            Request.RESET_DEVICE: self._reset_device,
+            Request.SET_STATUS: self._set_status,
+            Request.GET_STATUS: self._get_status,
+        }
+
+    # ------------------------------------------------------------ public
+
+    def offered_features(self) -> int:
+        return self.handler.device_features() | _bit(F_PROTOCOL_FEATURES)
+
+    def has_protocol_feature(self, feature: ProtocolFeature) -> bool:
+        return bool(self.acked_protocol_features & _bit(feature))
+
+    def handle(self, msg: Message) -> list[Message]:
+        """Apply one request; return the replies.  Raises ProtocolError when
+        the connection has to be closed.  Always consumes msg.fds."""
+        try:
+            explicit = self._handle(msg)
+        except RequestError as exc:
+            msg.close_fds()
+            if msg.need_reply and self.has_protocol_feature(ProtocolFeature.REPLY_ACK):
+                self.log.warning("%s refused: %s", msg.name, exc)
+                return [msg.reply(pack_u64(1))]
+            raise ProtocolError(f"{msg.name} refused: {exc}") from None
+        except PayloadError as exc:
+            msg.close_fds()
+            raise ProtocolError(f"{msg.name}: {exc}") from None
+        except BaseException:
+            msg.close_fds()
+            raise
+        msg.close_fds()  # anything the handler did not take
+        if explicit is not None:
+            return [msg.reply(explicit)]
+        if msg.need_reply and self.has_protocol_feature(ProtocolFeature.REPLY_ACK):
+            return [msg.reply(pack_u64(0))]
+        return []
+
+    def connection_lost(self) -> None:
+        """The front-end went away: drop all per-connection state."""
+        self.acked_features = 0
+        self.acked_protocol_features = 0
+        self.owner = False
+        self.handler.reset()
+
+    # ------------------------------------------------------------ checks
+
+    def _handle(self, msg: Message) -> bytes | None:
+        try:
+            request = Request(msg.request)
+        except ValueError:
+            raise RequestError(f"unknown request code {msg.request}") from None
+        fn = self._dispatch.get(request)
+        if fn is None:
+            raise RequestError("not supported by this back-end")
+        needed = _NEEDS.get(request)
+        if needed is not None and not self.has_protocol_feature(needed):
+            raise RequestError(f"needs protocol feature {needed.name}, which was not negotiated")
+        if request not in _ONE_FD and request not in _TOLERATED_FD and request != Request.SET_MEM_TABLE and msg.fds:
+            raise RequestError(f"carries {len(msg.fds)} unexpected file descriptor(s)")
+        if request in _TOLERATED_FD:
+            msg.close_fds()
+        return fn(msg)
+
+    def _ring(self, index: int) -> int:
+        if index >= self.handler.num_queues():
+            raise RequestError(f"ring index {index} out of range (device has {self.handler.num_queues()} queues)")
+        return index
+
+    def _ring_fd(self, msg: Message) -> tuple[int, int | None]:
+        value = unpack_u64(msg.payload)
+        index = self._ring(value & VRING_IDX_MASK)
+        if value & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
+            raise RequestError(f"reserved bits set in {value:#x}")
+        if value & VRING_NOFD_MASK:
+            if msg.fds:
+                raise RequestError("no-fd flag set but a file descriptor was sent")
+            return index, None
+        if len(msg.fds) != 1:
+            raise RequestError(f"expects exactly one file descriptor, got {len(msg.fds)}")
+        return index, msg.take_fd()
+
+    @staticmethod
+    def _no_payload(msg: Message) -> None:
+        # QEMU pads some payload-less requests; anything within the union size is tolerated.
+        pass
+
+    # ------------------------------------------------------------ features
+
+    def _get_features(self, msg: Message) -> bytes:
+        return pack_u64(self.offered_features())
+
+    def _set_features(self, msg: Message) -> None:
+        features = unpack_u64(msg.payload)
+        extra = features & ~self.offered_features()
+        if extra:
+            raise RequestError(f"front-end acked features {extra:#x} that were not offered")
+        self.acked_features = features
+        self.handler.set_features(features)
+        if not features & _bit(F_PROTOCOL_FEATURES):
+            # Without protocol features there is no SET_VRING_ENABLE: rings start enabled.
+            for index in range(self.handler.num_queues()):
+                self.handler.set_vring_enable(index, True)
+
+    def _get_protocol_features(self, msg: Message) -> bytes:
+        return pack_u64(self.handler.protocol_features())
+
+    def _set_protocol_features(self, msg: Message) -> None:
+        features = unpack_u64(msg.payload)
+        extra = features & ~self.handler.protocol_features()
+        if extra:
+            raise RequestError(f"front-end acked protocol features {extra:#x} that were not offered")
+        self.acked_protocol_features = features
+
+    def _set_owner(self, msg: Message) -> None:
+        self.owner = True
+
+    def _reset_owner(self, msg: Message) -> None:
+        # Deprecated; the spec recommends treating it as "disable all rings".
+        for index in range(self.handler.num_queues()):
+            self.handler.set_vring_enable(index, False)
+
+    # ------------------------------------------------------------ memory
+
+    def _set_mem_table(self, msg: Message) -> None:
+        regions = unpack_memory_table(msg.payload)
+        if len(msg.fds) != len(regions):
+            raise RequestError(f"{len(regions)} regions but {len(msg.fds)} file descriptors")
+        if not regions:
+            raise RequestError(
+                "memory table has no regions: guest memory is not shareable "
+                "(start the VM with a shared memory backend, e.g. QEMU's "
+                "-object memory-backend-memfd,share=on)"
+            )
+        fds, msg.fds = msg.fds, []
+        self.handler.set_mem_table(regions, fds)
+
+    def _get_max_mem_slots(self, msg: Message) -> bytes:
+        return pack_u64(MAX_MEM_SLOTS)
+
+    def _add_mem_reg(self, msg: Message) -> None:
+        region = unpack_single_region(msg.payload)
+        if len(msg.fds) != 1:
+            raise RequestError(f"expects exactly one file descriptor, got {len(msg.fds)}")
+        self.handler.add_mem_region(region, msg.take_fd())
+
+    def _rem_mem_reg(self, msg: Message) -> None:
+        self.handler.remove_mem_region(unpack_single_region(msg.payload))
+
+    # ------------------------------------------------------------ rings
+
+    def _set_vring_num(self, msg: Message) -> None:
+        st = VringState.unpack(msg.payload)
+        self.handler.set_vring_num(self._ring(st.index), st.num)
+
+    def _set_vring_addr(self, msg: Message) -> None:
+        addr = VringAddr.unpack(msg.payload)
+        self._ring(addr.index)
+        self.handler.set_vring_addr(addr)
+
+    def _set_vring_base(self, msg: Message) -> None:
+        st = VringState.unpack(msg.payload)
+        if st.num > 0xFFFF:
+            raise RequestError(f"ring base {st.num} does not fit 16 bits")
+        self.handler.set_vring_base(self._ring(st.index), st.num)
+
+    def _get_vring_base(self, msg: Message) -> bytes:
+        st = VringState.unpack(msg.payload)
+        index = self._ring(st.index)
+        return VringState(index, self.handler.get_vring_base(index)).pack()
+
+    def _set_vring_kick(self, msg: Message) -> None:
+        self.handler.set_vring_kick(*self._ring_fd(msg))
+
+    def _set_vring_call(self, msg: Message) -> None:
+        self.handler.set_vring_call(*self._ring_fd(msg))
+
+    def _set_vring_err(self, msg: Message) -> None:
+        self.handler.set_vring_err(*self._ring_fd(msg))
+
+    def _set_vring_enable(self, msg: Message) -> None:
+        st = VringState.unpack(msg.payload)
+        if not self.acked_features & _bit(F_PROTOCOL_FEATURES) and self.acked_features:
+            raise RequestError("needs VHOST_USER_F_PROTOCOL_FEATURES, which was not negotiated")
+        if st.num not in (0, 1):
+            raise RequestError(f"enable must be 0 or 1, got {st.num}")
+        self.handler.set_vring_enable(self._ring(st.index), bool(st.num))
+
+    def _get_queue_num(self, msg: Message) -> bytes:
+        return pack_u64(self.handler.num_queues())
+
+    # ------------------------------------------------------------ config, status, reset
+
+    def _get_config(self, msg: Message) -> bytes:
+        access = ConfigAccess.unpack(msg.payload)
+        if access.offset + access.size > MAX_CONFIG_SPACE:
+            # The spec's way to say "error" here is an empty config payload.
+            self.log.warning("GET_CONFIG of %d bytes at offset %d is outside the config space", access.size, access.offset)
+            return ConfigAccess(access.offset, 0, access.flags, b"").pack()
+        data = self.handler.get_config(access.offset, access.size)
+        return ConfigAccess(access.offset, access.size, access.flags, data).pack()
+
+    def _set_config(self, msg: Message) -> None:
+        access = ConfigAccess.unpack(msg.payload)
+        if access.offset + access.size > MAX_CONFIG_SPACE:
+            raise RequestError(f"{access.size} bytes at offset {access.offset} is outside the config space")
+        self.handler.set_config(access.offset, access.data, access.flags)
+
+    def _reset_device(self, msg: Message) -> None:
+        self.acked_features = 0
+        self.handler.reset()
+
+    def _set_status(self, msg: Message) -> None:
+        status = unpack_u64(msg.payload)
+        if status > 0xFF:
+            raise RequestError(f"device status {status:#x} does not fit 8 bits")
+        self.handler.set_status(status)
+
+    def _get_status(self, msg: Message) -> bytes:
+        return pack_u64(self.handler.get_status())
+
+
+def close_quietly(fd: int | None) -> None:
+    if fd is not None and fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
