@@ -16,7 +16,6 @@ protocol.  Errors come in two kinds:
 from __future__ import annotations
 
 import logging
-import os
 from typing import Protocol
 
 from vhostd.protocol.codec import (
@@ -72,7 +71,10 @@ class RequestHandler(Protocol):
     def set_config(self, offset: int, data: bytes, flags: int) -> None: ...
     def set_status(self, status: int) -> None: ...
     def get_status(self) -> int: ...
-    def reset(self) -> None: ...
+    def reset(self) -> None:
+        """RESET_DEVICE: stop and forget all rings and features; keep memory."""
+    def disconnected(self) -> None:
+        """The front-end is gone: stop everything and unmap its memory."""
 
 
 def _bit(feature: int) -> int:
@@ -169,7 +171,7 @@ class BackendProtocol:
         self.acked_features = 0
         self.acked_protocol_features = 0
         self.owner = False
-        self.handler.reset()
+        self.handler.disconnected()
 
     # ------------------------------------------------------------ checks
 
@@ -207,11 +209,6 @@ class BackendProtocol:
         if len(msg.fds) != 1:
             raise RequestError(f"expects exactly one file descriptor, got {len(msg.fds)}")
         return index, msg.take_fd()
-
-    @staticmethod
-    def _no_payload(msg: Message) -> None:
-        # QEMU pads some payload-less requests; anything within the union size is tolerated.
-        pass
 
     # ------------------------------------------------------------ features
 
@@ -346,11 +343,3 @@ class BackendProtocol:
 
     def _get_status(self, msg: Message) -> bytes:
         return pack_u64(self.handler.get_status())
-
-
-def close_quietly(fd: int | None) -> None:
-    if fd is not None and fd >= 0:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

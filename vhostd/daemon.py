@@ -1,0 +1,78 @@
+"""The daemon: one asyncio loop (uvloop) for the control plane, one native
+engine for the data plane, a DeviceServer per configured device."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from vhostd.config import Config
+from vhostd.dataplane import Engine
+from vhostd.devices import create_device
+from vhostd.handler import DeviceHandler
+from vhostd.server import DeviceServer
+
+log = logging.getLogger("vhostd")
+
+
+class Daemon:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.loop = loop
+        self.engine = Engine(config.daemon.workers)
+        self.servers: dict[str, DeviceServer] = {}
+        self._stopped = asyncio.Event()
+
+    def start(self) -> None:
+        """Start every device; if one fails, undo the others and raise."""
+        try:
+            for cfg in self.config.devices:
+                self._start_device(cfg)
+        except BaseException:
+            self.close()
+            raise
+        log.info("serving %d device(s) with %d data plane worker(s)", len(self.servers), self.engine.workers)
+
+    def _start_device(self, cfg) -> None:
+        device = create_device(cfg)
+        handler = None
+        try:
+            handler = DeviceHandler(device, self.engine, logging.LoggerAdapter(log, {}))
+            server = DeviceServer(device, handler, cfg.socket, self.loop, getattr(cfg, "socket_mode", None))
+            handler.log = server.log
+            server.start()
+        except BaseException:
+            if handler is not None:
+                handler.close()
+            device.close()
+            raise
+        self.servers[cfg.name] = server
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+            server.handler.close()
+            server.device.close()
+        self.servers.clear()
+        self.engine.close()
+
+
+async def serve(config: Config) -> int:
+    loop = asyncio.get_running_loop()
+    daemon = Daemon(config, loop)
+    daemon.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop)
+    try:
+        await daemon.wait()
+        log.info("stopping")
+    finally:
+        daemon.close()
+    return 0

@@ -1,0 +1,168 @@
+"""Python face of the virtqueue + memory layer (the C data plane).
+
+`Engine` owns the worker threads; `Rings` owns one device's memory table and
+virtqueues inside the engine.  Every call goes straight to C (cffi releases
+the GIL), and every failure comes back as `DataPlaneError` with the C side's
+one-line reason.  Nothing here knows about vhost-user messages.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from vhostd.native import ffi, lib
+
+ERRLEN = 256
+
+
+class DataPlaneError(Exception):
+    pass
+
+
+def _call(fn, *args) -> None:
+    err = ffi.new("char[]", ERRLEN)
+    rc = fn(*args, err, ERRLEN)
+    if rc < 0:
+        raise DataPlaneError(ffi.string(err).decode(errors="replace") or os.strerror(-rc))
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    index: int
+    num: int
+    started: bool
+    enabled: bool
+    broken: bool
+    polled: bool
+    last_avail: int
+    used_idx: int
+    requests: int
+    kicks: int
+    notifies: int
+    out_bytes: int
+    in_bytes: int
+
+
+class Engine:
+    """A pool of native worker threads shared by all devices of the daemon."""
+
+    def __init__(self, workers: int = 0) -> None:
+        if workers <= 0:
+            workers = min(os.cpu_count() or 1, 4)
+        self.workers = workers
+        self._ptr = lib.vd_engine_new(workers)
+        if self._ptr == ffi.NULL:
+            raise DataPlaneError("cannot start the data plane workers")
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            lib.vd_engine_free(self._ptr)
+            self._ptr = None
+
+    @property
+    def ptr(self):
+        if self._ptr is None:
+            raise DataPlaneError("engine is closed")
+        return self._ptr
+
+
+class Rings:
+    """Memory table and virtqueues of one device, served by the engine.
+
+    `handler` is a C request handler (function pointer) and `ctx` its
+    argument; `event_fd` becomes readable when a queue breaks (call
+    `take_errors`).
+    """
+
+    def __init__(self, engine: Engine, num_queues: int, max_queue_size: int, handler, ctx, event_fd: int) -> None:
+        self.num_queues = num_queues
+        self._engine = engine
+        self._ptr = lib.vd_device_new(engine.ptr, num_queues, max_queue_size, handler, ctx, event_fd)
+        if self._ptr == ffi.NULL:
+            raise DataPlaneError(f"cannot create a device with {num_queues} queues")
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            lib.vd_device_free(self._ptr)
+            self._ptr = None
+
+    # memory ---------------------------------------------------------------
+
+    def set_mem_table(self, regions, fds: list[int]) -> None:
+        """regions: objects with guest_addr/size/user_addr/mmap_offset.  Takes the fds."""
+        descs = ffi.new("struct vd_region_desc[]", len(regions))
+        for d, r in zip(descs, regions):
+            d.gpa, d.size, d.uva, d.mmap_offset = r.guest_addr, r.size, r.user_addr, r.mmap_offset
+        _call(lib.vd_mem_set_table, self._ptr, len(regions), descs, ffi.new("int[]", fds))
+
+    def add_region(self, region, fd: int) -> None:
+        _call(lib.vd_mem_add_region, self._ptr, self._desc(region), fd)
+
+    def remove_region(self, region) -> None:
+        _call(lib.vd_mem_remove_region, self._ptr, self._desc(region))
+
+    @staticmethod
+    def _desc(r):
+        return ffi.new("struct vd_region_desc *", (r.guest_addr, r.size, r.user_addr, r.mmap_offset))
+
+    def clear_memory(self) -> None:
+        lib.vd_device_clear_memory(self._ptr)
+
+    # queues ---------------------------------------------------------------
+
+    def set_features(self, features: int) -> None:
+        lib.vd_device_set_features(self._ptr, features)
+
+    def set_num(self, index: int, num: int) -> None:
+        _call(lib.vd_queue_set_num, self._ptr, index, num)
+
+    def set_addr(self, index: int, desc: int, used: int, avail: int) -> None:
+        _call(lib.vd_queue_set_addr, self._ptr, index, desc, used, avail)
+
+    def set_base(self, index: int, base: int) -> None:
+        _call(lib.vd_queue_set_base, self._ptr, index, base)
+
+    def get_base(self, index: int) -> int:
+        """Stop the queue and return where the device got to in the avail ring."""
+        base = ffi.new("uint16_t *")
+        _call(lib.vd_queue_get_base, self._ptr, index, base)
+        return base[0]
+
+    def set_kick(self, index: int, fd: int | None) -> None:
+        """Start the queue; None means no kick fd (the worker polls the ring)."""
+        _call(lib.vd_queue_set_kick, self._ptr, index, -1 if fd is None else fd)
+
+    def set_call(self, index: int, fd: int | None) -> None:
+        _call(lib.vd_queue_set_call, self._ptr, index, -1 if fd is None else fd)
+
+    def set_err(self, index: int, fd: int | None) -> None:
+        _call(lib.vd_queue_set_err, self._ptr, index, -1 if fd is None else fd)
+
+    def set_enable(self, index: int, enable: bool) -> None:
+        _call(lib.vd_queue_set_enable, self._ptr, index, int(enable))
+
+    def reset(self) -> None:
+        lib.vd_device_reset(self._ptr)
+
+    # state ----------------------------------------------------------------
+
+    @property
+    def needs_reset(self) -> bool:
+        return bool(lib.vd_device_needs_reset(self._ptr))
+
+    def take_errors(self) -> list[tuple[int, str]]:
+        """(queue, message) for each queue that broke since the last call."""
+        out = []
+        buf = ffi.new("char[]", ERRLEN)
+        while (q := lib.vd_device_take_error(self._ptr, buf, ERRLEN)) >= 0:
+            out.append((q, ffi.string(buf).decode(errors="replace")))
+        return out
+
+    def queue_info(self, index: int) -> QueueInfo:
+        info = ffi.new("struct vd_queue_info *")
+        lib.vd_queue_get_stats(self._ptr, index, info)
+        return QueueInfo(
+            index, info.num, bool(info.started), bool(info.enabled), bool(info.broken), bool(info.polled),
+            info.last_avail, info.used_idx, info.requests, info.kicks, info.notifies, info.out_bytes, info.in_bytes,
+        )

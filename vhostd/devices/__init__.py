@@ -1,0 +1,14 @@
+"""Virtio device models.  A device offers features and a config space and
+hands the data plane a C request handler; it never sees rings or vhost-user."""
+
+from vhostd.devices.base import Device
+from vhostd.devices.blk import BlkDevice
+
+__all__ = ["Device", "BlkDevice", "create_device"]
+
+
+def create_device(cfg) -> Device:
+    """Build the device model a config entry describes."""
+    if cfg.type == "blk":
+        return BlkDevice(cfg)
+    raise ValueError(f"unknown device type {cfg.type!r}")

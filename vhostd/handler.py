@@ -1,0 +1,157 @@
+"""Glue between the vhost-user protocol and a device: implements the
+protocol's RequestHandler with a device model and its rings in the data
+plane.  The device model never sees vhost-user; the protocol never sees
+the data plane."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from vhostd.dataplane import DataPlaneError, Engine, Rings
+from vhostd.devices.base import Device
+from vhostd.protocol.backend import RequestError
+from vhostd.protocol.codec import MemoryRegion, VringAddr
+from vhostd.protocol.constants import ProtocolFeature
+from vhostd.virtio import STATUS_NEEDS_RESET
+
+PROTOCOL_FEATURES = sum(
+    1 << f
+    for f in (
+        ProtocolFeature.MQ,
+        ProtocolFeature.REPLY_ACK,
+        ProtocolFeature.CONFIG,
+        ProtocolFeature.RESET_DEVICE,
+        ProtocolFeature.CONFIGURE_MEM_SLOTS,
+        ProtocolFeature.STATUS,
+    )
+)
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _require_eventfd(fd: int | None, what: str) -> None:
+    """Kick/call/err fds must be eventfds: a pipe or file could block a worker."""
+    if fd is None:
+        return
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        target = "?"
+    if target != "anon_inode:[eventfd]":
+        _close(fd)
+        raise RequestError(f"{what} fd is {target}, not an eventfd")
+
+
+class DeviceHandler:
+    def __init__(self, device: Device, engine: Engine, log: logging.LoggerAdapter | logging.Logger) -> None:
+        self.device = device
+        self.log = log
+        self.status = 0
+        self.features = 0
+        self.event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.rings = Rings(engine, device.num_queues, device.max_queue_size, device.handler, device.ctx,
+                           self.event_fd)
+
+    def close(self) -> None:
+        self.rings.close()
+        _close(self.event_fd)
+
+    def report_errors(self) -> None:
+        """Log each broken queue once (called when event_fd is readable)."""
+        try:
+            os.eventfd_read(self.event_fd)
+        except BlockingIOError:
+            pass
+        for queue, message in self.rings.take_errors():
+            self.log.error("queue %d marked NEEDS_RESET: %s", queue, message)
+
+    def _dp(self, fn, *args):
+        try:
+            return fn(*args)
+        except DataPlaneError as exc:
+            raise RequestError(str(exc)) from None
+
+    # RequestHandler --------------------------------------------------------
+
+    def device_features(self) -> int:
+        return self.device.features()
+
+    def protocol_features(self) -> int:
+        return PROTOCOL_FEATURES
+
+    def num_queues(self) -> int:
+        return self.device.num_queues
+
+    def set_features(self, features: int) -> None:
+        self.features = features
+        self.rings.set_features(features)
+
+    def set_mem_table(self, regions: list[MemoryRegion], fds: list[int]) -> None:
+        self._dp(self.rings.set_mem_table, regions, fds)
+        self.log.info("memory table: %s", ", ".join(f"{r.guest_addr:#x}+{r.size:#x}" for r in regions))
+
+    def add_mem_region(self, region: MemoryRegion, fd: int) -> None:
+        self._dp(self.rings.add_region, region, fd)
+
+    def remove_mem_region(self, region: MemoryRegion) -> None:
+        self._dp(self.rings.remove_region, region)
+
+    def set_vring_num(self, index: int, num: int) -> None:
+        self._dp(self.rings.set_num, index, num)
+
+    def set_vring_addr(self, addr: VringAddr) -> None:
+        self._dp(self.rings.set_addr, addr.index, addr.desc, addr.used, addr.avail)
+
+    def set_vring_base(self, index: int, base: int) -> None:
+        self._dp(self.rings.set_base, index, base)
+
+    def get_vring_base(self, index: int) -> int:
+        return self._dp(self.rings.get_base, index)
+
+    def set_vring_kick(self, index: int, fd: int | None) -> None:
+        _require_eventfd(fd, "kick")
+        self._dp(self.rings.set_kick, index, fd)
+
+    def set_vring_call(self, index: int, fd: int | None) -> None:
+        _require_eventfd(fd, "call")
+        self._dp(self.rings.set_call, index, fd)
+
+    def set_vring_err(self, index: int, fd: int | None) -> None:
+        _require_eventfd(fd, "err")
+        self._dp(self.rings.set_err, index, fd)
+
+    def set_vring_enable(self, index: int, enable: bool) -> None:
+        self._dp(self.rings.set_enable, index, enable)
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        space = self.device.config_space()
+        return space[offset : offset + size].ljust(size, b"\0")
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        try:
+            self.device.write_config(offset, data)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+
+    def set_status(self, status: int) -> None:
+        # Status 0 is not a ring reset here: QEMU sends it before GET_VRING_BASE.
+        self.status = status
+
+    def get_status(self) -> int:
+        return self.status | (STATUS_NEEDS_RESET if self.rings.needs_reset else 0)
+
+    def reset(self) -> None:
+        self.rings.reset()
+        self.status = 0
+        self.features = 0
+
+    def disconnected(self) -> None:
+        self.reset()
+        self.rings.clear_memory()

@@ -1,0 +1,220 @@
+"""Socket side of one device: listen, accept one front-end at a time, move
+bytes and fds between the socket and the sans-IO protocol.
+
+Runs on the asyncio loop with non-blocking sockets and add_reader/add_writer,
+because asyncio streams cannot carry SCM_RIGHTS fds.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import errno
+import logging
+import os
+import socket
+import stat
+
+from vhostd.devices.base import Device
+from vhostd.handler import DeviceHandler
+from vhostd.protocol.backend import BackendProtocol
+from vhostd.protocol.codec import MessageDecoder, ProtocolError
+from vhostd.protocol.constants import MAX_FDS_PER_MESSAGE
+
+MAX_PENDING_OUTPUT = 64 * 1024  # a front-end that does not read its replies is dropped
+_CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+
+
+class DeviceLog(logging.LoggerAdapter):
+    def process(self, msg, kwargs):
+        return f"{self.extra['device']}: {msg}", kwargs
+
+
+def _recv(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
+    data, ancdata, flags, _ = sock.recvmsg(size, _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise ProtocolError(f"more than {MAX_FDS_PER_MESSAGE} file descriptors in one message")
+    return data, fds
+
+
+class Connection:
+    """One front-end session on a device."""
+
+    def __init__(self, server: DeviceServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.log = server.log
+        self.decoder = MessageDecoder()
+        self.protocol = BackendProtocol(server.handler, server.log)
+        self._out = bytearray()
+        self.closed = False
+        loop = server.loop
+        loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            # Never read past the current message: its fds arrive with its first byte.
+            data, fds = _recv(self.sock, self.decoder.bytes_needed())
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                if not self.decoder.idle:
+                    self.log.warning("front-end disconnected in the middle of a message")
+                self.close("front-end disconnected")
+                return
+            self.decoder.feed(data, fds)
+            while (msg := self.decoder.pop()) is not None:
+                self.log.debug("<- %s flags=%#x size=%d fds=%d", msg.name, msg.flags, len(msg.payload), len(msg.fds))
+                for reply in self.protocol.handle(msg):
+                    self._send(reply.encode())
+                if self.closed:
+                    return
+        except (BlockingIOError, InterruptedError):
+            return
+        except ProtocolError as exc:
+            self.log.error("closing connection: %s", exc)
+            self.close("protocol error")
+        except OSError as exc:
+            self.log.error("closing connection: socket error: %s", exc)
+            self.close("socket error")
+        except Exception:  # a bug must cost this connection, never the daemon
+            self.log.exception("closing connection after an internal error")
+            self.close("internal error")
+
+    def _send(self, data: bytes) -> None:
+        if self._out:
+            self._out += data
+        else:
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            if sent < len(data):
+                self._out += data[sent:]
+                self.server.loop.add_writer(self.sock.fileno(), self._on_writable)
+        if len(self._out) > MAX_PENDING_OUTPUT:
+            raise ProtocolError("front-end is not reading its replies")
+
+    def _on_writable(self) -> None:
+        try:
+            sent = self.sock.send(self._out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.log.error("closing connection: socket error: %s", exc)
+            self.close("socket error")
+            return
+        del self._out[:sent]
+        if not self._out:
+            self.server.loop.remove_writer(self.sock.fileno())
+
+    def close(self, why: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        loop = self.server.loop
+        loop.remove_reader(self.sock.fileno())
+        loop.remove_writer(self.sock.fileno())
+        self.decoder.close()
+        self.sock.close()
+        try:
+            self.protocol.connection_lost()
+        except Exception:
+            self.log.exception("error while resetting the device")
+        self.log.info("session ended (%s)", why)
+        self.server.connection_closed(self)
+
+
+class DeviceServer:
+    """Listens on a device's socket and serves one front-end at a time."""
+
+    def __init__(self, device: Device, handler: DeviceHandler, socket_path: str, loop: asyncio.AbstractEventLoop,
+                 socket_mode: int | None = None) -> None:
+        self.device = device
+        self.handler = handler
+        self.socket_path = socket_path
+        self.loop = loop
+        self.socket_mode = socket_mode
+        self.log = DeviceLog(logging.getLogger("vhostd.device"), {"device": device.name})
+        self.connection: Connection | None = None
+        self.sessions = 0
+        self._listener: socket.socket | None = None
+
+    def start(self) -> None:
+        _remove_stale_socket(self.socket_path)
+        os.makedirs(os.path.dirname(self.socket_path) or ".", exist_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(self.socket_path)
+            if self.socket_mode is not None:
+                os.chmod(self.socket_path, self.socket_mode)
+            sock.listen(4)
+        except BaseException:
+            sock.close()
+            raise
+        self._listener = sock
+        self.loop.add_reader(sock.fileno(), self._on_accept)
+        self.loop.add_reader(self.handler.event_fd, self.handler.report_errors)
+        self.log.info("listening on %s", self.socket_path)
+
+    def _on_accept(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.log.error("accept failed: %s", exc)
+            return
+        if self.connection is not None:
+            # One front-end owns a device; a second would fight over its rings.
+            self.log.warning("refused a second front-end while one is connected")
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.sessions += 1
+        self.log.info("front-end connected (session %d)", self.sessions)
+        self.connection = Connection(self, conn)
+
+    def connection_closed(self, conn: Connection) -> None:
+        if self.connection is conn:
+            self.connection = None
+
+    def stop(self) -> None:
+        if self.connection is not None:
+            self.connection.close("daemon stopping")
+        if self._listener is not None:
+            self.loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+        self.loop.remove_reader(self.handler.event_fd)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A socket file left by a previous run is removed; anything else is not ours."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: stale
+        return
+    finally:
+        probe.close()
+    raise FileExistsError(errno.EADDRINUSE, f"{path} is in use by another process")
