@@ -116,7 +116,8 @@ static void *worker_main(void *arg)
         pthread_mutex_lock(&w->lock);
         uint64_t seen = w->sync_req;
         int stop = w->stop;
-        int timeout = w->polled ? 1 : -1;
+        /* A sync request still unanswered: finish this round without sleeping. */
+        int timeout = seen != w->sync_done ? 0 : w->polled ? 1 : -1;
         pthread_mutex_unlock(&w->lock);
         if (stop)
             break;

@@ -1,0 +1,18 @@
+# Sourced by run.sh and test.sh: make .venv (once) and install vhostd into it,
+# editable, so the cffi data plane is compiled for this machine.
+# $1: pip extras ("" or "[test]").
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+fi
+# Reinstall when the sources of the native module or the metadata changed.
+stamp="$VENV/.vhostd-installed${1:-}"
+if [ ! -f "$stamp" ] || [ -n "$(find "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/vhostd/native" -newer "$stamp" -print -quit)" ] \
+   || ! "$VENV/bin/python" -c 'import vhostd._native' 2>/dev/null; then
+    "$VENV/bin/python" -m pip install -q -e "$ROOT${1:-}"
+    touch "$stamp"
+fi
