@@ -359,8 +359,8 @@ class DeviceType:
 
     cls: type
     keys: dict[str, Key]  # type-specific keys, on top of _COMMON_DEVICE_KEYS
-    #: Called with the parsed values once all keys are checked; fills derived
-    #: defaults in ``values`` and reports cross-key problems via ``report``.
+    #: Called once all keys are read; fills derived defaults into
+    #: ``draft.values`` and reports cross-key problems with ``draft.report``.
     finish: Callable[["_DeviceDraft", "_Context"], None] | None = None
     #: Called only with check_files=True, to look at the files on disk.
     check_files: Callable[["_DeviceDraft", "_Context"], None] | None = None
@@ -439,7 +439,8 @@ class _DeviceDraft:
         name = self.values.get("name")
         return f" (device {name!r})" if name else ""
 
-    def report(self, ctx: _Context, key: str, message: str, node: Node | None = None) -> None:
+    def report(self, ctx: _Context, key: str, message: str, node: Node | int | None = None) -> None:
+        """Report a problem with ``key``, on the line of its value by default."""
         if node is None:
             node = self.nodes.get(key, self.node)
         ctx.report(node, self.key(key), message + self.label)
@@ -614,7 +615,7 @@ def _check_blk_files(dev: _DeviceDraft, ctx: _Context) -> None:
     path = dev.values["path"]
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         st = None
     except OSError as e:
         dev.report(ctx, "path", f"cannot access image {path}: {e.strerror}")
@@ -649,7 +650,7 @@ def _why_not_creatable(path: str) -> str | None:
     while True:
         try:
             st = os.stat(parent)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             up = os.path.dirname(parent)
             if up == parent:
                 return f"no part of {parent} exists"
@@ -670,7 +671,7 @@ def _check_socket_file(dev: _DeviceDraft, ctx: _Context) -> None:
     sock = dev.values["socket"]
     try:
         st = os.lstat(sock)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         why = _why_not_creatable(sock)
         if why:
             dev.report(ctx, "socket", f"cannot create socket {sock}: {why}")
@@ -682,6 +683,10 @@ def _check_socket_file(dev: _DeviceDraft, ctx: _Context) -> None:
         dev.report(ctx, "socket", f"{sock} already exists and is not a socket; vhostd will not replace it")
 
 
+# Adding a device type, e.g. virtio-net: a frozen NetDeviceConfig dataclass, a
+# _NET_KEYS table ({"mac": Key(_mac, None), ...}), an entry here, and
+# NetDeviceConfig in the DeviceConfig alias.  Unknown-key detection,
+# missing-key reports, defaults and the cross-device checks come for free.
 DEVICE_TYPES: dict[str, DeviceType] = {
     "blk": DeviceType(
         cls=BlkDeviceConfig,
@@ -846,7 +851,7 @@ def _compose(file: str, ctx: _Context) -> Node | None:
     except yaml.YAMLError as e:  # anything else PyYAML may raise
         ctx.report(None, "", f"invalid YAML: {e}")
         return None
-    if root is None:
+    if root is None or _is(root, "null") and root.value == "":
         ctx.report(None, "", "the file is empty; expected a mapping with a 'devices' list")
         return None
     return root
