@@ -69,6 +69,9 @@ class DeviceHandler:
             os.eventfd_read(self.event_fd)
         except BlockingIOError:
             pass
+        self._log_errors()
+
+    def _log_errors(self) -> None:
         for queue, message in self.rings.take_errors():
             self.log.error("queue %d marked NEEDS_RESET: %s", queue, message)
 
@@ -149,6 +152,9 @@ class DeviceHandler:
 
     def reset(self) -> None:
         self.rings.reset()
+        # A queue may have broken after the last event_fd wake-up; with the
+        # rings stopped no new error can come, so collect it now or never.
+        self._log_errors()
         self.status = 0
         self.features = 0
 

@@ -539,7 +539,9 @@ void vd_device_reset(vd_device *d)
         q->addr_set = 0;
         q->enabled = 0;
         q->broken = 0;
-        q->error_pending = 0;
+        /* error_pending survives: a queue that broke just before the reset
+         * (e.g. the guest's last kick raced the disconnect) must still be
+         * reported; the control plane collects it right after the reset. */
         q->last_avail = q->used_idx = 0;
         pthread_mutex_unlock(&q->lock);
     }
