@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Install the Debian packages the test suite needs (apt only; Python packages
+# are installed separately with pip).  Idempotent: when everything is already
+# installed it only runs one dpkg-query and exits.
+#
+#   scripts/test-deps.sh          # install what is missing (needs root or sudo)
+#   scripts/test-deps.sh --check  # exit 1 and list what is missing, install nothing
+set -euo pipefail
+
+PACKAGES=(
+    # Guest boots: QEMU (TCG) as vhost-user front-end, and qemu-storage-daemon
+    # (in qemu-system-common, pulled in by qemu-system-x86) as reference back-end.
+    qemu-system-x86
+    qemu-utils            # qemu-img
+    # Guest initramfs: busybox-static is copied in; the kernel .deb is fetched
+    # with `apt-get download` and unpacked with `dpkg -x` (apt/dpkg are essential).
+    busybox-static
+    cpio
+    # mkfs.ext4/e2fsck are copied into the guest; e2fsck/debugfs check images on the host.
+    e2fsprogs
+    # C data plane of the daemon (cffi extension, io_uring).
+    gcc
+    libc6-dev             # only a Recommends of gcc, so --no-install-recommends skips it
+    liburing-dev
+    libffi-dev
+    python3-dev           # Python.h for building the cffi extension
+    make
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    status=$(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null || true)
+    [[ "$status" == ii* ]] || missing+=("$p")
+done
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+    exit 0
+fi
+
+if [[ "${1:-}" == "--check" ]]; then
+    echo "missing apt packages: ${missing[*]}" >&2
+    exit 1
+fi
+
+SUDO=()
+if [[ $(id -u) -ne 0 ]]; then
+    if command -v sudo >/dev/null; then
+        SUDO=(sudo)
+    else
+        echo "test-deps.sh: need root (or sudo) to install: ${missing[*]}" >&2
+        exit 1
+    fi
+fi
+
+echo "test-deps.sh: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+# Refresh the package lists only when they are absent or the first attempt fails
+# (a fresh container has empty /var/lib/apt/lists).
+if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
+    "${SUDO[@]}" apt-get update
+fi
+if ! "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y --no-install-recommends "${missing[@]}"; then
+    "${SUDO[@]}" apt-get update
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y --no-install-recommends "${missing[@]}"
+fi
