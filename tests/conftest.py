@@ -1,5 +1,22 @@
 """Shared fixtures for the test suite."""
 
+import sys
+from pathlib import Path
+
+# Make tests/guest importable as `guest` however pytest imports this file.
+_here = str(Path(__file__).resolve().parent)
+if _here not in sys.path:
+    sys.path.insert(0, _here)
+
+# QEMU guest harness (tests/guest/): fixtures guest_image, qemu_guest,
+# storage_daemon, sock_dir; skips `qemu`-marked tests when QEMU cannot run.
+pytest_plugins = ["guest.fixtures"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "qemu: boots a Linux guest under QEMU (TCG)")
+
+
 # ======================================================================
 # vhost-user protocol / virtio-blk / hostile-peer harness.
 #

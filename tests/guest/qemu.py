@@ -1,0 +1,472 @@
+"""Boot a Linux guest under QEMU (TCG) with vhost-user-blk disks and run a shell script in it.
+
+Basic use (blocking)::
+
+    from guest.qemu import QemuGuest, BlkDisk
+
+    g = QemuGuest('''
+        cat /sys/block/vda/size
+        mkfs.ext4 -q /dev/vda && e2fsck -fn /dev/vda
+    ''', disks=[sock_path], workdir=tmp_path)
+    rc = g.run()              # start, wait for power-off, return the script's exit code
+    assert rc == 0, g.console_tail()
+    print(g.console)          # everything the guest printed (kernel + script)
+
+The script becomes `/test.sh` in the guest and runs as root under busybox `sh`
+with stdin = /dev/null and stdout/stderr on the serial console, after the
+virtio modules are loaded (disks are /dev/vda, /dev/vdb, ... in the order
+given).  mkfs.ext4, e2fsck and the busybox applets are available.  When it
+returns, /init prints `VHOSTD-GUEST-EXIT=<rc>` and powers off; `exit_code`
+is parsed from that line.  Lines `VHOSTD-RESULT key=value` printed by the
+script are collected by `results()`.
+
+Background use (e.g. restart the back-end while the guest does I/O)::
+
+    g = QemuGuest(script_that_echoes_READY_then_loops, disks=[...], workdir=tmp_path)
+    g.start()
+    g.wait_for("READY")       # returns the line; later calls search after this match
+    ...kill / restart the back-end...
+    g.wait_for("DONE")        # or g.wait() for the exit, or g.kill()
+    g.kill()
+
+Reboots: by default QEMU runs with -no-reboot, so a guest reboot (or a kernel
+panic: panic=-1) ends QEMU.  With `allow_reboot=True` QEMU resets the machine
+instead and boots the same kernel and initramfs (same /test.sh) again, so
+the script must decide what to do from state it finds on the disk, e.g.::
+
+    if [ "$(dd if=/dev/vda bs=6 count=1 2>/dev/null)" = PHASE2 ]; then
+        ...verify; exit 0           # second boot: /init powers off afterwards
+    fi
+    printf PHASE2 | dd of=/dev/vda conv=fsync 2>/dev/null
+    reboot -f                       # first boot: reboot without returning
+
+Each boot prints `VHOSTD-GUEST-BOOT` (counted by `boots`); `max_boots` (default
+4 with allow_reboot) kills a guest that loops.  The exit code is the one of the
+last boot.
+
+All waits raise `GuestTimeout` (a `GuestError`) with the tail of the console
+and of QEMU's own stderr in the message; `wait()` raises `GuestError` when
+QEMU ended without the exit line (crash, panic, QEMU error).
+
+Set VHOSTD_GUEST_TIMEOUT_SCALE (e.g. 3) to stretch every timeout on a slow
+machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence, Union
+
+from .build_guest import GUEST_BOOT_MARKER, GUEST_EXIT_MARKER, GuestImage, ensure_guest_image
+from .cpio import CpioWriter, gzip_bytes
+
+QEMU_BINARY = "qemu-system-x86_64"
+
+# Quiet and cheap to boot under TCG: no speculative-execution mitigations to
+# patch in, no TSC recalibration, no i8042 probing (saves ~0.5 s per boot).
+KERNEL_CMDLINE = ("console=ttyS0 quiet panic=-1 mitigations=off tsc=reliable no_timer_check "
+                  "i8042.noaux i8042.nokbd i8042.nopnp")
+
+RESULT_PREFIX = "VHOSTD-RESULT "
+_EXIT_RE = re.compile(re.escape(GUEST_EXIT_MARKER) + r"(-?\d+)")
+_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc")
+
+
+class GuestError(RuntimeError):
+    pass
+
+
+class GuestTimeout(GuestError):
+    pass
+
+
+def timeout_scale() -> float:
+    try:
+        return max(float(os.environ.get("VHOSTD_GUEST_TIMEOUT_SCALE", "1")), 0.1)
+    except ValueError:
+        return 1.0
+
+
+def qemu_available() -> tuple[bool, str]:
+    """(True, version line) if qemu-system-x86_64 can run, else (False, reason)."""
+    exe = shutil.which(QEMU_BINARY)
+    if not exe:
+        return False, f"{QEMU_BINARY} not found in PATH (apt-get install qemu-system-x86, see scripts/test-deps.sh)"
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"{exe} --version failed: {e}"
+    if out.returncode != 0:
+        return False, f"{exe} --version exited {out.returncode}: {out.stderr.strip()}"
+    return True, f"{exe}: {out.stdout.splitlines()[0] if out.stdout else '?'}"
+
+
+@dataclasses.dataclass
+class BlkDisk:
+    """A vhost-user-blk disk: QEMU connects to `socket` (the back-end listens there)."""
+    socket: Union[str, os.PathLike]
+    num_queues: int | None = None
+    # chardev reconnect=<seconds>: QEMU reconnects when the back-end restarts
+    # (without it, losing the back-end is final for that device).
+    reconnect: int | None = None
+    # extra -device properties, e.g. {"queue-size": 256, "config-wce": "off"}
+    props: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+
+DiskSpec = Union[str, os.PathLike, BlkDisk, tuple]
+
+
+def _as_disk(d: DiskSpec) -> BlkDisk:
+    if isinstance(d, BlkDisk):
+        return d
+    if isinstance(d, tuple):
+        return BlkDisk(*d)
+    return BlkDisk(d)
+
+
+def _qemu_opt(v: object) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    s = str(v)
+    return s.replace(",", ",,")  # QEMU option escaping
+
+
+class QemuGuest:
+    def __init__(
+        self,
+        script: str,
+        disks: Sequence[DiskSpec] = (),
+        *,
+        extra_args: Iterable[str] = (),
+        memory: str = "512M",
+        smp: int = 1,
+        cpu: str = "qemu64,+rdrand",
+        timeout: float = 60.0,
+        allow_reboot: bool = False,
+        max_boots: int | None = None,
+        workdir: Union[str, os.PathLike, None] = None,
+        image: GuestImage | None = None,
+        files: Mapping[str, Union[bytes, str, os.PathLike]] | None = None,
+        cmdline_extra: str = "",
+        qmp: bool = False,
+    ):
+        """
+        script:      shell script run as /test.sh in the guest.
+        disks:       socket paths, (socket, num_queues) tuples or BlkDisk objects.
+        extra_args:  appended to the QEMU command line.
+        memory:      guest RAM, always backed by a shared memfd (vhost-user needs it).
+        smp:         vCPUs. Note: a disk without num_queues gets one queue per vCPU.
+        cpu:         QEMU -cpu model. RDRAND matters: without it the guest CRNG takes
+                     seconds to initialise under TCG and getrandom() (mkfs.ext4's
+                     UUIDs) blocks for that long.
+        timeout:     default for wait()/run(); wait_for() takes its own.
+        allow_reboot: let the guest reboot instead of ending QEMU (see module doc).
+        workdir:     where console.log, qemu.log and initrd.img go (default: a temp dir
+                     that close() removes). Pass pytest's tmp_path to keep them.
+        files:       extra files for the guest initramfs {guest path: bytes|str|host Path};
+                     all are made executable.
+        qmp:         open a QMP socket; use qmp("cmd", **args).
+        """
+        self.script = script
+        self.disks = [_as_disk(d) for d in disks]
+        self.extra_args = list(extra_args)
+        self.memory = memory
+        self.smp = smp
+        self.cpu = cpu
+        self.timeout = timeout
+        self.allow_reboot = allow_reboot
+        self.max_boots = max_boots if max_boots is not None else (4 if allow_reboot else 1)
+        self.files = dict(files or {})
+        self.cmdline_extra = cmdline_extra
+        self.use_qmp = qmp
+        self._image = image
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vhostd-guest-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.console_path = self.workdir / "console.log"
+        self.qemu_log_path = self.workdir / "qemu.log"
+        self.initrd_path = self.workdir / "initrd.img"
+        self.qmp_path = self.workdir / "qmp.sock"
+        self.proc: subprocess.Popen | None = None
+        self._qemu_log = None
+        self._cursor = 0
+        self._final_console: str | None = None
+        self._final_qemu_log: str | None = None
+        self.started_at: float | None = None
+        self.ended_at: float | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def image(self) -> GuestImage:
+        if self._image is None:
+            self._image = ensure_guest_image()
+        return self._image
+
+    def _write_initrd(self) -> None:
+        w = CpioWriter()
+        script = self.script if self.script.startswith("#!") else "#!/bin/sh\n" + self.script
+        w.file("test.sh", script.encode(), 0o755)
+        for path, content in sorted(self.files.items()):
+            if isinstance(content, os.PathLike):
+                data = Path(content).read_bytes()
+            elif isinstance(content, str):
+                data = content.encode()
+            else:
+                data = bytes(content)
+            w.file(path, data, 0o755)
+        # The kernel unpacks concatenated archives in order, later files on top;
+        # a second gzip member can start at any offset.
+        with open(self.initrd_path, "wb") as f:
+            with open(self.image.initramfs, "rb") as base:
+                shutil.copyfileobj(base, f)
+            f.write(gzip_bytes(w.getvalue(), level=1))
+
+    def command(self) -> list[str]:
+        img = self.image
+        cmd = [
+            QEMU_BINARY, "-accel", "tcg", "-nographic", "-nodefaults", "-no-user-config",
+            "-cpu", self.cpu, "-m", self.memory, "-smp", str(self.smp),
+            "-object", f"memory-backend-memfd,id=mem,size={self.memory},share=on",
+            "-numa", "node,memdev=mem",
+            "-kernel", str(img.kernel), "-initrd", str(self.initrd_path),
+            "-append", f"{KERNEL_CMDLINE} {self.cmdline_extra}".strip(),
+            "-serial", f"file:{self.console_path}", "-monitor", "none",
+        ]
+        if not self.allow_reboot:
+            cmd.append("-no-reboot")
+        if self.use_qmp:
+            cmd += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        for i, d in enumerate(self.disks):
+            chardev = f"socket,id=vub{i},path={_qemu_opt(os.fspath(d.socket))}"
+            if d.reconnect is not None:
+                chardev += f",reconnect={int(d.reconnect)}"
+            dev = f"vhost-user-blk-pci,chardev=vub{i},id=vblk{i}"
+            if d.num_queues is not None:
+                dev += f",num-queues={int(d.num_queues)}"
+            for k, v in d.props.items():
+                dev += f",{k}={_qemu_opt(v)}"
+            cmd += ["-chardev", chardev, "-device", dev]
+        return cmd + self.extra_args
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> "QemuGuest":
+        if self.proc is not None:
+            raise GuestError("guest already started")
+        self._write_initrd()
+        self.console_path.write_bytes(b"")
+        self._qemu_log = open(self.qemu_log_path, "wb")
+        cmd = self.command()
+        (self.workdir / "qemu.cmd").write_text(" ".join(_shell_quote(a) for a in cmd) + "\n")
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._qemu_log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _check_boots(self) -> None:
+        if self.boots > self.max_boots:
+            self.kill()
+            raise GuestError(f"guest booted {self.boots} times (max_boots={self.max_boots})\n"
+                             + self._diagnostics())
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait until QEMU exits; return the guest script's exit code."""
+        if self.proc is None:
+            raise GuestError("guest not started")
+        limit = (self.timeout if timeout is None else timeout) * timeout_scale()
+        deadline = time.monotonic() + limit
+        while self.proc.poll() is None:
+            self._check_boots()
+            if time.monotonic() > deadline:
+                self.kill()
+                raise GuestTimeout(f"guest did not power off within {limit:.0f}s\n" + self._diagnostics())
+            time.sleep(0.05)
+        self._finish()
+        code = self.exit_code
+        if code is None:
+            raise GuestError(f"QEMU exited with status {self.proc.returncode} and no "
+                             f"{GUEST_EXIT_MARKER} line\n" + self._diagnostics())
+        return code
+
+    def run(self, timeout: float | None = None) -> int:
+        """start() + wait(); always cleans up QEMU."""
+        self.start()
+        try:
+            return self.wait(timeout)
+        finally:
+            self.kill()
+
+    def wait_for(self, marker: Union[str, re.Pattern], timeout: float = 60.0) -> str:
+        """Wait until `marker` (substring or regex) appears in the console after the
+        previous wait_for() match; return the whole line it is on."""
+        if self.proc is None:
+            raise GuestError("guest not started")
+        limit = timeout * timeout_scale()
+        deadline = time.monotonic() + limit
+        pat = marker if isinstance(marker, re.Pattern) else re.compile(re.escape(marker))
+        while True:
+            text = self.console
+            m = pat.search(text, self._cursor)
+            if m:
+                self._cursor = m.end()
+                start = text.rfind("\n", 0, m.start()) + 1
+                end = text.find("\n", m.end())
+                if end < 0:
+                    end = len(text)
+                return text[start:end]
+            if self.proc.poll() is not None:
+                self._finish()
+                raise GuestError(f"QEMU exited (status {self.proc.returncode}) before "
+                                 f"{pat.pattern!r} appeared\n" + self._diagnostics())
+            self._check_boots()
+            if time.monotonic() > deadline:
+                raise GuestTimeout(f"{pat.pattern!r} did not appear within {limit:.0f}s\n"
+                                   + self._diagnostics())
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """Stop QEMU now (SIGTERM, then SIGKILL); no-op if it has exited."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.ended_at is None:
+            self.ended_at = time.monotonic()
+        if self._qemu_log is not None:
+            self._qemu_log.close()
+            self._qemu_log = None
+
+    def close(self) -> None:
+        self.kill()
+        if self._own_workdir and self.workdir.exists():
+            self._final_console = self.console
+            self._final_qemu_log = self.qemu_log
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "QemuGuest":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def console(self) -> str:
+        """Serial console so far, with CR and terminal escapes removed."""
+        if self._final_console is not None:
+            return self._final_console
+        try:
+            raw = self.console_path.read_bytes()
+        except FileNotFoundError:
+            return ""
+        text = _ANSI_RE.sub("", raw.decode(errors="replace"))
+        # SeaBIOS ends its output with a bare CR: make that a line break too.
+        return text.replace("\r\n", "\n").replace("\r", "\n")
+
+    @property
+    def qemu_log(self) -> str:
+        if self._final_qemu_log is not None:
+            return self._final_qemu_log
+        try:
+            return self.qemu_log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def exit_code(self) -> int | None:
+        """Exit code of /test.sh (last boot), or None if no exit line was printed."""
+        codes = _EXIT_RE.findall(self.console)
+        return int(codes[-1]) if codes else None
+
+    @property
+    def boots(self) -> int:
+        """How many times /init started (VHOSTD-GUEST-BOOT lines)."""
+        return sum(1 for l in self.console.splitlines() if l.strip().endswith(GUEST_BOOT_MARKER))
+
+    @property
+    def duration(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return (self.ended_at or time.monotonic()) - self.started_at
+
+    def results(self) -> dict[str, str]:
+        """{key: value} from lines `VHOSTD-RESULT key=value` (last one wins)."""
+        out = {}
+        for line in self.console.splitlines():
+            i = line.find(RESULT_PREFIX)
+            if i >= 0 and "=" in line[i:]:
+                k, v = line[i + len(RESULT_PREFIX):].split("=", 1)
+                out[k.strip()] = v.strip()
+        return out
+
+    def console_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.console.splitlines()[-lines:])
+
+    def _diagnostics(self) -> str:
+        qlog = "\n".join(self.qemu_log.splitlines()[-15:])
+        return (f"--- console tail ({self.console_path}) ---\n{self.console_tail()}\n"
+                f"--- qemu stderr ---\n{qlog or '(empty)'}")
+
+    # ------------------------------------------------------------------ QMP
+
+    def qmp(self, command: str, **arguments) -> object:
+        """Run one QMP command (needs qmp=True) and return its "return" value."""
+        if not self.use_qmp:
+            raise GuestError("QemuGuest(qmp=True) is needed for qmp()")
+        deadline = time.monotonic() + 10 * timeout_scale()
+        while True:
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(self.qmp_path))
+                break
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline or not self.running():
+                    raise GuestError(f"cannot connect to QMP at {self.qmp_path}\n" + self._diagnostics())
+                time.sleep(0.05)
+        with s, s.makefile("rwb") as f:
+            def call(cmd, args=None):
+                msg = {"execute": cmd}
+                if args:
+                    msg["arguments"] = args
+                f.write(json.dumps(msg).encode() + b"\n")
+                f.flush()
+                while True:
+                    line = f.readline()
+                    if not line:
+                        raise GuestError(f"QMP connection closed during {cmd}")
+                    reply = json.loads(line)
+                    if "return" in reply:
+                        return reply["return"]
+                    if "error" in reply:
+                        raise GuestError(f"QMP {cmd} failed: {reply['error']}")
+            json.loads(f.readline())  # greeting
+            call("qmp_capabilities")
+            return call(command, arguments)
+
+
+def _shell_quote(s: str) -> str:
+    return s if re.fullmatch(r"[\w@%+=:,./-]+", s) else "'" + s.replace("'", "'\\''") + "'"
