@@ -107,13 +107,10 @@ static int map_chain(struct vd_queue *q, uint16_t head, struct vd_req *req)
         return -1;
     }
     for (;;) {
-        if (++count > q->chain_limit) {
-            vd_queue_fail(q, "queue %d: descriptor chain at head %u is longer than %u (loop?)",
-                          q->index, head, q->chain_limit);
-            return -1;
-        }
         read_desc(table, i, &d);
         if (d.flags & VRING_DESC_F_INDIRECT) {
+            /* Not counted: it ends the direct chain (no NEXT) and cannot nest,
+             * so a table of chain_limit entries is the longest chain. */
             if (!q->indirect) {
                 vd_queue_fail(q, "queue %d: indirect descriptor but INDIRECT_DESC was not negotiated", q->index);
                 return -1;
@@ -141,6 +138,11 @@ static int map_chain(struct vd_queue *q, uint16_t head, struct vd_req *req)
             in_indirect = 1;
             i = 0;
             continue;
+        }
+        if (++count > q->chain_limit) {
+            vd_queue_fail(q, "queue %d: descriptor chain at head %u is longer than %u (loop?)",
+                          q->index, head, q->chain_limit);
+            return -1;
         }
         if (d.flags & VRING_DESC_F_WRITE) {
             seen_write = 1;
