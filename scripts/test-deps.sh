@@ -33,12 +33,17 @@ for p in "${PACKAGES[@]}"; do
     [[ "$status" == ii* ]] || missing+=("$p")
 done
 
-if [[ ${#missing[@]} -eq 0 ]]; then
+# The guest image build (tests/guest/build_guest.py) also needs the package
+# lists, to `apt-get download` the kernel: images often delete them.
+have_lists() { compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; }
+
+if [[ ${#missing[@]} -eq 0 ]] && have_lists; then
     exit 0
 fi
 
 if [[ "${1:-}" == "--check" ]]; then
-    echo "missing apt packages: ${missing[*]}" >&2
+    [[ ${#missing[@]} -eq 0 ]] || echo "missing apt packages: ${missing[*]}" >&2
+    have_lists || echo "no apt package lists (run apt-get update)" >&2
     exit 1
 fi
 
@@ -47,18 +52,19 @@ if [[ $(id -u) -ne 0 ]]; then
     if command -v sudo >/dev/null; then
         SUDO=(sudo)
     else
-        echo "test-deps.sh: need root (or sudo) to install: ${missing[*]}" >&2
+        echo "test-deps.sh: need root (or sudo) to install: ${missing[*]:-package lists}" >&2
         exit 1
     fi
 fi
 
-echo "test-deps.sh: installing ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 # Refresh the package lists only when they are absent or the first attempt fails
 # (a fresh container has empty /var/lib/apt/lists).
-if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
+if ! have_lists; then
     "${SUDO[@]}" apt-get update
 fi
+[[ ${#missing[@]} -gt 0 ]] || exit 0
+echo "test-deps.sh: installing ${missing[*]}" >&2
 if ! "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y --no-install-recommends "${missing[@]}"; then
     "${SUDO[@]}" apt-get update
