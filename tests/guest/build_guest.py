@@ -429,10 +429,15 @@ def ensure_guest_image() -> GuestImage:
     except GuestBuildError as e:
         # No apt lists (offline dev box)?  Fall back to what was built before.
         cached = _latest_cached(root)
-        if cached is None:
+        if cached is not None:
+            _log(f"cannot resolve kernel package ({e.__class__.__name__}); using cached {cached.name}")
+            return _image_from(cached)
+        if not (os.geteuid() == 0 and not _apt_lists_stamp()):
             raise GuestBuildError(f"{e}\n(hint: run scripts/test-deps.sh, which runs apt-get update)") from e
-        _log(f"cannot resolve kernel package ({e.__class__.__name__}); using cached {cached.name}")
-        return _image_from(cached)
+        # A fresh container whose image deleted /var/lib/apt/lists: fetch them once.
+        _log("no apt package lists: running apt-get update")
+        _run(["apt-get", "update"])
+        pkg, version = resolve_kernel_package()
 
     final = root / f"{pkg}_{version.replace(':', '%3a')}-{_recipe_hash()}"
     if (final / "manifest.json").exists():

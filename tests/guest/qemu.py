@@ -201,6 +201,7 @@ class QemuGuest:
         self._qemu_log = None
         self._cursor = 0
         self._final_console: str | None = None
+        self._console_cache: tuple[int, str] = (-1, "")
         self._final_qemu_log: str | None = None
         self.started_at: float | None = None
         self.ended_at: float | None = None
@@ -379,12 +380,17 @@ class QemuGuest:
         if self._final_console is not None:
             return self._final_console
         try:
-            raw = self.console_path.read_bytes()
+            size = self.console_path.stat().st_size
+            if self._console_cache[0] != size:  # waits poll this 20 times a second
+                raw = self.console_path.read_bytes()
+                # A CR at the very end may be half of a CRLF: leave it for later
+                # so that the text only ever grows (wait_for keeps offsets into it).
+                text = _ANSI_RE.sub("", raw.removesuffix(b"\r").decode(errors="replace"))
+                # SeaBIOS ends its output with a bare CR: make that a line break too.
+                self._console_cache = (size, text.replace("\r\n", "\n").replace("\r", "\n"))
         except FileNotFoundError:
             return ""
-        text = _ANSI_RE.sub("", raw.decode(errors="replace"))
-        # SeaBIOS ends its output with a bare CR: make that a line break too.
-        return text.replace("\r\n", "\n").replace("\r", "\n")
+        return self._console_cache[1]
 
     @property
     def qemu_log(self) -> str:
