@@ -118,10 +118,11 @@ def test_exit_code_and_no_disks(qemu_guest):
 
 @pytest.mark.qemu
 def test_background_marker_timeout_and_kill(qemu_guest):
-    g = qemu_guest("echo GUEST-READY; while :; do sleep 1; done")
+    g = qemu_guest("echo GUEST-READY; while :; do sleep 1; done", qmp=True)
     g.start()
     try:
         assert g.wait_for("GUEST-READY", timeout=60) == "GUEST-READY"
+        assert g.qmp("query-status")["status"] == "running"
         with pytest.raises(GuestTimeout) as ei:
             g.wait_for("NEVER-PRINTED", timeout=1)
         assert "GUEST-READY" in str(ei.value)  # the console tail is in the error

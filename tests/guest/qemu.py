@@ -197,6 +197,8 @@ class QemuGuest:
         self.qemu_log_path = self.workdir / "qemu.log"
         self.initrd_path = self.workdir / "initrd.img"
         self.qmp_path = self.workdir / "qmp.sock"
+        if len(str(self.qmp_path)) > 100:  # sun_path holds 107 bytes
+            self.qmp_path = Path(tempfile.mkdtemp(prefix="vhostd-qmp-")) / "qmp.sock"
         self.proc: subprocess.Popen | None = None
         self._qemu_log = None
         self._cursor = 0
@@ -361,6 +363,8 @@ class QemuGuest:
 
     def close(self) -> None:
         self.kill()
+        if self.qmp_path.parent.name.startswith("vhostd-qmp-"):
+            shutil.rmtree(self.qmp_path.parent, ignore_errors=True)
         if self._own_workdir and self.workdir.exists():
             self._final_console = self.console
             self._final_qemu_log = self.qemu_log
