@@ -71,24 +71,27 @@ static void install_sigbus(void)
     sigaction(SIGBUS, &sa, &old_sigbus);
 }
 
-static void process_guarded(struct vd_queue *q)
+static int process_guarded(struct vd_queue *q)
 {
     sigjmp_buf jb;
     if (sigsetjmp(jb, 1)) {
         guard_jb = NULL;
         vd_queue_fail(q, "queue %d: guest memory access faulted (SIGBUS): the front-end shrank shared memory",
                       q->index);
-        return;
+        return 0;
     }
     guard_jb = &jb;
-    vd_queue_process(q);
+    int more = vd_queue_process(q);
     guard_jb = NULL;
+    return more;
 }
 
 /* ---------------------------------------------------------------- workers */
 
-static void service(struct vd_queue *q, int kicked)
+/* Serve one queue; returns 1 if it has requests left over (budget spent). */
+static int service(struct vd_queue *q, int kicked)
 {
+    int more = 0;
     pthread_mutex_lock(&q->lock);
     if (kicked && q->kick_fd >= 0) {
         uint64_t v;
@@ -96,8 +99,17 @@ static void service(struct vd_queue *q, int kicked)
             q->st.kicks++;
     }
     if (q->started && q->enabled && !q->broken)
-        process_guarded(q);
+        more = process_guarded(q);
+    if (more && q->kick_fd >= 0) {
+        /* Out of budget with requests waiting: re-kick ourselves.  epoll then
+         * reports this queue after the others that are already ready.  (A
+         * polled queue is looked at again on the next round.) */
+        uint64_t one = 1;
+        if (write(q->kick_fd, &one, sizeof(one)) < 0) {
+        }
+    }
     pthread_mutex_unlock(&q->lock);
+    return more;
 }
 
 static void *worker_main(void *arg)
@@ -112,12 +124,13 @@ static void *worker_main(void *arg)
     sigdelset(&all, SIGSEGV);
     pthread_sigmask(SIG_BLOCK, &all, NULL);
 
+    int busy = 0; /* a polled queue has requests left over from the last round */
     for (;;) {
         pthread_mutex_lock(&w->lock);
         uint64_t seen = w->sync_req;
         int stop = w->stop;
         /* A sync request still unanswered: finish this round without sleeping. */
-        int timeout = seen != w->sync_done ? 0 : w->polled ? 1 : -1;
+        int timeout = seen != w->sync_done || busy ? 0 : w->polled ? 1 : -1;
         pthread_mutex_unlock(&w->lock);
         if (stop)
             break;
@@ -135,8 +148,9 @@ static void *worker_main(void *arg)
         pthread_mutex_lock(&w->lock);
         struct vd_queue *p = w->polled;
         pthread_mutex_unlock(&w->lock);
+        busy = 0;
         for (; p; p = p->poll_next)
-            service(p, 0);
+            busy |= service(p, 0);
         pthread_mutex_lock(&w->lock);
         w->sync_done = seen;
         pthread_cond_broadcast(&w->cond);

@@ -26,6 +26,7 @@
 #define VD_MAX_QUEUES 64
 #define VD_ERRMSG 256
 #define VD_USED_BATCH 64           /* publish used idx at least this often */
+#define VD_BUDGET 64               /* requests per turn before the worker serves its other queues */
 
 /* ---------------------------------------------------------------- memory */
 
@@ -128,8 +129,10 @@ struct vd_device {
     struct vd_queue q[];
 };
 
-/* queue processing (vring.c); called by a worker with q->lock held */
-void vd_queue_process(struct vd_queue *q);
+/* queue processing (vring.c); called by a worker with q->lock held.  Returns 1
+ * when it stopped after VD_BUDGET requests with more waiting (the caller must
+ * come back: notifications are left disabled), else 0. */
+int vd_queue_process(struct vd_queue *q);
 void vd_queue_fail(struct vd_queue *q, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 int vd_queue_translate(struct vd_queue *q, char *err, size_t errlen);
 

@@ -219,10 +219,11 @@ static void notify_enable(struct vd_queue *q, int on)
     }
 }
 
-void vd_queue_process(struct vd_queue *q)
+int vd_queue_process(struct vd_queue *q)
 {
     struct vd_req req;
-    unsigned since_publish = 0;
+    unsigned since_publish = 0, budget = VD_BUDGET;
+    int more = 0;
 
     if (q->fresh) {
         /* The used ring is the truth about completed requests (also after a
@@ -242,8 +243,14 @@ void vd_queue_process(struct vd_queue *q)
             }
             if (!pending)
                 break;
+            if (!budget) {
+                /* A driver that keeps the ring full must not starve the other
+                 * queues of this worker: yield, and be called again. */
+                more = 1;
+                goto out;
+            }
             __atomic_thread_fence(__ATOMIC_ACQUIRE); /* idx before ring entries */
-            while (pending--) {
+            for (; pending && budget; pending--, budget--) {
                 uint16_t head = rd16(q->avail + AVAIL_RING + 2 * (q->last_avail % q->num));
                 if (map_chain(q, head, &req) < 0)
                     goto out;
@@ -270,4 +277,5 @@ void vd_queue_process(struct vd_queue *q)
     }
 out:
     publish_used(q);
+    return more;
 }
