@@ -37,7 +37,14 @@ def _close(fd: int | None) -> None:
 
 
 def _require_eventfd(fd: int | None, what: str) -> None:
-    """Kick/call/err fds must be eventfds: a pipe or file could block a worker."""
+    """Kick/call/err fds must be eventfds: a pipe or file could block a worker.
+
+    They are also made non-blocking: a blocking eventfd whose counter the
+    front-end drained (kick) or saturated (call, err) would otherwise hang
+    the worker inside read()/write() while it holds the queue lock.  The flag
+    lives in the open file description, which the front-end shares; a
+    front-end never needs blocking I/O on these (QEMU creates them
+    non-blocking anyway)."""
     if fd is None:
         return
     try:
@@ -47,6 +54,7 @@ def _require_eventfd(fd: int | None, what: str) -> None:
     if target != "anon_inode:[eventfd]":
         _close(fd)
         raise RequestError(f"{what} fd is {target}, not an eventfd")
+    os.set_blocking(fd, False)
 
 
 class DeviceHandler:
