@@ -182,6 +182,24 @@ def connect_frontend(path: str, timeout: float = 5.0) -> tuple[Frontend, int]:
             time.sleep(0.005)
 
 
+class DriverQueue(SplitQueue):
+    """SplitQueue that, like a real driver with EVENT_IDX, asks for an
+    interrupt on the next completion each time it has consumed the used
+    ring (used_event = last seen).  Set auto_used_event = False to drive
+    used_event by hand."""
+
+    auto_used_event = True
+
+    def poll_used(self):
+        out = super().poll_used()
+        while self.auto_used_event:
+            self.set_used_event(self.last_used)
+            if self.used_idx() == self.last_used:
+                break
+            out += super().poll_used()  # completed before used_event was written
+        return out
+
+
 class Guest:
     """One front-end session on one device: handshake, memory, queues.
 
@@ -218,7 +236,7 @@ class Guest:
               arena: int = 1 << 20, base: int = 0, err: bool = True) -> SplitQueue:
         """Lay out a split ring in guest memory and start it on the device.
         q.err is the queue's SET_VRING_ERR eventfd (or None)."""
-        q = SplitQueue(self.mem, size, region, arena)
+        q = DriverQueue(self.mem, size, region, arena)
         if base:
             # A resumed ring: the driver's indices and the used idx in memory agree on `base`.
             q.avail_idx = q.last_used = base
