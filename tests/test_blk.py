@@ -477,3 +477,18 @@ def test_index_wraps_from_65535_to_0(vd, guest):
     status, back = drv.read(15000 + 7, 512)
     assert status == BLK_S_OK and back == expected[15007]
     assert g.fe.get_vring_base(0) == 151
+
+
+def test_seg_max_segments_in_one_request(vd, guest):
+    """queue_size 1024 advertises seg_max 1022: a request that uses them all."""
+    g = guest()
+    assert struct.unpack("<I", g.fe.get_config(12, 4))[0] == 1022
+    drv = g.blk(0, size=1024, arena=4 << 20)
+    data = os.urandom(1022 * 512)
+    assert drv.write(1000, data, indirect=True, split=512) == BLK_S_OK
+    assert vd.read_image("disk", 1000 * 512, len(data)) == data
+    status, back = drv.read(1000, len(data), indirect=True, split=512)
+    assert status == BLK_S_OK and back == data
+    # the same as a direct chain of 1024 descriptors: the whole ring
+    status, back = drv.read(1000, len(data), split=512)
+    assert status == BLK_S_OK and back == data

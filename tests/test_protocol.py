@@ -726,3 +726,21 @@ def test_control_requests_while_io_runs(vd, connect):
         extra.close()
     assert not errors, errors
     assert done[0] > 5 and not g.status() & STATUS_NEEDS_RESET
+
+
+def test_sigterm_with_sessions_attached(vhostd_factory):
+    """Stopping the daemon under live sessions (one of them broken) is clean:
+    exit status 0 and no traceback (checked by the fixture)."""
+    vd = vhostd_factory([{"name": "a"}, {"name": "b"}])
+    a, b = vd.connect("a"), vd.connect("b")
+    drv = a.blk(0)
+    blk_roundtrip(vd, drv, 1, 4096, "a")
+    qb = b.queue(0)
+    qb.publish(4000)
+    wait_broken(qb)
+    for i in range(16):
+        drv.submit(BLK_T_IN, i, in_len=4096)
+    assert vd.stop() == 0
+    for g in (a, b):
+        g.close(wait=False)
+    assert "session ended (daemon stopping)" in vd.log()
