@@ -127,6 +127,7 @@ class Attack:
     log: str  # what the one log line must say
     features: int | None = None
     layout: list | None = None
+    arena: int = 1 << 20
 
 
 def hdr(q: SplitQueue, kind: int = BLK_T_IN, sector: int = 0) -> int:
@@ -182,6 +183,19 @@ def indirect(entries: list[tuple[int, int, int, int]] | None = None, length: int
     return build
 
 
+def too_many_pieces(g, q):
+    """A chain within the descriptor limit whose buffers each span all 8
+    memory regions: more host iovecs than the device handles."""
+    q.write_desc(0, hdr(q), 16, NEXT, 1)
+    for i in range(1, 141):
+        q.write_desc(i, 0x8000, 7 * PIECE - 0x8000 + 0x1000, NEXT | WRITE, i + 1)
+    q.write_desc(141, q.buffer(1), 1, WRITE)
+    q.publish(0, kick=False)
+
+
+PIECE = 64 << 10
+
+
 def readable_after_writable(g, q):
     q.write_desc(0, hdr(q), 16, NEXT, 1)
     q.write_desc(1, q.buffer(512), 512, NEXT | WRITE, 2)
@@ -229,6 +243,8 @@ ATTACKS = [
     Attack("addr-len-overflow", single(2**64 - 256, 512, 0), r"buffer 0xffffffffffffff00\+512 .* outside"),
     Attack("len-4g", single(0x1000, 0xFFFFFFFF, WRITE), r"buffer 0x1000\+4294967295 .* outside"),
     Attack("readable-after-writable", readable_after_writable, r"readable descriptor after a writable one"),
+    Attack("too-many-pieces", too_many_pieces, r"chain at head 0 spans more than 1088 pieces of guest memory",
+           layout=[(i * PIECE, PIECE) for i in range(8)], arena=16 << 10),
     Attack("avail-jump", avail_jump, r"avail index jumped from \d+ to \d+, more than the ring size 256"),
     Attack("avail-backwards", avail_backwards, r"avail index jumped"),
 ]
@@ -254,7 +270,7 @@ def assert_broken_once(vd, g: Guest, q: SplitQueue, mark: int, pattern: str, che
 @pytest.mark.parametrize("attack", ATTACKS, ids=[a.name for a in ATTACKS])
 def test_bad_ring(vd, victim, bystander, attack):
     g = victim(features=attack.features, layout=attack.layout)
-    q = g.queue(0, size=RING, arena=1 << 20)
+    q = g.queue(0, size=RING, arena=attack.arena)
     drv = BlkDriver(q)
     blk_roundtrip(vd, drv, 1, 4096, "victim")  # it works until the attack
     mark = vd.log_mark()

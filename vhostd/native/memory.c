@@ -155,8 +155,10 @@ int vd_mem_map(const struct vd_mem *m, uint64_t gpa, uint64_t len, struct iovec 
     int n = 0;
     while (len) {
         const struct vd_region *r = find_gpa(m, gpa);
-        if (!r || n == max)
+        if (!r)
             return -1;
+        if (n == max)
+            return -2;
         uint64_t off = gpa - r->gpa;
         uint64_t chunk = r->size - off;
         if (chunk > len)

@@ -50,7 +50,8 @@ void *vd_mem_gpa(const struct vd_mem *m, uint64_t gpa, uint64_t len);
 /* Same for a front-end user address (vring addresses are UVAs). */
 void *vd_mem_uva(const struct vd_mem *m, uint64_t uva, uint64_t len);
 /* Split [gpa, gpa+len) into host iovecs (it may cross adjacent regions).
- * Returns the number of iovecs used, or -1 if unmapped / out of iovecs. */
+ * Returns the number of iovecs used, -1 if part of it is unmapped, or -2 if
+ * it needs more than `max` iovecs. */
 int vd_mem_map(const struct vd_mem *m, uint64_t gpa, uint64_t len, struct iovec *iov, int max);
 
 /* ---------------------------------------------------------------- requests */

@@ -152,6 +152,11 @@ static int map_chain(struct vd_queue *q, uint16_t head, struct vd_req *req)
         }
         if (d.len) {
             int n = vd_mem_map(mem, d.addr, d.len, q->iov + niov, VD_MAX_IOV - niov);
+            if (n == -2) {
+                vd_queue_fail(q, "queue %d: descriptor chain at head %u spans more than %d pieces of guest memory",
+                              q->index, head, VD_MAX_IOV);
+                return -1;
+            }
             if (n < 0) {
                 vd_queue_fail(q, "queue %d: buffer %#llx+%u at head %u is outside guest memory",
                               q->index, (unsigned long long)d.addr, d.len, head);
