@@ -10,6 +10,8 @@
 typedef struct vd_engine vd_engine;
 typedef struct vd_device vd_device;
 typedef struct vd_blk vd_blk;
+typedef struct vd_net vd_net;
+typedef struct vd_switch vd_switch;
 struct vd_req;
 
 struct vd_region_desc {
@@ -34,6 +36,8 @@ void vd_device_free(vd_device *d);
 void vd_device_reset(vd_device *d);
 void vd_device_clear_memory(vd_device *d);
 void vd_device_set_features(vd_device *d, uint64_t features);
+/* Queues in mask are device-driven (net rx): a kick calls rx_kick instead of the handler. */
+void vd_device_set_rx_queues(vd_device *d, uint64_t mask, void (*rx_kick)(void *ctx, int queue));
 int vd_device_needs_reset(vd_device *d);
 int vd_device_take_error(vd_device *d, char *buf, size_t len);
 
@@ -70,5 +74,33 @@ vd_blk *vd_blk_new(const struct vd_blk_params *p, int nqueues);
 void vd_blk_free(vd_blk *b);
 uint32_t vd_blk_handle(void *ctx, struct vd_req *req, int queue);
 void vd_blk_get_stats(vd_blk *b, int queue, struct vd_blk_stats *out);
+
+/* virtio-net (net.c) */
+enum { VD_NET_TAP = 0, VD_NET_SWITCH = 1, VD_NET_LOOPBACK = 2 };
+enum { VD_NET_MAX_QP = 16 };
+struct vd_net_params {
+    int backend;
+    int nqp;                   /* queue pairs */
+    int ctrl;                  /* a control queue follows the pairs */
+    int tap_fds[16];           /* backend tap: one non-blocking fd per queue pair */
+    uint8_t mac[6];
+};
+struct vd_net_stats {
+    uint64_t tx_frames, tx_bytes, tx_dropped, tx_bad, rx_frames, rx_bytes, rx_dropped;
+};
+vd_net *vd_net_new(const struct vd_net_params *p);
+int vd_net_start(vd_net *n, vd_device *dev);
+void vd_net_stop(vd_net *n);
+void vd_net_free(vd_net *n);
+void vd_net_set_features(vd_net *n, uint64_t features);
+uint32_t vd_net_hdr_len(vd_net *n);
+uint32_t vd_net_handle(void *ctx, struct vd_req *req, int queue);
+void vd_net_rx_kick(void *ctx, int queue);
+int vd_net_inject(vd_net *n, const void *frame, size_t len);
+void vd_net_get_stats(vd_net *n, int qp, struct vd_net_stats *out);
+vd_switch *vd_switch_new(void);
+void vd_switch_free(vd_switch *sw);
+int vd_switch_attach(vd_switch *sw, vd_net *n);
+void vd_switch_detach(vd_switch *sw, vd_net *n);
 
 #endif

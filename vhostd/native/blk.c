@@ -15,6 +15,7 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
+#include "iov.h"
 #include "vd.h"
 
 #define VIRTIO_BLK_T_IN 0
@@ -62,65 +63,6 @@ void vd_blk_get_stats(vd_blk *b, int queue, struct vd_blk_stats *out)
         *out = b->st[queue];
 }
 
-/* Copy up to len bytes out of an iovec array, starting skip bytes in. */
-static uint64_t iov_read(const struct iovec *iov, int n, uint64_t skip, void *buf, uint64_t len)
-{
-    uint64_t done = 0;
-    for (int i = 0; i < n && done < len; i++) {
-        if (skip >= iov[i].iov_len) {
-            skip -= iov[i].iov_len;
-            continue;
-        }
-        uint64_t chunk = iov[i].iov_len - skip;
-        if (chunk > len - done)
-            chunk = len - done;
-        memcpy((uint8_t *)buf + done, (uint8_t *)iov[i].iov_base + skip, chunk);
-        done += chunk;
-        skip = 0;
-    }
-    return done;
-}
-
-static uint64_t iov_write(struct iovec *iov, int n, const void *buf, uint64_t len)
-{
-    uint64_t done = 0;
-    for (int i = 0; i < n && done < len; i++) {
-        uint64_t chunk = iov[i].iov_len;
-        if (chunk > len - done)
-            chunk = len - done;
-        memcpy(iov[i].iov_base, (const uint8_t *)buf + done, chunk);
-        done += chunk;
-    }
-    return done;
-}
-
-/* Drop `skip` bytes from the front of an iovec array, in place. */
-static int iov_skip_front(struct iovec **iov, int n, uint64_t skip)
-{
-    while (n && skip >= (*iov)->iov_len) {
-        skip -= (*iov)->iov_len;
-        (*iov)++;
-        n--;
-    }
-    if (n && skip) {
-        (*iov)->iov_base = (uint8_t *)(*iov)->iov_base + skip;
-        (*iov)->iov_len -= skip;
-    }
-    return n;
-}
-
-/* Drop `trim` bytes from the end of an iovec array, in place. */
-static int iov_trim_back(struct iovec *iov, int n, uint64_t trim)
-{
-    while (n && trim >= iov[n - 1].iov_len) {
-        trim -= iov[n - 1].iov_len;
-        n--;
-    }
-    if (n && trim)
-        iov[n - 1].iov_len -= trim;
-    return n;
-}
-
 /* Full-length positional I/O over an iovec array (short transfers resumed). */
 static int rw_all(int fd, struct iovec *iov, int n, uint64_t off, uint64_t len, int write)
 {
@@ -136,7 +78,7 @@ static int rw_all(int fd, struct iovec *iov, int n, uint64_t off, uint64_t len, 
             return -EIO; /* image shrank under us */
         off += r;
         len -= r;
-        n = iov_skip_front(&iov, n, r);
+        n = vd_iov_skip_front(&iov, n, r);
     }
     return 0;
 }
@@ -178,7 +120,7 @@ static uint8_t discard_or_zero(vd_blk *b, struct vd_blk_stats *st, struct iovec 
         return VIRTIO_BLK_S_UNSUPP;
     for (uint64_t i = 0; i < len / sizeof(struct seg); i++) {
         struct seg s;
-        iov_read(data, ndata, i * sizeof(s), &s, sizeof(s));
+        vd_iov_read(data, ndata, i * sizeof(s), &s, sizeof(s));
         if (s.flags & ~(uint32_t)VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP || (!zeroes && s.flags))
             return VIRTIO_BLK_S_UNSUPP;
         if (s.num_sectors > max_sectors || !in_range(b, s.sector, s.num_sectors * SECTOR))
@@ -214,7 +156,7 @@ uint32_t vd_blk_handle(void *ctx, struct vd_req *req, int queue)
     struct iovec *out = req->iov, *in = req->iov + req->nout;
     struct iovec *last = &in[req->nin - 1]; /* in_bytes >= 1 means at least one writable iovec */
     uint8_t *status = (uint8_t *)last->iov_base + last->iov_len - 1;
-    int nin = iov_trim_back(in, req->nin, 1);
+    int nin = vd_iov_trim_back(in, req->nin, 1);
     uint64_t in_data = req->in_bytes - 1;
     uint32_t used = 1;
     uint8_t s = VIRTIO_BLK_S_OK;
@@ -224,8 +166,8 @@ uint32_t vd_blk_handle(void *ctx, struct vd_req *req, int queue)
         *status = VIRTIO_BLK_S_IOERR;
         return 1;
     }
-    iov_read(out, req->nout, 0, &hdr, HDR_LEN);
-    int nout = iov_skip_front(&out, req->nout, HDR_LEN);
+    vd_iov_read(out, req->nout, 0, &hdr, HDR_LEN);
+    int nout = vd_iov_skip_front(&out, req->nout, HDR_LEN);
     uint64_t out_data = req->out_bytes - HDR_LEN;
 
     switch (hdr.type) {
@@ -257,7 +199,7 @@ uint32_t vd_blk_handle(void *ctx, struct vd_req *req, int queue)
         char id[ID_LEN];
         memcpy(id, b->p.serial, ID_LEN);
         uint64_t n = in_data < ID_LEN ? in_data : ID_LEN;
-        used += iov_write(in, nin, id, n);
+        used += vd_iov_write(in, nin, 0, id, n);
         st->get_ids++;
         break;
     }

@@ -11,7 +11,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["memory.c", "vring.c", "engine.c", "blk.c"]
+SOURCES = ["memory.c", "iov.c", "vring.c", "engine.c", "blk.c", "net.c"]
 
 
 def _cdef_text() -> str:

@@ -98,8 +98,13 @@ static int service(struct vd_queue *q, int kicked)
         if (read(q->kick_fd, &v, sizeof(v)) == sizeof(v))
             q->st.kicks++;
     }
-    if (q->started && q->enabled && !q->broken)
-        more = process_guarded(q);
+    int rx_kick = 0;
+    if (q->started && q->enabled && !q->broken) {
+        if (q->rx)
+            rx_kick = 1;
+        else
+            more = process_guarded(q);
+    }
     if (more && q->kick_fd >= 0) {
         /* Out of budget with requests waiting: re-kick ourselves.  epoll then
          * reports this queue after the others that are already ready.  (A
@@ -109,20 +114,28 @@ static int service(struct vd_queue *q, int kicked)
         }
     }
     pthread_mutex_unlock(&q->lock);
+    if (rx_kick && q->dev->rx_kick)
+        q->dev->rx_kick(q->dev->ctx, q->index); /* without q->lock: it may take it itself */
     return more;
+}
+
+/* Signals are Python's business (its handlers run on the main thread);
+ * native threads keep only the synchronous faults. */
+void vd_block_signals(void)
+{
+    sigset_t all;
+    sigfillset(&all);
+    sigdelset(&all, SIGBUS);
+    sigdelset(&all, SIGSEGV);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
 }
 
 static void *worker_main(void *arg)
 {
     struct vd_worker *w = arg;
     struct epoll_event ev[64];
-    sigset_t all;
 
-    /* Signals are Python's business (its handlers run on the main thread). */
-    sigfillset(&all);
-    sigdelset(&all, SIGBUS);
-    sigdelset(&all, SIGSEGV);
-    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    vd_block_signals();
 
     int busy = 0; /* a polled queue has requests left over from the last round */
     for (;;) {
@@ -483,10 +496,22 @@ void vd_device_set_features(vd_device *d, uint64_t features)
 }
 
 /* Memory changes pause every queue: lock all, change, re-translate, unlock. */
+/* Lock order: request queues before device-driven (rx) queues, because a
+ * worker serving a request queue may deliver into an rx queue (net switch,
+ * loopback) while holding its own lock. */
 static void lock_all(vd_device *d)
 {
+    for (int rx = 0; rx < 2; rx++)
+        for (int i = 0; i < d->nqueues; i++)
+            if (d->q[i].rx == rx)
+                pthread_mutex_lock(&d->q[i].lock);
+}
+
+void vd_device_set_rx_queues(vd_device *d, uint64_t mask, void (*rx_kick)(void *ctx, int queue))
+{
     for (int i = 0; i < d->nqueues; i++)
-        pthread_mutex_lock(&d->q[i].lock);
+        d->q[i].rx = !!(mask & (1ull << i));
+    d->rx_kick = rx_kick;
 }
 
 static void unlock_all_retranslate(vd_device *d)

@@ -101,6 +101,7 @@ struct vd_queue {
     int kick_fd, call_fd, err_fd;
     int started;            /* kick fd (or polling) set and rings translated */
     int polled;             /* started without a kick fd: the worker polls it */
+    int rx;                 /* device-driven (net rx): kicks call dev->rx_kick, not handle */
     int enabled;
     int event_idx, indirect;
     uint32_t chain_limit;
@@ -124,6 +125,7 @@ struct vd_device {
     uint64_t features;
     struct vd_mem mem;
     vd_handle_fn handle;
+    void (*rx_kick)(void *ctx, int queue); /* device-driven queues: the driver added buffers */
     void *ctx;
     int event_fd;           /* written when a queue breaks; the control plane reads errors */
     int needs_reset;
@@ -134,6 +136,18 @@ struct vd_device {
  * when it stopped after VD_BUDGET requests with more waiting (the caller must
  * come back: notifications are left disabled), else 0. */
 int vd_queue_process(struct vd_queue *q);
+
+/* Device-driven use (net rx), q->lock held: pop returns 1 with req mapped
+ * into iov, 0 when the ring is empty, -1 when the queue broke. */
+int vd_queue_ready(struct vd_queue *q);
+int vd_queue_pop(struct vd_queue *q, struct vd_req *req, struct iovec *iov, int maxiov);
+void vd_queue_unpop(struct vd_queue *q, int n);
+int vd_queue_has_avail(struct vd_queue *q);
+
+void vd_block_signals(void); /* engine.c: for every native thread */
+void vd_queue_push(struct vd_queue *q, uint16_t head, uint32_t len);
+void vd_queue_flush(struct vd_queue *q);
+int vd_queue_want_kick(struct vd_queue *q);
 void vd_queue_fail(struct vd_queue *q, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 int vd_queue_translate(struct vd_queue *q, char *err, size_t errlen);
 

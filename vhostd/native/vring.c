@@ -89,7 +89,7 @@ static inline void read_desc(const uint8_t *table, uint32_t i, struct vring_desc
 /* Walk the chain starting at `head` into q->iov.  Returns 0, or -1 after
  * marking the queue broken (a structural error the driver cannot recover
  * from without a reset). */
-static int map_chain(struct vd_queue *q, uint16_t head, struct vd_req *req)
+static int map_chain(struct vd_queue *q, uint16_t head, struct vd_req *req, struct iovec *iov, int maxiov)
 {
     const struct vd_mem *mem = &q->dev->mem;
     const uint8_t *table = q->desc;
@@ -101,7 +101,7 @@ static int map_chain(struct vd_queue *q, uint16_t head, struct vd_req *req)
     req->head = head;
     req->nout = req->nin = 0;
     req->out_bytes = req->in_bytes = 0;
-    req->iov = q->iov;
+    req->iov = iov;
     if (head >= q->num) {
         vd_queue_fail(q, "queue %d: avail ring names descriptor %u, ring size is %u", q->index, head, q->num);
         return -1;
@@ -151,7 +151,7 @@ static int map_chain(struct vd_queue *q, uint16_t head, struct vd_req *req)
             return -1;
         }
         if (d.len) {
-            int n = vd_mem_map(mem, d.addr, d.len, q->iov + niov, VD_MAX_IOV - niov);
+            int n = vd_mem_map(mem, d.addr, d.len, iov + niov, maxiov - niov);
             if (n == -2) {
                 vd_queue_fail(q, "queue %d: descriptor chain at head %u spans more than %d pieces of guest memory",
                               q->index, head, VD_MAX_IOV);
@@ -224,18 +224,92 @@ static void notify_enable(struct vd_queue *q, int on)
     }
 }
 
-int vd_queue_process(struct vd_queue *q)
+static void put_used(struct vd_queue *q, uint16_t head, uint32_t len)
 {
-    struct vd_req req;
-    unsigned since_publish = 0, budget = VD_BUDGET;
-    int more = 0;
+    uint8_t *elem = q->used + USED_RING + 8 * (q->used_idx % q->num);
+    uint32_t id = head;
+    memcpy(elem, &id, 4);
+    memcpy(elem + 4, &len, 4);
+    q->used_idx++;
+}
 
+static void read_fresh_used(struct vd_queue *q)
+{
     if (q->fresh) {
         /* The used ring is the truth about completed requests (also after a
          * reconnect); read it here, under the worker's SIGBUS guard. */
         q->used_idx = rd16(q->used + USED_IDX);
         q->fresh = 0;
     }
+}
+
+/* ---- device-driven use of a queue (net rx): the device takes buffers when
+ * it has data.  Caller holds q->lock and has checked vd_queue_ready(). */
+
+int vd_queue_ready(struct vd_queue *q)
+{
+    return q->started && q->enabled && !q->broken;
+}
+
+int vd_queue_pop(struct vd_queue *q, struct vd_req *req, struct iovec *iov, int maxiov)
+{
+    read_fresh_used(q);
+    uint16_t avail = avail_idx(q);
+    uint16_t pending = (uint16_t)(avail - q->last_avail);
+    if (pending > q->num) {
+        vd_queue_fail(q, "queue %d: avail index jumped from %u to %u, more than the ring size %u",
+                      q->index, q->last_avail, avail, q->num);
+        return -1;
+    }
+    if (!pending)
+        return 0;
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    uint16_t head = rd16(q->avail + AVAIL_RING + 2 * (q->last_avail % q->num));
+    if (map_chain(q, head, req, iov, maxiov) < 0)
+        return -1;
+    q->last_avail++;
+    return 1;
+}
+
+int vd_queue_has_avail(struct vd_queue *q)
+{
+    read_fresh_used(q);
+    return avail_idx(q) != q->last_avail;
+}
+
+void vd_queue_unpop(struct vd_queue *q, int n)
+{
+    q->last_avail -= n;
+}
+
+void vd_queue_push(struct vd_queue *q, uint16_t head, uint32_t len)
+{
+    put_used(q, head, len);
+    q->st.requests++;
+    q->st.in_bytes += len;
+}
+
+void vd_queue_flush(struct vd_queue *q)
+{
+    publish_used(q);
+}
+
+/* Ask for a kick when the driver adds buffers; returns 1 if some arrived
+ * meanwhile (then keep going instead of waiting). */
+int vd_queue_want_kick(struct vd_queue *q)
+{
+    notify_enable(q, 1);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return avail_idx(q) != q->last_avail;
+}
+
+int vd_queue_process(struct vd_queue *q)
+{
+    struct vd_req req;
+    unsigned since_publish = 0, budget = VD_BUDGET;
+    int more = 0;
+
+    read_fresh_used(q);
     for (;;) {
         notify_enable(q, 0);
         for (;;) {
@@ -257,15 +331,11 @@ int vd_queue_process(struct vd_queue *q)
             __atomic_thread_fence(__ATOMIC_ACQUIRE); /* idx before ring entries */
             for (; pending && budget; pending--, budget--) {
                 uint16_t head = rd16(q->avail + AVAIL_RING + 2 * (q->last_avail % q->num));
-                if (map_chain(q, head, &req) < 0)
+                if (map_chain(q, head, &req, q->iov, VD_MAX_IOV) < 0)
                     goto out;
                 uint32_t len = q->dev->handle(q->dev->ctx, &req, q->index);
-                uint8_t *elem = q->used + USED_RING + 8 * (q->used_idx % q->num);
-                uint32_t id = head;
-                memcpy(elem, &id, 4);
-                memcpy(elem + 4, &len, 4);
-                q->used_idx++;
                 q->last_avail++;
+                put_used(q, head, len);
                 q->st.requests++;
                 q->st.out_bytes += req.out_bytes;
                 q->st.in_bytes += len;

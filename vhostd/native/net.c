@@ -1,0 +1,624 @@
+/* virtio-net device logic (virtio 1.2 section 5.1) and its back-ends.
+ *
+ * Queues: rx0, tx0, rx1, tx1, ..., then the control queue.  TX chains arrive
+ * as requests (vd_net_handle); RX buffers are taken by the device when it has
+ * a frame (deliver()).  Back-ends:
+ *   tap       TX: writev of header + frame straight from guest memory; RX: one
+ *             thread per queue pair reads the TAP fd and fills guest buffers.
+ *   loopback  every TX frame is delivered to the same port's RX queue.
+ *   switch    a learning L2 switch between ports of this daemon.
+ * The virtio-net header travels with each frame (TAP understands it with
+ * IFF_VNET_HDR), so checksum and GSO offloads pass through end to end.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "iov.h"
+#include "vd.h"
+
+#define F_GUEST_CSUM 1
+#define F_GUEST_TSO4 7
+#define F_GUEST_TSO6 8
+#define F_GUEST_ECN 9
+#define F_GUEST_UFO 10
+#define F_MRG_RXBUF 15
+#define F_VERSION_1 32
+
+#define HDR_F_NEEDS_CSUM 1
+#define GSO_NONE 0
+#define GSO_TCPV4 1
+#define GSO_UDP 3
+#define GSO_TCPV6 4
+#define GSO_ECN 0x80
+
+#define CTRL_RX 0
+#define CTRL_MAC 1
+#define CTRL_ANNOUNCE 3
+#define CTRL_MQ 4
+#define NET_OK 0
+#define NET_ERR 1
+
+#define ETH_HLEN 14
+#define MAX_FRAME (65535 + ETH_HLEN) /* largest frame after the virtio-net header */
+#define MAX_HDR 12
+#define MAX_RX_BUFS 64              /* mergeable buffers one frame may take */
+#define RX_IOV 256
+#define TAP_BATCH 64
+
+struct net_hdr {
+    uint8_t flags, gso_type;
+    uint16_t hdr_len, gso_size, csum_start, csum_offset, num_buffers;
+} __attribute__((packed));
+
+struct tap_port {
+    struct vd_net *net;
+    int qp;
+    int fd;
+    int wake_fd;
+    int stop;
+    pthread_t thread;
+    int running;
+    uint8_t *buf;
+};
+
+struct vd_net {
+    struct vd_net_params p;
+    vd_device *dev;
+    uint32_t hdr_len;
+    uint64_t features;
+    int ctrl_queue;
+    int active_pairs;
+    uint8_t rx_mode[6]; /* promisc, allmulti, alluni, nomulti, nouni, nobcast (recorded) */
+    struct vd_switch *sw;
+    int sw_port;
+    struct tap_port tap[VD_NET_MAX_QP];
+    struct vd_net_stats st[VD_NET_MAX_QP];
+};
+
+/* ---------------------------------------------------------------- switch */
+
+#define SW_MAX_PORTS 1024
+#define FDB_SIZE 4096
+#define FDB_PROBE 16
+#define AGEING_NS (300ull * 1000000000ull)
+
+struct fdb_entry {
+    uint8_t mac[6];
+    uint8_t used;
+    int port;
+    uint64_t seen;
+};
+
+struct vd_switch {
+    pthread_rwlock_t ports_lock;
+    struct vd_net *ports[SW_MAX_PORTS];
+    pthread_mutex_t fdb_lock;
+    struct fdb_entry fdb[FDB_SIZE];
+};
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+static unsigned mac_hash(const uint8_t *m)
+{
+    uint32_t h = 2166136261u;
+    for (int i = 0; i < 6; i++)
+        h = (h ^ m[i]) * 16777619u;
+    return h % FDB_SIZE;
+}
+
+vd_switch *vd_switch_new(void)
+{
+    vd_switch *sw = calloc(1, sizeof(*sw));
+    if (!sw)
+        return NULL;
+    pthread_rwlock_init(&sw->ports_lock, NULL);
+    pthread_mutex_init(&sw->fdb_lock, NULL);
+    return sw;
+}
+
+void vd_switch_free(vd_switch *sw)
+{
+    pthread_rwlock_destroy(&sw->ports_lock);
+    pthread_mutex_destroy(&sw->fdb_lock);
+    free(sw);
+}
+
+static void fdb_learn(vd_switch *sw, const uint8_t *mac, int port)
+{
+    unsigned h = mac_hash(mac);
+    uint64_t t = now_ns();
+    pthread_mutex_lock(&sw->fdb_lock);
+    struct fdb_entry *victim = NULL;
+    for (int i = 0; i < FDB_PROBE; i++) {
+        struct fdb_entry *e = &sw->fdb[(h + i) % FDB_SIZE];
+        if (e->used && !memcmp(e->mac, mac, 6)) {
+            e->port = port;
+            e->seen = t;
+            pthread_mutex_unlock(&sw->fdb_lock);
+            return;
+        }
+        if (!victim && (!e->used || t - e->seen > AGEING_NS))
+            victim = e;
+    }
+    if (!victim) /* table region full: replace the oldest */
+        for (int i = 0; i < FDB_PROBE; i++) {
+            struct fdb_entry *e = &sw->fdb[(h + i) % FDB_SIZE];
+            if (!victim || e->seen < victim->seen)
+                victim = e;
+        }
+    memcpy(victim->mac, mac, 6);
+    victim->used = 1;
+    victim->port = port;
+    victim->seen = t;
+    pthread_mutex_unlock(&sw->fdb_lock);
+}
+
+static int fdb_lookup(vd_switch *sw, const uint8_t *mac)
+{
+    unsigned h = mac_hash(mac);
+    uint64_t t = now_ns();
+    int port = -1;
+    pthread_mutex_lock(&sw->fdb_lock);
+    for (int i = 0; i < FDB_PROBE; i++) {
+        struct fdb_entry *e = &sw->fdb[(h + i) % FDB_SIZE];
+        if (e->used && !memcmp(e->mac, mac, 6)) {
+            if (t - e->seen <= AGEING_NS)
+                port = e->port;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&sw->fdb_lock);
+    return port;
+}
+
+int vd_switch_attach(vd_switch *sw, vd_net *net)
+{
+    pthread_rwlock_wrlock(&sw->ports_lock);
+    int port = -1;
+    for (int i = 0; i < SW_MAX_PORTS && port < 0; i++)
+        if (!sw->ports[i])
+            port = i;
+    if (port >= 0) {
+        sw->ports[port] = net;
+        net->sw = sw;
+        net->sw_port = port;
+    }
+    pthread_rwlock_unlock(&sw->ports_lock);
+    return port;
+}
+
+void vd_switch_detach(vd_switch *sw, vd_net *net)
+{
+    pthread_rwlock_wrlock(&sw->ports_lock);
+    if (net->sw == sw && sw->ports[net->sw_port] == net)
+        sw->ports[net->sw_port] = NULL;
+    pthread_mutex_lock(&sw->fdb_lock);
+    for (int i = 0; i < FDB_SIZE; i++)
+        if (sw->fdb[i].used && sw->fdb[i].port == net->sw_port)
+            sw->fdb[i].used = 0;
+    pthread_mutex_unlock(&sw->fdb_lock);
+    net->sw = NULL;
+    pthread_rwlock_unlock(&sw->ports_lock);
+}
+
+/* ---------------------------------------------------------------- rx delivery */
+
+/* A frame to deliver: its virtio-net header, then its bytes from an iovec list. */
+struct frame {
+    struct net_hdr hdr;
+    const struct iovec *iov;
+    int niov;
+    uint64_t len; /* bytes after the header */
+};
+
+static int has(const vd_net *n, int bit)
+{
+    return !!(n->features & (1ull << bit));
+}
+
+/* Can this receiver take the frame as it is (offloads it negotiated)? */
+static int acceptable(const vd_net *n, const struct net_hdr *h)
+{
+    uint8_t gso = h->gso_type & ~GSO_ECN;
+    if ((h->flags & HDR_F_NEEDS_CSUM) && !has(n, F_GUEST_CSUM))
+        return 0;
+    if (gso == GSO_TCPV4 && !has(n, F_GUEST_TSO4))
+        return 0;
+    if (gso == GSO_TCPV6 && !has(n, F_GUEST_TSO6))
+        return 0;
+    if (gso == GSO_UDP && !has(n, F_GUEST_UFO))
+        return 0;
+    if ((h->gso_type & GSO_ECN) && !has(n, F_GUEST_ECN))
+        return 0;
+    return 1;
+}
+
+/* Fill rx buffers of queue pair qp with one frame.  Takes the rx queue lock
+ * unless `locked`.  Returns 0 if delivered, -1 if dropped. */
+static int deliver(vd_net *n, int qp, const struct frame *f, int locked)
+{
+    struct vd_net_stats *st = &n->st[qp];
+    if (!n->dev || !acceptable(n, &f->hdr)) {
+        __atomic_add_fetch(&st->rx_dropped, 1, __ATOMIC_RELAXED);
+        return -1;
+    }
+    struct vd_queue *q = &n->dev->q[2 * qp];
+    if (!locked)
+        pthread_mutex_lock(&q->lock);
+    int rc = -1, nbufs = 0;
+    uint16_t heads[MAX_RX_BUFS];
+    uint32_t lens[MAX_RX_BUFS];
+    uint8_t *nb_lo = NULL, *nb_hi = NULL; /* where num_buffers lands in the first buffer */
+    struct iovec iov[RX_IOV];
+    struct vd_req req;
+    uint64_t total = n->hdr_len + f->len, done = 0;
+    int mrg = has(n, F_MRG_RXBUF);
+    struct net_hdr h = f->hdr;
+    h.num_buffers = 0;
+
+    if (!vd_queue_ready(q))
+        goto out;
+    while (done < total) {
+        if (nbufs == MAX_RX_BUFS || (nbufs && !mrg))
+            goto undo; /* frame does not fit the buffers the driver posts */
+        int r = vd_queue_pop(q, &req, iov, RX_IOV);
+        if (r <= 0)
+            goto undo; /* no buffer (drop) or the queue broke */
+        struct iovec *in = req.iov + req.nout;
+        uint32_t put = 0;
+        if (done < n->hdr_len) {
+            put = vd_iov_write(in, req.nin, 0, (uint8_t *)&h + done, n->hdr_len - done);
+            if (done == 0 && n->hdr_len == MAX_HDR) {
+                nb_lo = vd_iov_byte(in, req.nin, 10);
+                nb_hi = vd_iov_byte(in, req.nin, 11);
+            }
+        }
+        /* then frame bytes from the source iovecs, straight into guest memory */
+        uint64_t src_off = done + put - n->hdr_len;
+        uint64_t room = req.in_bytes - put;
+        uint64_t skip_dst = put;
+        while (room && src_off < f->len) {
+            uint8_t tmp[2048];
+            uint64_t chunk = f->len - src_off;
+            if (chunk > room)
+                chunk = room;
+            if (chunk > sizeof(tmp))
+                chunk = sizeof(tmp);
+            vd_iov_read(f->iov, f->niov, src_off, tmp, chunk);
+            vd_iov_write(in, req.nin, skip_dst, tmp, chunk);
+            src_off += chunk;
+            skip_dst += chunk;
+            room -= chunk;
+            put += chunk;
+        }
+        heads[nbufs] = req.head;
+        lens[nbufs] = put;
+        nbufs++;
+        done += put;
+        if (put == 0 && done < total)
+            goto undo; /* a buffer with no room would loop forever */
+    }
+    if (nb_lo && nb_hi) {
+        *nb_lo = nbufs & 0xff;
+        *nb_hi = nbufs >> 8;
+    }
+    for (int i = 0; i < nbufs; i++)
+        vd_queue_push(q, heads[i], lens[i]);
+    vd_queue_flush(q);
+    __atomic_add_fetch(&st->rx_frames, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&st->rx_bytes, f->len, __ATOMIC_RELAXED);
+    rc = 0;
+    goto out;
+undo:
+    vd_queue_unpop(q, nbufs);
+    __atomic_add_fetch(&st->rx_dropped, 1, __ATOMIC_RELAXED);
+out:
+    if (!locked)
+        pthread_mutex_unlock(&q->lock);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- tap rx */
+
+static void *tap_rx_main(void *arg)
+{
+    struct tap_port *t = arg;
+    vd_net *n = t->net;
+    struct vd_queue *q = &n->dev->q[2 * t->qp];
+    int can_read = 1;
+    vd_block_signals();
+
+    for (;;) {
+        struct pollfd pfd[2] = {{.fd = t->wake_fd, .events = POLLIN}, {.fd = t->fd, .events = POLLIN}};
+        if (poll(pfd, can_read ? 2 : 1, -1) < 0 && errno != EINTR)
+            break;
+        if (pfd[0].revents & POLLIN) {
+            uint64_t v;
+            if (read(t->wake_fd, &v, sizeof(v)) < 0) {
+            }
+            can_read = 1; /* the driver added buffers, or we are asked to stop */
+        }
+        if (__atomic_load_n(&t->stop, __ATOMIC_ACQUIRE))
+            break;
+        if (!can_read || !(pfd[1].revents & POLLIN))
+            continue;
+        pthread_mutex_lock(&q->lock);
+        for (int i = 0; i < TAP_BATCH; i++) {
+            if (!vd_queue_ready(q)) {
+                can_read = 0;
+                break;
+            }
+            /* Only read a frame when a buffer is there: the TAP queues for us meanwhile. */
+            if (!vd_queue_has_avail(q) && !vd_queue_want_kick(q)) {
+                can_read = 0;
+                break;
+            }
+            ssize_t r = read(t->fd, t->buf, n->hdr_len + MAX_FRAME);
+            if (r < 0)
+                break; /* EAGAIN: drained */
+            if ((size_t)r < n->hdr_len + ETH_HLEN) {
+                __atomic_add_fetch(&n->st[t->qp].rx_dropped, 1, __ATOMIC_RELAXED);
+                continue;
+            }
+            struct iovec body = {t->buf + n->hdr_len, r - n->hdr_len};
+            struct frame f = {.iov = &body, .niov = 1, .len = r - n->hdr_len};
+            memcpy(&f.hdr, t->buf, n->hdr_len < sizeof(f.hdr) ? n->hdr_len : sizeof(f.hdr));
+            deliver(n, t->qp, &f, 1);
+        }
+        pthread_mutex_unlock(&q->lock);
+    }
+    return NULL;
+}
+
+void vd_net_rx_kick(void *ctx, int queue)
+{
+    vd_net *n = ctx;
+    int qp = queue / 2;
+    if (n->p.backend == VD_NET_TAP && qp < n->p.nqp && n->tap[qp].running) {
+        uint64_t one = 1;
+        if (write(n->tap[qp].wake_fd, &one, sizeof(one)) < 0) {
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- tx */
+
+static void switch_forward(vd_net *src, int qp, const struct frame *f)
+{
+    vd_switch *sw = src->sw;
+    uint8_t eth[12];
+    vd_iov_read(f->iov, f->niov, 0, eth, 12);
+    const uint8_t *dst = eth, *from = eth + 6;
+    if (!(from[0] & 1))
+        fdb_learn(sw, from, src->sw_port);
+    pthread_rwlock_rdlock(&sw->ports_lock);
+    int port = (dst[0] & 1) ? -1 : fdb_lookup(sw, dst);
+    if (port >= 0) {
+        vd_net *to = sw->ports[port];
+        if (to && port != src->sw_port) /* never back out of its source port */
+            deliver(to, qp % (to->active_pairs ? to->active_pairs : 1), f, 0);
+    } else {
+        for (int i = 0; i < SW_MAX_PORTS; i++) {
+            vd_net *to = sw->ports[i];
+            if (to && i != src->sw_port)
+                deliver(to, qp % (to->active_pairs ? to->active_pairs : 1), f, 0);
+        }
+    }
+    pthread_rwlock_unlock(&sw->ports_lock);
+}
+
+static uint32_t ctrl_handle(vd_net *n, struct vd_req *req)
+{
+    uint8_t ack = NET_ERR;
+    uint8_t hdr[2];
+    struct iovec *in = req->iov + req->nout;
+    if (req->in_bytes < 1)
+        return 0;
+    if (req->out_bytes < 2)
+        goto done;
+    vd_iov_read(req->iov, req->nout, 0, hdr, 2);
+    uint64_t len = req->out_bytes - 2;
+    switch (hdr[0]) {
+    case CTRL_RX:
+        if (hdr[1] <= 5 && len == 1) {
+            vd_iov_read(req->iov, req->nout, 2, &n->rx_mode[hdr[1]], 1);
+            ack = NET_OK;
+        }
+        break;
+    case CTRL_MAC:
+        if (hdr[1] == 1 && len == 6) { /* ADDR_SET */
+            vd_iov_read(req->iov, req->nout, 2, n->p.mac, 6);
+            ack = NET_OK;
+        } else if (hdr[1] == 0) { /* TABLE_SET: two tables, u32 count then entries; checked, recorded as accepted */
+            uint32_t c1 = 0, c2 = 0;
+            if (len >= 8 && vd_iov_read(req->iov, req->nout, 2, &c1, 4) == 4 && c1 <= 4096 &&
+                len >= 8 + 6ull * c1 && vd_iov_read(req->iov, req->nout, 6 + 6ull * c1, &c2, 4) == 4 &&
+                c2 <= 4096 && len == 8 + 6ull * (c1 + c2))
+                ack = NET_OK;
+        }
+        break;
+    case CTRL_ANNOUNCE:
+        if (hdr[1] == 0 && len == 0)
+            ack = NET_OK;
+        break;
+    case CTRL_MQ:
+        if (hdr[1] == 0 && len == 2) {
+            uint16_t pairs;
+            vd_iov_read(req->iov, req->nout, 2, &pairs, 2);
+            if (pairs >= 1 && pairs <= n->p.nqp) {
+                n->active_pairs = pairs;
+                ack = NET_OK;
+            }
+        }
+        break;
+    }
+done:
+    vd_iov_write(in, req->nin, req->in_bytes - 1, &ack, 1);
+    return 1;
+}
+
+uint32_t vd_net_handle(void *ctx, struct vd_req *req, int queue)
+{
+    vd_net *n = ctx;
+    if (queue == n->ctrl_queue)
+        return ctrl_handle(n, req);
+    int qp = queue / 2;
+    struct vd_net_stats *st = &n->st[qp];
+    if (!(queue & 1) || qp >= n->p.nqp) /* rx queues are device-driven */
+        return 0;
+    if (req->out_bytes < n->hdr_len + ETH_HLEN || req->out_bytes > n->hdr_len + MAX_FRAME) {
+        __atomic_add_fetch(&st->tx_bad, 1, __ATOMIC_RELAXED);
+        return 0;
+    }
+    uint64_t len = req->out_bytes - n->hdr_len;
+    switch (n->p.backend) {
+    case VD_NET_TAP: {
+        int cnt = req->nout < IOV_MAX ? req->nout : IOV_MAX;
+        ssize_t w = writev(n->tap[qp].fd, req->iov, cnt);
+        if (w != (ssize_t)req->out_bytes) {
+            __atomic_add_fetch(&st->tx_dropped, 1, __ATOMIC_RELAXED);
+            return 0;
+        }
+        break;
+    }
+    case VD_NET_LOOPBACK:
+    case VD_NET_SWITCH: {
+        struct frame f = {.len = len};
+        vd_iov_read(req->iov, req->nout, 0, &f.hdr, n->hdr_len < sizeof(f.hdr) ? n->hdr_len : sizeof(f.hdr));
+        struct iovec *body = req->iov;
+        f.niov = vd_iov_skip_front(&body, req->nout, n->hdr_len);
+        f.iov = body;
+        if (n->p.backend == VD_NET_LOOPBACK)
+            deliver(n, qp, &f, 0);
+        else if (n->sw)
+            switch_forward(n, qp, &f);
+        break;
+    }
+    }
+    __atomic_add_fetch(&st->tx_frames, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&st->tx_bytes, len, __ATOMIC_RELAXED);
+    return 0;
+}
+
+/* A frame made by the daemon itself (e.g. the RARP announcement after
+ * migration): out through the back-end, as if the guest had sent it. */
+int vd_net_inject(vd_net *n, const void *frame, size_t len)
+{
+    if (len < ETH_HLEN || len > MAX_FRAME)
+        return -EINVAL;
+    struct iovec body = {(void *)frame, len};
+    struct frame f = {.iov = &body, .niov = 1, .len = len};
+    switch (n->p.backend) {
+    case VD_NET_TAP: {
+        uint8_t hdr[MAX_HDR] = {0};
+        struct iovec iov[2] = {{hdr, n->hdr_len}, body};
+        return writev(n->tap[0].fd, iov, 2) < 0 ? -errno : 0;
+    }
+    case VD_NET_LOOPBACK:
+        return deliver(n, 0, &f, 0);
+    case VD_NET_SWITCH:
+        if (n->sw)
+            switch_forward(n, 0, &f);
+        return 0;
+    }
+    return -EINVAL;
+}
+
+/* ---------------------------------------------------------------- lifecycle */
+
+vd_net *vd_net_new(const struct vd_net_params *p)
+{
+    if (p->nqp < 1 || p->nqp > VD_NET_MAX_QP)
+        return NULL;
+    vd_net *n = calloc(1, sizeof(*n));
+    if (!n)
+        return NULL;
+    n->p = *p;
+    n->hdr_len = MAX_HDR;
+    n->active_pairs = 1;
+    n->ctrl_queue = p->ctrl ? 2 * p->nqp : -1;
+    for (int i = 0; i < VD_NET_MAX_QP; i++) {
+        n->tap[i].fd = -1;
+        n->tap[i].wake_fd = -1;
+    }
+    return n;
+}
+
+void vd_net_set_features(vd_net *n, uint64_t features)
+{
+    n->features = features;
+    n->hdr_len = (features & ((1ull << F_VERSION_1) | (1ull << F_MRG_RXBUF))) ? 12 : 10;
+}
+
+uint32_t vd_net_hdr_len(vd_net *n)
+{
+    return n->hdr_len;
+}
+
+int vd_net_start(vd_net *n, vd_device *dev)
+{
+    n->dev = dev;
+    if (n->p.backend != VD_NET_TAP)
+        return 0;
+    for (int i = 0; i < n->p.nqp; i++) {
+        struct tap_port *t = &n->tap[i];
+        t->net = n;
+        t->qp = i;
+        t->fd = n->p.tap_fds[i];
+        t->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        t->buf = malloc(MAX_HDR + MAX_FRAME);
+        if (t->wake_fd < 0 || !t->buf)
+            return -ENOMEM;
+        if (pthread_create(&t->thread, NULL, tap_rx_main, t) != 0)
+            return -EAGAIN;
+        t->running = 1;
+        pthread_setname_np(t->thread, "vhostd-tap");
+    }
+    return 0;
+}
+
+void vd_net_stop(vd_net *n)
+{
+    if (n->sw)
+        vd_switch_detach(n->sw, n);
+    for (int i = 0; i < VD_NET_MAX_QP; i++) {
+        struct tap_port *t = &n->tap[i];
+        if (t->running) {
+            uint64_t one = 1;
+            __atomic_store_n(&t->stop, 1, __ATOMIC_RELEASE);
+            if (write(t->wake_fd, &one, sizeof(one)) < 0) {
+            }
+            pthread_join(t->thread, NULL);
+            t->running = 0;
+        }
+        if (t->wake_fd >= 0)
+            close(t->wake_fd);
+        t->wake_fd = -1;
+        free(t->buf);
+        t->buf = NULL;
+    }
+}
+
+void vd_net_free(vd_net *n)
+{
+    vd_net_stop(n);
+    free(n);
+}
+
+void vd_net_get_stats(vd_net *n, int qp, struct vd_net_stats *out)
+{
+    if (qp >= 0 && qp < VD_NET_MAX_QP)
+        *out = n->st[qp];
+}
