@@ -327,7 +327,7 @@ class Recorder:
 
     FEATURES = (1 << 32) | (1 << 28) | (1 << 9)
     PROTOCOL = (1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.CONFIG) | (1 << PF.STATUS) | (1 << PF.RESET_DEVICE) | (
-        1 << PF.CONFIGURE_MEM_SLOTS)
+        1 << PF.CONFIGURE_MEM_SLOTS) | (1 << PF.MTU) | (1 << PF.RARP)
 
     def __init__(self, queues: int = 2) -> None:
         self.queues = queues
@@ -350,6 +350,12 @@ class Recorder:
 
     def protocol_features(self):
         return self.PROTOCOL
+
+    def set_mtu(self, mtu):
+        self.calls.append(("set_mtu", mtu))
+
+    def send_rarp(self, mac):
+        self.calls.append(("send_rarp", mac))
 
     def num_queues(self):
         return self.queues
@@ -501,7 +507,7 @@ def test_unknown_request_code(rec, code):
     assert rec.calls == []
 
 
-@pytest.mark.parametrize("req", [R.SET_LOG_BASE, R.SET_LOG_FD, R.SEND_RARP, R.IOTLB_MSG, R.GET_INFLIGHT_FD,
+@pytest.mark.parametrize("req", [R.SET_LOG_BASE, R.SET_LOG_FD, R.IOTLB_MSG, R.GET_INFLIGHT_FD,
                                      R.SET_BACKEND_REQ_FD, R.POSTCOPY_ADVISE, R.VRING_KICK])
 def test_known_but_unsupported_requests_are_refused(rec, req):
     request = req
@@ -517,6 +523,8 @@ def test_known_but_unsupported_requests_are_refused(rec, req):
     "req, payload, feature",
     [
         (R.GET_QUEUE_NUM, b"", PF.MQ),
+        (R.SEND_RARP, bytes(8), PF.RARP),
+        (R.NET_SET_MTU, (1500).to_bytes(8, "little"), PF.MTU),
         (R.GET_CONFIG, ConfigAccess(0, 8, 0, bytes(8)).pack(), PF.CONFIG),
         (R.SET_CONFIG, ConfigAccess(0, 8, 0, bytes(8)).pack(), PF.CONFIG),
         (R.GET_MAX_MEM_SLOTS, b"", PF.CONFIGURE_MEM_SLOTS),

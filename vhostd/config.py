@@ -29,6 +29,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 __all__ = [
     "BlkDeviceConfig",
+    "NetDeviceConfig",
     "Config",
     "ConfigError",
     "DaemonConfig",
@@ -117,8 +118,29 @@ class BlkDeviceConfig:
     line: int = field(default=0, compare=False)  # where the device starts in the YAML (0 = unknown)
 
 
-#: Every device config class.  Becomes ``BlkDeviceConfig | NetDeviceConfig``.
-DeviceConfig: TypeAlias = BlkDeviceConfig
+NET_BACKENDS = ("tap", "switch", "loopback")
+MAX_QUEUE_PAIRS = 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class NetDeviceConfig:
+    name: str
+    type: Literal["net"] = "net"
+    socket: str
+    backend: str  # one of NET_BACKENDS
+    tap: str | None = None  # TAP interface name (backend tap)
+    switch: str | None = None  # switch name (backend switch); ports naming the same switch are connected
+    mac: str | None = None  # guest MAC; load_config fills in one derived from the name
+    mtu: int = 1500
+    queues: int = 1  # queue pairs
+    queue_size: int = 256
+    offloads: bool = True  # offer checksum/TSO/UFO offloads to the guest
+    socket_mode: int | None = None
+    line: int = field(default=0, compare=False)
+
+
+#: Every device config class.
+DeviceConfig: TypeAlias = BlkDeviceConfig | NetDeviceConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -393,6 +415,48 @@ _BLK_KEYS: dict[str, Key] = {
     "write_zeroes": Key(_bool, True),
     "direct": Key(_bool, False),
 }
+
+
+_IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
+
+
+def _ifname(node: Node, ctx: "_Context") -> str:
+    value = _string(node, "an interface name")
+    if not _IFNAME_RE.fullmatch(value):
+        raise _Invalid(f"must be an interface name of 1 to 15 characters from A-Z a-z 0-9 _ . -, got {value!r}")
+    return value
+
+
+def _mac(node: Node, ctx: "_Context") -> str:
+    value = _string(node, "a MAC address")
+    if not _MAC_RE.fullmatch(value):
+        raise _Invalid(f"must be a MAC address like 52:54:00:12:34:56, got {value!r}")
+    if int(value[:2], 16) & 1:
+        raise _Invalid(f"{value} is a multicast address; a NIC needs a unicast MAC")
+    if value == "00:00:00:00:00:00":
+        raise _Invalid("00:00:00:00:00:00 is not a usable MAC address")
+    return value.lower()
+
+
+_NET_KEYS: dict[str, Key] = {
+    "backend": Key(_choice(NET_BACKENDS), help=f"where frames go: {', '.join(NET_BACKENDS)}"),
+    "tap": Key(_ifname, None),
+    "switch": Key(_name, None),
+    "mac": Key(_mac, None),
+    "mtu": Key(_int_range(68, 65535), 1500),
+    "queues": Key(_int_range(1, MAX_QUEUE_PAIRS), 1),
+    "queue_size": Key(_power_of_two(2, MAX_QUEUE_SIZE), 256),
+    "offloads": Key(_bool, True),
+}
+
+
+def default_mac(name: str) -> str:
+    """A stable locally administered unicast MAC derived from the device name."""
+    import hashlib
+
+    digest = hashlib.sha256(name.encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x52, 0x54, 0x00) + tuple(digest[:3]))
 
 
 # --------------------------------------------------------------------------
@@ -683,6 +747,19 @@ def _check_socket_file(dev: _DeviceDraft, ctx: _Context) -> None:
         dev.report(ctx, "socket", f"{sock} already exists and is not a socket; vhostd will not replace it")
 
 
+def _finish_net(dev: _DeviceDraft, ctx: _Context) -> None:
+    backend = dev.values.get("backend")
+    if backend is not None and dev.ok("backend"):
+        for key in ("tap", "switch"):
+            given = dev.values.get(key) is not None or key in dev.bad
+            if backend == key and not given:
+                dev.report(ctx, key, f"missing key '{key}' (backend {key} needs it)", node=dev.nodes.get("backend"))
+            elif backend != key and given:
+                dev.report(ctx, key, f"'{key}' only applies to backend {key}, not {backend}")
+    if dev.values.get("mac") is None and "mac" not in dev.bad and "name" in dev.values:
+        dev.values["mac"] = default_mac(dev.values["name"])
+
+
 # Adding a device type, e.g. virtio-net: a frozen NetDeviceConfig dataclass, a
 # _NET_KEYS table ({"mac": Key(_mac, None), ...}), an entry here, and
 # NetDeviceConfig in the DeviceConfig alias.  Unknown-key detection,
@@ -695,6 +772,7 @@ DEVICE_TYPES: dict[str, DeviceType] = {
         check_files=_check_blk_files,
         image_keys=("path",),
     ),
+    "net": DeviceType(cls=NetDeviceConfig, keys=_NET_KEYS, finish=_finish_net),
 }
 
 

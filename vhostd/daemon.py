@@ -9,7 +9,7 @@ import signal
 
 from vhostd.config import Config
 from vhostd.dataplane import Engine
-from vhostd.devices import create_device
+from vhostd.devices import Switches, create_device
 from vhostd.handler import DeviceHandler
 from vhostd.server import DeviceServer
 
@@ -22,6 +22,7 @@ class Daemon:
         self.loop = loop
         self.engine = Engine(config.daemon.workers)
         self.servers: dict[str, DeviceServer] = {}
+        self.switches = Switches()
         self._stopped = asyncio.Event()
 
     def start(self) -> None:
@@ -35,14 +36,16 @@ class Daemon:
         log.info("serving %d device(s) with %d data plane worker(s)", len(self.servers), self.engine.workers)
 
     def _start_device(self, cfg) -> None:
-        device = create_device(cfg)
+        device = create_device(cfg, self.switches)
         handler = None
         try:
             handler = DeviceHandler(device, self.engine, logging.LoggerAdapter(log, {}))
-            server = DeviceServer(device, handler, cfg.socket, self.loop, getattr(cfg, "socket_mode", None))
+            device.attach(handler.rings)
+            server = DeviceServer(device, handler, cfg.socket, self.loop, cfg.socket_mode)
             handler.log = server.log
             server.start()
         except BaseException:
+            device.detach()
             if handler is not None:
                 handler.close()
             device.close()
@@ -58,6 +61,7 @@ class Daemon:
     def close(self) -> None:
         for server in self.servers.values():
             server.stop()
+            server.device.detach()  # back-end threads and switch ports go before the rings
             server.handler.close()
             server.device.close()
         self.servers.clear()

@@ -87,6 +87,10 @@ class Rings:
             lib.vd_device_free(self._ptr)
             self._ptr = None
 
+    @property
+    def ptr(self):
+        return self._ptr
+
     # memory ---------------------------------------------------------------
 
     def set_mem_table(self, regions, fds: list[int]) -> None:

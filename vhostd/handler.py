@@ -95,7 +95,7 @@ class DeviceHandler:
         return self.device.features()
 
     def protocol_features(self) -> int:
-        return PROTOCOL_FEATURES
+        return PROTOCOL_FEATURES | self.device.extra_protocol_features()
 
     def num_queues(self) -> int:
         return self.device.num_queues
@@ -103,6 +103,10 @@ class DeviceHandler:
     def set_features(self, features: int) -> None:
         self.features = features
         self.rings.set_features(features)
+        try:
+            self.device.set_features(features)
+        except (OSError, ValueError) as exc:
+            raise RequestError(f"cannot apply features {features:#x}: {exc}") from None
 
     def set_mem_table(self, regions: list[MemoryRegion], fds: list[int]) -> None:
         self._dp(self.rings.set_mem_table, regions, fds)
@@ -148,6 +152,18 @@ class DeviceHandler:
     def set_config(self, offset: int, data: bytes, flags: int) -> None:
         try:
             self.device.write_config(offset, data)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+
+    def set_mtu(self, mtu: int) -> None:
+        try:
+            self.device.set_mtu(mtu)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+
+    def send_rarp(self, mac: bytes) -> None:
+        try:
+            self.device.send_rarp(mac)
         except ValueError as exc:
             raise RequestError(str(exc)) from None
 

@@ -3,12 +3,15 @@ hands the data plane a C request handler; it never sees rings or vhost-user."""
 
 from vhostd.devices.base import Device
 from vhostd.devices.blk import BlkDevice
+from vhostd.devices.net import NetDevice, Switches
 
-__all__ = ["Device", "BlkDevice", "create_device"]
+__all__ = ["Device", "BlkDevice", "NetDevice", "Switches", "create_device"]
 
 
-def create_device(cfg) -> Device:
+def create_device(cfg, switches: Switches) -> Device:
     """Build the device model a config entry describes."""
     if cfg.type == "blk":
         return BlkDevice(cfg)
+    if cfg.type == "net":
+        return NetDevice(cfg, switches)
     raise ValueError(f"unknown device type {cfg.type!r}")

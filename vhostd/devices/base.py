@@ -1,27 +1,55 @@
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 
-class Device(Protocol):
-    """What the vhost-user glue needs from a device model."""
+class Device:
+    """What the vhost-user glue needs from a device model.
+
+    A subclass sets name, num_queues, max_queue_size, handler (a C function
+    pointer: uint32_t (*)(void *ctx, struct vd_req *, int queue)) and ctx
+    (its first argument), and implements features() and config_space().
+    """
 
     name: str
     num_queues: int
     max_queue_size: int
-    handler: Any  # C function pointer: uint32_t (*)(void *ctx, struct vd_req *, int queue)
-    ctx: Any  # its first argument
+    handler: Any
+    ctx: Any
 
     def features(self) -> int:
         """Device feature bits, ring/transport bits included."""
+        raise NotImplementedError
+
+    def extra_protocol_features(self) -> int:
+        """vhost-user protocol features this device type adds (e.g. net's MTU)."""
+        return 0
+
+    def set_features(self, features: int) -> None:
+        """The front-end acked these features."""
 
     def config_space(self) -> bytes:
         """The device's virtio config space as the driver reads it."""
+        raise NotImplementedError
 
     def write_config(self, offset: int, data: bytes) -> None:
         """A driver write into config space; raise ValueError to refuse it."""
+        raise ValueError("the config space is read-only")
+
+    def set_mtu(self, mtu: int) -> None:
+        raise ValueError("this device has no MTU")
+
+    def send_rarp(self, mac: bytes) -> None:
+        raise ValueError("this device cannot announce a MAC address")
+
+    def attach(self, rings) -> None:
+        """The device's rings exist in the data plane: start back-end work."""
+
+    def detach(self) -> None:
+        """Stop back-end work that touches the rings (before they are freed)."""
 
     def stats(self) -> list[dict[str, int]]:
         """Per-queue device counters."""
+        return []
 
     def close(self) -> None: ...

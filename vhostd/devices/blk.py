@@ -12,6 +12,7 @@ import os
 import stat
 import struct
 
+from vhostd.devices.base import Device
 from vhostd.native import ffi, lib
 from vhostd.virtio import RING_FEATURES, bit
 
@@ -75,7 +76,7 @@ def open_image(path: str, readonly: bool, direct: bool, create_size: int | None)
         raise
 
 
-class BlkDevice:
+class BlkDevice(Device):
     def __init__(self, cfg) -> None:
         self.name = cfg.name
         self.cfg = cfg

@@ -69,6 +69,8 @@ class RequestHandler(Protocol):
     def set_vring_enable(self, index: int, enable: bool) -> None: ...
     def get_config(self, offset: int, size: int) -> bytes: ...
     def set_config(self, offset: int, data: bytes, flags: int) -> None: ...
+    def set_mtu(self, mtu: int) -> None: ...
+    def send_rarp(self, mac: bytes) -> None: ...
     def set_status(self, status: int) -> None: ...
     def get_status(self) -> int: ...
     def reset(self) -> None:
@@ -97,6 +99,8 @@ _NEEDS = {
     Request.RESET_DEVICE: ProtocolFeature.RESET_DEVICE,
     Request.SET_STATUS: ProtocolFeature.STATUS,
     Request.GET_STATUS: ProtocolFeature.STATUS,
+    Request.NET_SET_MTU: ProtocolFeature.MTU,
+    Request.SEND_RARP: ProtocolFeature.RARP,
 }
 
 
@@ -132,6 +136,8 @@ class BackendProtocol:
             Request.RESET_DEVICE: self._reset_device,
             Request.SET_STATUS: self._set_status,
             Request.GET_STATUS: self._get_status,
+            Request.NET_SET_MTU: self._net_set_mtu,
+            Request.SEND_RARP: self._send_rarp,
         }
 
     # ------------------------------------------------------------ public
@@ -340,6 +346,18 @@ class BackendProtocol:
         if status > 0xFF:
             raise RequestError(f"device status {status:#x} does not fit 8 bits")
         self.handler.set_status(status)
+
+    def _net_set_mtu(self, msg: Message) -> None:
+        mtu = unpack_u64(msg.payload)
+        if mtu > 0xFFFF:
+            raise RequestError(f"MTU {mtu} does not fit 16 bits")
+        self.handler.set_mtu(mtu)
+
+    def _send_rarp(self, msg: Message) -> None:
+        # The first 6 bytes of the u64 payload are the guest's MAC address.
+        if len(msg.payload) < 8:
+            raise PayloadError(f"u64 payload must be 8 bytes, got {len(msg.payload)}")
+        self.handler.send_rarp(bytes(msg.payload[:6]))
 
     def _get_status(self, msg: Message) -> bytes:
         return pack_u64(self.handler.get_status())
