@@ -351,6 +351,9 @@ class Recorder:
     def protocol_features(self):
         return self.PROTOCOL
 
+    def queue_num_reply(self):
+        return self.queues
+
     def set_mtu(self, mtu):
         self.calls.append(("set_mtu", mtu))
 

@@ -100,6 +100,9 @@ class DeviceHandler:
     def num_queues(self) -> int:
         return self.device.num_queues
 
+    def queue_num_reply(self) -> int:
+        return self.device.queue_num_reply()
+
     def set_features(self, features: int) -> None:
         self.features = features
         self.rings.set_features(features)

@@ -21,6 +21,10 @@ class Device:
         """Device feature bits, ring/transport bits included."""
         raise NotImplementedError
 
+    def queue_num_reply(self) -> int:
+        """What GET_QUEUE_NUM answers; net devices count queue pairs."""
+        return self.num_queues
+
     def extra_protocol_features(self) -> int:
         """vhost-user protocol features this device type adds (e.g. net's MTU)."""
         return 0

@@ -182,6 +182,10 @@ class NetDevice(Device):
                 f |= bit(b)
         return f
 
+    def queue_num_reply(self) -> int:
+        # vhost-user-net front-ends (QEMU, DPDK) read GET_QUEUE_NUM as queue pairs.
+        return self.pairs
+
     def extra_protocol_features(self) -> int:
         return bit(ProtocolFeature.MTU) | bit(ProtocolFeature.RARP)
 
