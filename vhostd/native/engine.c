@@ -71,7 +71,8 @@ static void install_sigbus(void)
     sigaction(SIGBUS, &sa, &old_sigbus);
 }
 
-static int process_guarded(struct vd_queue *q)
+/* Run fn(arg) on q's behalf; a SIGBUS inside breaks q instead of the daemon. */
+int vd_run_guarded(struct vd_queue *q, int (*fn)(void *), void *arg)
 {
     sigjmp_buf jb;
     if (sigsetjmp(jb, 1)) {
@@ -81,9 +82,19 @@ static int process_guarded(struct vd_queue *q)
         return 0;
     }
     guard_jb = &jb;
-    int more = vd_queue_process(q);
+    int r = fn(arg);
     guard_jb = NULL;
-    return more;
+    return r;
+}
+
+static int process(void *q)
+{
+    return vd_queue_process(q);
+}
+
+static int process_guarded(struct vd_queue *q)
+{
+    return vd_run_guarded(q, process, q);
 }
 
 /* ---------------------------------------------------------------- workers */

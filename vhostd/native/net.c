@@ -332,11 +332,38 @@ out:
 
 /* ---------------------------------------------------------------- tap rx */
 
-static void *tap_rx_main(void *arg)
+/* Move up to TAP_BATCH frames from the TAP to the guest; q->lock held.
+ * Returns 1 to keep reading, 0 to wait for the driver to add buffers. */
+static int tap_rx_batch(void *arg)
 {
     struct tap_port *t = arg;
     vd_net *n = t->net;
     struct vd_queue *q = &n->dev->q[2 * t->qp];
+    for (int i = 0; i < TAP_BATCH; i++) {
+        if (!vd_queue_ready(q))
+            return 0;
+        /* Only read a frame when a buffer is there: the TAP queues for us meanwhile. */
+        if (!vd_queue_has_avail(q) && !vd_queue_want_kick(q))
+            return 0;
+        ssize_t r = read(t->fd, t->buf, n->hdr_len + MAX_FRAME);
+        if (r < 0)
+            return 1; /* EAGAIN: drained */
+        if ((size_t)r < n->hdr_len + ETH_HLEN) {
+            __atomic_add_fetch(&n->st[t->qp].rx_dropped, 1, __ATOMIC_RELAXED);
+            continue;
+        }
+        struct iovec body = {t->buf + n->hdr_len, r - n->hdr_len};
+        struct frame f = {.iov = &body, .niov = 1, .len = r - n->hdr_len};
+        memcpy(&f.hdr, t->buf, n->hdr_len < sizeof(f.hdr) ? n->hdr_len : sizeof(f.hdr));
+        deliver(n, t->qp, &f, 1);
+    }
+    return 1;
+}
+
+static void *tap_rx_main(void *arg)
+{
+    struct tap_port *t = arg;
+    struct vd_queue *q = &t->net->dev->q[2 * t->qp];
     int can_read = 1;
     vd_block_signals();
 
@@ -355,28 +382,7 @@ static void *tap_rx_main(void *arg)
         if (!can_read || !(pfd[1].revents & POLLIN))
             continue;
         pthread_mutex_lock(&q->lock);
-        for (int i = 0; i < TAP_BATCH; i++) {
-            if (!vd_queue_ready(q)) {
-                can_read = 0;
-                break;
-            }
-            /* Only read a frame when a buffer is there: the TAP queues for us meanwhile. */
-            if (!vd_queue_has_avail(q) && !vd_queue_want_kick(q)) {
-                can_read = 0;
-                break;
-            }
-            ssize_t r = read(t->fd, t->buf, n->hdr_len + MAX_FRAME);
-            if (r < 0)
-                break; /* EAGAIN: drained */
-            if ((size_t)r < n->hdr_len + ETH_HLEN) {
-                __atomic_add_fetch(&n->st[t->qp].rx_dropped, 1, __ATOMIC_RELAXED);
-                continue;
-            }
-            struct iovec body = {t->buf + n->hdr_len, r - n->hdr_len};
-            struct frame f = {.iov = &body, .niov = 1, .len = r - n->hdr_len};
-            memcpy(&f.hdr, t->buf, n->hdr_len < sizeof(f.hdr) ? n->hdr_len : sizeof(f.hdr));
-            deliver(n, t->qp, &f, 1);
-        }
+        can_read = vd_run_guarded(q, tap_rx_batch, t);
         pthread_mutex_unlock(&q->lock);
     }
     return NULL;

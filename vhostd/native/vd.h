@@ -145,6 +145,8 @@ void vd_queue_unpop(struct vd_queue *q, int n);
 int vd_queue_has_avail(struct vd_queue *q);
 
 void vd_block_signals(void); /* engine.c: for every native thread */
+/* engine.c: run fn(arg) so that a SIGBUS on guest memory breaks q, not the daemon */
+int vd_run_guarded(struct vd_queue *q, int (*fn)(void *), void *arg);
 void vd_queue_push(struct vd_queue *q, uint16_t head, uint32_t len);
 void vd_queue_flush(struct vd_queue *q);
 int vd_queue_want_kick(struct vd_queue *q);
