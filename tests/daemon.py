@@ -19,7 +19,10 @@ class DaemonProcess:
     are resolved against `workdir`.  The log goes to workdir/vhostd.log.
     """
 
-    def __init__(self, workdir: Path, devices: list[dict], daemon: dict | None = None) -> None:
+    def __init__(self, workdir: Path, devices: list[dict], daemon: dict | None = None,
+                 prefix: list[str] | tuple[str, ...] = ()) -> None:
+        """prefix: command words before the daemon's, e.g. ["ip", "netns", "exec", NS]."""
+        self.prefix = list(prefix)
         self.workdir = Path(workdir)
         self.config_path = self.workdir / "vhostd.yaml"
         self.log_path = self.workdir / "vhostd.log"
@@ -39,7 +42,7 @@ class DaemonProcess:
     def start(self, timeout: float = 15.0) -> DaemonProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vhostd", "serve", "--config", str(self.config_path), "--log-level", "debug"],
+            [*self.prefix, sys.executable, "-m", "vhostd", "serve", "--config", str(self.config_path), "--log-level", "debug"],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=self.workdir,
         )
         deadline = time.monotonic() + timeout
