@@ -55,6 +55,13 @@ class Daemon:
     def stop(self) -> None:
         self._stopped.set()
 
+    def log_stats(self) -> None:
+        """One line per queue (blk) or queue pair (net) with the device's
+        counters, e.g. `net0: stats 0: tx_frames=3 ... rx_dropped=1`."""
+        for name, server in self.servers.items():
+            for i, counters in enumerate(server.device.stats()):
+                log.info("%s: stats %d: %s", name, i, " ".join(f"{k}={v}" for k, v in counters.items()))
+
     async def wait(self) -> None:
         await self._stopped.wait()
 
@@ -74,6 +81,7 @@ async def serve(config: Config) -> int:
     daemon.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)
+    loop.add_signal_handler(signal.SIGUSR1, daemon.log_stats)
     try:
         await daemon.wait()
         log.info("stopping")
