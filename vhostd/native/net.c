@@ -246,7 +246,9 @@ static int acceptable(const vd_net *n, const struct net_hdr *h)
 }
 
 /* Fill rx buffers of queue pair qp with one frame.  Takes the rx queue lock
- * unless `locked`.  Returns 0 if delivered, -1 if dropped. */
+ * and publishes the used entries, unless `locked` (then the caller holds the
+ * lock and calls vd_queue_flush after its batch).  Returns 0 if delivered,
+ * -1 if dropped. */
 static int deliver(vd_net *n, int qp, const struct frame *f, int locked)
 {
     struct vd_net_stats *st = &n->st[qp];
@@ -316,7 +318,8 @@ static int deliver(vd_net *n, int qp, const struct frame *f, int locked)
     }
     for (int i = 0; i < nbufs; i++)
         vd_queue_push(q, heads[i], lens[i]);
-    vd_queue_flush(q);
+    if (!locked)
+        vd_queue_flush(q); /* a caller holding the lock flushes once per batch */
     __atomic_add_fetch(&st->rx_frames, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&st->rx_bytes, f->len, __ATOMIC_RELAXED);
     rc = 0;
@@ -332,32 +335,43 @@ out:
 
 /* ---------------------------------------------------------------- tap rx */
 
-/* Move up to TAP_BATCH frames from the TAP to the guest; q->lock held.
- * Returns 1 to keep reading, 0 to wait for the driver to add buffers. */
+enum { RX_WAIT_BUFFERS, RX_FRAME, RX_DRAINED };
+
+/* Move one frame from the TAP to the guest; q->lock held. */
+static int tap_rx_one(struct tap_port *t, struct vd_queue *q)
+{
+    vd_net *n = t->net;
+    if (!vd_queue_ready(q))
+        return RX_WAIT_BUFFERS;
+    /* Only read a frame when a buffer is there: the TAP queues for us meanwhile. */
+    if (!vd_queue_has_avail(q) && !vd_queue_want_kick(q))
+        return RX_WAIT_BUFFERS;
+    ssize_t r = read(t->fd, t->buf, n->hdr_len + MAX_FRAME);
+    if (r < 0)
+        return RX_DRAINED; /* EAGAIN */
+    if ((size_t)r < n->hdr_len + ETH_HLEN) {
+        __atomic_add_fetch(&n->st[t->qp].rx_dropped, 1, __ATOMIC_RELAXED);
+        return RX_FRAME;
+    }
+    struct iovec body = {t->buf + n->hdr_len, r - n->hdr_len};
+    struct frame f = {.iov = &body, .niov = 1, .len = r - n->hdr_len};
+    memcpy(&f.hdr, t->buf, n->hdr_len < sizeof(f.hdr) ? n->hdr_len : sizeof(f.hdr));
+    deliver(n, t->qp, &f, 1);
+    return RX_FRAME;
+}
+
+/* Up to TAP_BATCH frames, then one used-ring update and at most one
+ * interrupt.  Returns 1 to keep polling the TAP, 0 to wait for buffers. */
 static int tap_rx_batch(void *arg)
 {
     struct tap_port *t = arg;
-    vd_net *n = t->net;
-    struct vd_queue *q = &n->dev->q[2 * t->qp];
-    for (int i = 0; i < TAP_BATCH; i++) {
-        if (!vd_queue_ready(q))
-            return 0;
-        /* Only read a frame when a buffer is there: the TAP queues for us meanwhile. */
-        if (!vd_queue_has_avail(q) && !vd_queue_want_kick(q))
-            return 0;
-        ssize_t r = read(t->fd, t->buf, n->hdr_len + MAX_FRAME);
-        if (r < 0)
-            return 1; /* EAGAIN: drained */
-        if ((size_t)r < n->hdr_len + ETH_HLEN) {
-            __atomic_add_fetch(&n->st[t->qp].rx_dropped, 1, __ATOMIC_RELAXED);
-            continue;
-        }
-        struct iovec body = {t->buf + n->hdr_len, r - n->hdr_len};
-        struct frame f = {.iov = &body, .niov = 1, .len = r - n->hdr_len};
-        memcpy(&f.hdr, t->buf, n->hdr_len < sizeof(f.hdr) ? n->hdr_len : sizeof(f.hdr));
-        deliver(n, t->qp, &f, 1);
-    }
-    return 1;
+    struct vd_queue *q = &t->net->dev->q[2 * t->qp];
+    int r = RX_FRAME;
+    for (int i = 0; i < TAP_BATCH && r == RX_FRAME; i++)
+        r = tap_rx_one(t, q);
+    if (vd_queue_ready(q))
+        vd_queue_flush(q);
+    return r != RX_WAIT_BUFFERS;
 }
 
 static void *tap_rx_main(void *arg)
