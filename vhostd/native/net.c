@@ -271,7 +271,7 @@ static int deliver(vd_net *n, int qp, const struct frame *f, int locked)
     h.num_buffers = 0;
 
     if (!vd_queue_ready(q))
-        goto out;
+        goto undo; /* no driver (yet), or the queue broke: a drop like any other */
     while (done < total) {
         if (nbufs == MAX_RX_BUFS || (nbufs && !mrg))
             goto undo; /* frame does not fit the buffers the driver posts */
