@@ -25,6 +25,13 @@ PACKAGES=(
     libffi-dev
     python3-dev           # Python.h for building the cffi extension
     make
+    # vhost-user-net tests: DPDK testpmd is the reference peer (virtio-user
+    # front-end and net_vhost back-end PMDs).  Debian ships dpdk-testpmd in
+    # dpdk-dev (the `dpdk` package only has python helper scripts); it pulls
+    # in every PMD library as a dependency, ~40 s to install.
+    dpdk-dev
+    iproute2              # ip netns / ip link / ip tuntap for namespaces, TAP, veth
+    ethtool               # offload/queue inspection of TAPs in tests
 )
 
 missing=()
