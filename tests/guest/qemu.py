@@ -48,6 +48,21 @@ All waits raise `GuestTimeout` (a `GuestError`) with the tail of the console
 and of QEMU's own stderr in the message; `wait()` raises `GuestError` when
 QEMU ended without the exit line (crash, panic, QEMU error).
 
+Network: `nics=[NetNic(sock), ...]` adds vhost-user-net NICs; QEMU connects
+to a back-end listening on each socket.  The guest sees them as eth0, eth1, ...
+in that order (virtio-net-pci, MSI-X off: see NetNic), and /etc/vhostd-net.sh
+(NET_HELPERS) has shell helpers for the script::
+
+    g = QemuGuest('''
+        . /etc/vhostd-net.sh
+        net_up eth0 10.0.0.1/24          # no IPv6 chatter, link up, waits for carrier
+        ping -c 3 -W 1 10.0.0.2
+        net_stats eth0                   # VHOSTD-RESULT eth0_tx_packets=... etc.
+    ''', nics=[NetNic(sock)], workdir=tmp_path)
+
+Each NIC gets a MAC unique per test process (QEMU's default, 52:54:00:12:34:56,
+is the same in every QEMU) unless given; `g.macs[i]` is the MAC of eth<i>.
+
 Set VHOSTD_GUEST_TIMEOUT_SCALE (e.g. 3) to stretch every timeout on a slow
 machine.
 """
@@ -55,6 +70,7 @@ machine.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -126,6 +142,111 @@ class BlkDisk:
 DiskSpec = Union[str, os.PathLike, BlkDisk, tuple]
 
 
+@dataclasses.dataclass
+class NetNic:
+    """A vhost-user-net NIC (virtio-net-pci) whose back-end listens on `socket`.
+
+    queues>1 sets -netdev queues=N and -device mq=on (the guest enables
+    min(N, vCPUs) queue pairs by default).  reconnect: chardev reconnect
+    seconds.  server=True: QEMU listens on `socket` and waits (before the guest
+    boots) until the back-end connects (e.g. testpmd net_vhost client=1).
+    mac: default a per-process unique 52:54:00:xx:xx:xx.  props: more -device
+    properties, e.g. {"rx_queue_size": 1024, "mrg_rxbuf": False, "csum": False}.
+
+    QEMU 7.2 under TCG segfaults in msix_set_vector_notifiers when a vhost-user
+    net device uses MSI-X, so the device always gets vectors=0 (the guest
+    uses INTx) and romfile= (no iPXE option ROM: nothing to load, faster boot).
+    """
+    socket: Union[str, os.PathLike]
+    mac: str | None = None
+    queues: int = 1
+    reconnect: int | None = None
+    server: bool = False
+    props: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+
+NicSpec = Union[str, os.PathLike, NetNic]
+
+_mac_counter = itertools.count(1)
+
+
+def unique_mac() -> str:
+    """A locally unique MAC in QEMU's 52:54:00 range from the pid and a counter,
+    so two guests of one test (or of two pytest processes) never share one."""
+    n = next(_mac_counter)
+    pid = os.getpid() & 0xFFFF
+    return f"52:54:00:{pid >> 8:02x}:{pid & 0xFF:02x}:{n & 0xFF:02x}"
+
+
+def _as_nic(n: NicSpec) -> NetNic:
+    return n if isinstance(n, NetNic) else NetNic(n)
+
+
+# Shell helpers for guest scripts, at /etc/vhostd-net.sh when the guest has NICs.
+NET_HELPERS = r"""
+# . /etc/vhostd-net.sh    (busybox sh)
+
+# net_up IFACE [ADDR/PREFIX] [CARRIER_TIMEOUT_S]: IPv6 off (no router/neighbour
+# solicitations or MLD reports: only what the test sends leaves the guest),
+# link up, address, then wait for carrier.
+net_up() {
+    _if=$1; _addr=$2; _t=${3:-20}
+    echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 2>/dev/null
+    echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6 2>/dev/null
+    echo 1 > /proc/sys/net/ipv6/conf/$_if/disable_ipv6 2>/dev/null
+    ip link set lo up
+    ip link set "$_if" up || return 1
+    [ -z "$_addr" ] || ip addr add "$_addr" dev "$_if" || return 1
+    net_wait_carrier "$_if" "$_t"
+}
+
+# net_wait_carrier IFACE [TIMEOUT_S]: 0 once /sys/class/net/IFACE/carrier is 1.
+net_wait_carrier() {
+    _n=$(( ${2:-20} * 10 ))
+    while [ "$(cat /sys/class/net/$1/carrier 2>/dev/null)" != 1 ]; do
+        _n=$((_n - 1))
+        if [ $_n -le 0 ]; then echo "VHOSTD-NET: no carrier on $1"; return 1; fi
+        usleep 100000
+    done
+}
+
+# net_iface MAC: print the name of the interface with this MAC.
+net_iface() {
+    for _d in /sys/class/net/*; do
+        [ "$(cat $_d/address)" = "$1" ] && { basename $_d; return 0; }
+    done
+    return 1
+}
+
+# net_stat IFACE COUNTER: e.g. net_stat eth0 tx_packets
+net_stat() { cat /sys/class/net/$1/statistics/$2; }
+
+# net_stats IFACE: VHOSTD-RESULT lines with the interface's packet counters.
+net_stats() {
+    for _c in rx_packets tx_packets rx_bytes tx_bytes rx_dropped tx_dropped rx_errors tx_errors; do
+        echo "VHOSTD-RESULT $1_$_c=$(net_stat $1 $_c)"
+    done
+}
+
+# net_icmp_in_echos: ICMP echo requests this guest has received.
+net_icmp_in_echos() {
+    awk '/^Icmp:/ { if (!h) { for (i = 1; i <= NF; i++) if ($i == "InEchos") c = i; h = 1 } else print $c }' \
+        /proc/net/snmp
+}
+
+# net_ping_until PEER [TRIES]: ping (1 s timeout each) until PEER answers.
+net_ping_until() {
+    _n=${2:-30}
+    while [ $_n -gt 0 ]; do
+        ping -c 1 -W 1 "$1" >/dev/null 2>&1 && return 0
+        _n=$((_n - 1))
+    done
+    echo "VHOSTD-NET: $1 did not answer"
+    return 1
+}
+"""
+
+
 def _as_disk(d: DiskSpec) -> BlkDisk:
     if isinstance(d, BlkDisk):
         return d
@@ -159,6 +280,7 @@ class QemuGuest:
         files: Mapping[str, Union[bytes, str, os.PathLike]] | None = None,
         cmdline_extra: str = "",
         qmp: bool = False,
+        nics: Sequence[NicSpec] = (),
     ):
         """
         script:      shell script run as /test.sh in the guest.
@@ -176,9 +298,13 @@ class QemuGuest:
         files:       extra files for the guest initramfs {guest path: bytes|str|host Path};
                      all are made executable.
         qmp:         open a QMP socket; use qmp("cmd", **args).
+        nics:        socket paths or NetNic objects: vhost-user-net NICs eth0, eth1, ...
+                     (see NetNic); self.macs[i] is the MAC of eth<i>.
         """
         self.script = script
         self.disks = [_as_disk(d) for d in disks]
+        self.nics = [_as_nic(n) for n in nics]
+        self.macs = [n.mac.lower() if n.mac else unique_mac() for n in self.nics]
         self.extra_args = list(extra_args)
         self.memory = memory
         self.smp = smp
@@ -187,6 +313,8 @@ class QemuGuest:
         self.allow_reboot = allow_reboot
         self.max_boots = max_boots if max_boots is not None else (4 if allow_reboot else 1)
         self.files = dict(files or {})
+        if self.nics:
+            self.files.setdefault("etc/vhostd-net.sh", NET_HELPERS)
         self.cmdline_extra = cmdline_extra
         self.use_qmp = qmp
         self._image = image
@@ -260,6 +388,21 @@ class QemuGuest:
             for k, v in d.props.items():
                 dev += f",{k}={_qemu_opt(v)}"
             cmd += ["-chardev", chardev, "-device", dev]
+        for i, (n, mac) in enumerate(zip(self.nics, self.macs)):
+            chardev = f"socket,id=vun{i},path={_qemu_opt(os.fspath(n.socket))}"
+            if n.server:
+                chardev += ",server=on"
+            if n.reconnect is not None:
+                chardev += f",reconnect={int(n.reconnect)}"
+            netdev = f"vhost-user,id=net{i},chardev=vun{i}"
+            if n.queues > 1:
+                netdev += f",queues={int(n.queues)}"
+            dev = f"virtio-net-pci,netdev=net{i},id=vnet{i},mac={mac},romfile=,vectors=0"
+            if n.queues > 1:
+                dev += ",mq=on"
+            for k, v in n.props.items():
+                dev += f",{k}={_qemu_opt(v)}"
+            cmd += ["-chardev", chardev, "-netdev", netdev, "-device", dev]
         return cmd + self.extra_args
 
     # ------------------------------------------------------------------ lifecycle
