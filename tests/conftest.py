@@ -348,3 +348,19 @@ __all__ = [
     "BLK_S_OK", "BLK_T_IN", "BLK_T_OUT", "F_PROTOCOL_FEATURES", "STATUS_NEEDS_RESET", "Guest", "Vhostd",
     "blk_roundtrip", "connect_frontend", "eventfd_take", "fd_is_closed", "readable", "wait_broken", "wait_until",
 ]
+
+
+# ======================================================================
+# vhost-user-net harness (tests/net/): DPDK testpmd as reference peer,
+# network namespaces with TAP/veth.  Fixtures testpmd, netns; `dpdk`-marked
+# tests are skipped when dpdk-testpmd is not installed.
+# ======================================================================
+
+pytest_plugins = [*pytest_plugins, "net.fixtures"]
+
+_pytest_configure_before_net = pytest_configure
+
+
+def pytest_configure(config):  # noqa: F811 - extends the hook defined above
+    _pytest_configure_before_net(config)
+    config.addinivalue_line("markers", "dpdk: uses DPDK dpdk-testpmd as vhost-user-net peer")
