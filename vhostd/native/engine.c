@@ -431,15 +431,23 @@ int vd_queue_get_base(vd_device *d, int i, uint16_t *base, char *err, size_t err
     return 0;
 }
 
-int vd_queue_set_kick(vd_device *d, int i, int fd, char *err, size_t errlen)
+/* The queue an fd is handed to; with no such queue the fd is closed (we own it). */
+static struct vd_queue *queue_for_fd(vd_device *d, int i, int fd, char *err, size_t errlen)
 {
     struct vd_queue *q = queue(d, i);
     if (!q) {
         if (fd >= 0)
             close(fd);
         snprintf(err, errlen, "queue %d does not exist (device has %d)", i, d->nqueues);
-        return -EINVAL;
     }
+    return q;
+}
+
+int vd_queue_set_kick(vd_device *d, int i, int fd, char *err, size_t errlen)
+{
+    struct vd_queue *q = queue_for_fd(d, i, fd, err, errlen);
+    if (!q)
+        return -EINVAL;
     queue_stop(q);
     close_fd(&q->kick_fd);
     q->kick_fd = fd;
@@ -448,13 +456,9 @@ int vd_queue_set_kick(vd_device *d, int i, int fd, char *err, size_t errlen)
 
 static int set_fd(vd_device *d, int i, int fd, int which, char *err, size_t errlen)
 {
-    struct vd_queue *q = queue(d, i);
-    if (!q) {
-        if (fd >= 0)
-            close(fd);
-        snprintf(err, errlen, "queue %d does not exist (device has %d)", i, d->nqueues);
+    struct vd_queue *q = queue_for_fd(d, i, fd, err, errlen);
+    if (!q)
         return -EINVAL;
-    }
     pthread_mutex_lock(&q->lock);
     int *slot = which ? &q->err_fd : &q->call_fd;
     close_fd(slot);
