@@ -179,6 +179,7 @@ class DeviceHandler:
 
     def reset(self) -> None:
         self.rings.reset()
+        self.device.reset()
         # A queue may have broken after the last event_fd wake-up; with the
         # rings stopped no new error can come, so collect it now or never.
         self._log_errors()

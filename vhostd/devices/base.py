@@ -32,6 +32,10 @@ class Device:
     def set_features(self, features: int) -> None:
         """The front-end acked these features."""
 
+    def reset(self) -> None:
+        """The device was reset or its front-end went away (rings already
+        stopped): forget state the driver set, e.g. a MAC address."""
+
     def config_space(self) -> bytes:
         """The device's virtio config space as the driver reads it."""
         raise NotImplementedError

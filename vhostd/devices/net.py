@@ -203,9 +203,15 @@ class NetDevice(Device):
                 fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", hdr))
                 fcntl.ioctl(fd, TUNSETOFFLOAD, offloads)
 
+    def reset(self) -> None:
+        lib.vd_net_reset(self._net)
+
     def config_space(self) -> bytes:
-        # mac, status, max_virtqueue_pairs, mtu, speed (unknown), duplex (unknown)
-        return struct.pack("<6sHHHIB3x", self.mac, self.status, self.pairs, self.mtu, 0xFFFFFFFF, 0xFF)
+        # mac (the driver's MAC_ADDR_SET shows here), status, max_virtqueue_pairs,
+        # mtu, speed (unknown), duplex (unknown)
+        mac = ffi.new("uint8_t[6]")
+        lib.vd_net_get_mac(self._net, mac)
+        return struct.pack("<6sHHHIB3x", bytes(mac), self.status, self.pairs, self.mtu, 0xFFFFFFFF, 0xFF)
 
     def write_config(self, offset: int, data: bytes) -> None:
         raise ValueError("the virtio-net config space is read-only")

@@ -93,6 +93,8 @@ int vd_net_start(vd_net *n, vd_device *dev);
 void vd_net_stop(vd_net *n);
 void vd_net_free(vd_net *n);
 void vd_net_set_features(vd_net *n, uint64_t features);
+void vd_net_reset(vd_net *n);
+void vd_net_get_mac(vd_net *n, uint8_t *mac);
 uint32_t vd_net_hdr_len(vd_net *n);
 uint32_t vd_net_handle(void *ctx, struct vd_req *req, int queue);
 void vd_net_rx_kick(void *ctx, int queue);

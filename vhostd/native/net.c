@@ -75,6 +75,7 @@ struct vd_net {
     uint64_t features;
     int ctrl_queue;
     int active_pairs;
+    uint8_t cfg_mac[6]; /* the configured MAC: p.mac follows MAC_ADDR_SET until a reset */
     uint8_t rx_mode[6]; /* promisc, allmulti, alluni, nomulti, nouni, nobcast (recorded) */
     struct vd_switch *sw;
     int sw_port;
@@ -566,6 +567,7 @@ vd_net *vd_net_new(const struct vd_net_params *p)
     if (!n)
         return NULL;
     n->p = *p;
+    memcpy(n->cfg_mac, p->mac, 6);
     n->hdr_len = MAX_HDR;
     n->active_pairs = 1;
     n->ctrl_queue = p->ctrl ? 2 * p->nqp : -1;
@@ -580,6 +582,22 @@ void vd_net_set_features(vd_net *n, uint64_t features)
 {
     n->features = features;
     n->hdr_len = (features & ((1ull << F_VERSION_1) | (1ull << F_MRG_RXBUF))) ? 12 : 10;
+}
+
+/* The device was reset (or its front-end went away): forget what the
+ * driver set through the control queue. */
+void vd_net_reset(vd_net *n)
+{
+    memcpy(n->p.mac, n->cfg_mac, 6);
+    memset(n->rx_mode, 0, sizeof(n->rx_mode));
+    n->active_pairs = 1;
+}
+
+/* The MAC address in config space: the configured one, or the driver's
+ * VIRTIO_NET_CTRL_MAC_ADDR_SET (virtio 1.2 5.1.6.5.2). */
+void vd_net_get_mac(vd_net *n, uint8_t *mac)
+{
+    memcpy(mac, n->p.mac, 6);
 }
 
 uint32_t vd_net_hdr_len(vd_net *n)
