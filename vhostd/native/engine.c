@@ -42,13 +42,16 @@ struct vd_engine {
  * such a fault into a broken queue instead of a dead daemon. */
 
 static __thread sigjmp_buf *guard_jb;
+static __thread void *guard_addr; /* where the fault a guard caught happened */
 static struct sigaction old_sigbus;
 static pthread_once_t sigbus_once = PTHREAD_ONCE_INIT;
 
 static void on_sigbus(int sig, siginfo_t *info, void *uctx)
 {
-    if (guard_jb)
+    if (guard_jb) {
+        guard_addr = info->si_addr;
         siglongjmp(*guard_jb, 1);
+    }
     /* Not ours: behave as before we were installed. */
     if (old_sigbus.sa_flags & SA_SIGINFO && old_sigbus.sa_sigaction) {
         old_sigbus.sa_sigaction(sig, info, uctx);
@@ -71,19 +74,41 @@ static void install_sigbus(void)
     sigaction(SIGBUS, &sa, &old_sigbus);
 }
 
-/* Run fn(arg) on q's behalf; a SIGBUS inside breaks q instead of the daemon. */
+/* Run fn(arg) on q's behalf; a SIGBUS inside breaks q instead of the daemon.
+ * Guards nest: the innermost one catches, then the outer one is back. */
 int vd_run_guarded(struct vd_queue *q, int (*fn)(void *), void *arg)
 {
     sigjmp_buf jb;
+    sigjmp_buf *outer = guard_jb;
     if (sigsetjmp(jb, 1)) {
-        guard_jb = NULL;
+        guard_jb = outer;
         vd_queue_fail(q, "queue %d: guest memory access faulted (SIGBUS): the front-end shrank shared memory",
                       q->index);
         return 0;
     }
     guard_jb = &jb;
     int r = fn(arg);
-    guard_jb = NULL;
+    guard_jb = outer;
+    return r;
+}
+
+/* Run fn(arg); after a SIGBUS inside, return VD_FAULTED with the faulting
+ * address in *addr and leave it to the caller to decide whose memory that
+ * was (e.g. one guest's frame copied into another guest's buffers).  The
+ * handler runs with SA_NODEFER and an empty mask, so the signal mask need
+ * not be saved: no syscall per call. */
+int vd_try_guarded(int (*fn)(void *), void *arg, void **addr)
+{
+    sigjmp_buf jb;
+    sigjmp_buf *outer = guard_jb;
+    if (sigsetjmp(jb, 0)) {
+        guard_jb = outer;
+        *addr = guard_addr;
+        return VD_FAULTED;
+    }
+    guard_jb = &jb;
+    int r = fn(arg);
+    guard_jb = outer;
     return r;
 }
 

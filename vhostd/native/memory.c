@@ -171,3 +171,14 @@ int vd_mem_map(const struct vd_mem *m, uint64_t gpa, uint64_t len, struct iovec 
     }
     return n;
 }
+
+int vd_mem_owns(const struct vd_mem *m, const void *host)
+{
+    const uint8_t *p = host;
+    for (uint32_t i = 0; i < m->n; i++) {
+        const uint8_t *base = m->r[i].map;
+        if (base && p >= base && p < base + m->r[i].map_len)
+            return 1;
+    }
+    return 0;
+}

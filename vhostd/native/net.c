@@ -246,21 +246,26 @@ static int acceptable(const vd_net *n, const struct net_hdr *h)
     return 1;
 }
 
-/* Fill rx buffers of queue pair qp with one frame.  Takes the rx queue lock
- * and publishes the used entries, unless `locked` (then the caller holds the
- * lock and calls vd_queue_flush after its batch).  Returns 0 if delivered,
- * -1 if dropped. */
-static int deliver(vd_net *n, int qp, const struct frame *f, int locked)
+/* One frame going into one rx queue (deliver()); fill_buffers() runs under
+ * a SIGBUS guard, so everything it must undo lives here. */
+struct fill {
+    vd_net *n;
+    struct vd_queue *q;
+    const struct frame *f;
+    int locked;
+    volatile int popped; /* buffers taken from the ring so far */
+};
+
+/* Copy the frame into as many rx buffers as it needs and push them.  Every
+ * guest memory access of a delivery happens in here.  Returns 0, or -1 to
+ * drop (the caller gives back the popped buffers). */
+static int fill_buffers(void *arg)
 {
-    struct vd_net_stats *st = &n->st[qp];
-    if (!n->dev || !acceptable(n, &f->hdr)) {
-        __atomic_add_fetch(&st->rx_dropped, 1, __ATOMIC_RELAXED);
-        return -1;
-    }
-    struct vd_queue *q = &n->dev->q[2 * qp];
-    if (!locked)
-        pthread_mutex_lock(&q->lock);
-    int rc = -1, nbufs = 0;
+    struct fill *c = arg;
+    vd_net *n = c->n;
+    struct vd_queue *q = c->q;
+    const struct frame *f = c->f;
+    int nbufs = 0;
     uint16_t heads[MAX_RX_BUFS];
     uint32_t lens[MAX_RX_BUFS];
     uint8_t *nb_lo = NULL, *nb_hi = NULL; /* where num_buffers lands in the first buffer */
@@ -271,14 +276,13 @@ static int deliver(vd_net *n, int qp, const struct frame *f, int locked)
     struct net_hdr h = f->hdr;
     h.num_buffers = 0;
 
-    if (!vd_queue_ready(q))
-        goto undo; /* no driver (yet), or the queue broke: a drop like any other */
     while (done < total) {
         if (nbufs == MAX_RX_BUFS || (nbufs && !mrg))
-            goto undo; /* frame does not fit the buffers the driver posts */
+            return -1; /* frame does not fit the buffers the driver posts */
         int r = vd_queue_pop(q, &req, iov, RX_IOV);
         if (r <= 0)
-            goto undo; /* no buffer (drop) or the queue broke */
+            return -1; /* no buffer (drop) or the queue broke */
+        c->popped++;
         struct iovec *in = req.iov + req.nout;
         uint32_t put = 0;
         if (done < n->hdr_len) {
@@ -311,7 +315,7 @@ static int deliver(vd_net *n, int qp, const struct frame *f, int locked)
         nbufs++;
         done += put;
         if (put == 0 && done < total)
-            goto undo; /* a buffer with no room would loop forever */
+            return -1; /* a buffer with no room would loop forever */
     }
     if (nb_lo && nb_hi) {
         *nb_lo = nbufs & 0xff;
@@ -319,19 +323,63 @@ static int deliver(vd_net *n, int qp, const struct frame *f, int locked)
     }
     for (int i = 0; i < nbufs; i++)
         vd_queue_push(q, heads[i], lens[i]);
-    if (!locked)
+    if (!c->locked)
         vd_queue_flush(q); /* a caller holding the lock flushes once per batch */
-    __atomic_add_fetch(&st->rx_frames, 1, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&st->rx_bytes, f->len, __ATOMIC_RELAXED);
-    rc = 0;
-    goto out;
-undo:
-    vd_queue_unpop(q, nbufs);
-    __atomic_add_fetch(&st->rx_dropped, 1, __ATOMIC_RELAXED);
-out:
+    return 0;
+}
+
+/* Fill rx buffers of queue pair qp with one frame.  Takes the rx queue lock
+ * and publishes the used entries, unless `locked` (then the caller holds the
+ * lock and calls vd_queue_flush after its batch).  Returns 0 if delivered,
+ * -1 if dropped.
+ *
+ * The frame may come from another guest's memory (switch), so a SIGBUS
+ * while copying is caught here, with the rx lock still to release: if the
+ * fault is in this receiver's memory, its rx queue breaks; if it is in the
+ * source's, the frame is dropped, *src_fault tells the caller where, and the
+ * caller, once it holds no lock, touches that address again under its own
+ * guard (which then breaks the sender's queue, not this one). */
+static int deliver(vd_net *n, int qp, const struct frame *f, int locked, void **src_fault)
+{
+    struct vd_net_stats *st = &n->st[qp];
+    if (!n->dev || !acceptable(n, &f->hdr)) {
+        __atomic_add_fetch(&st->rx_dropped, 1, __ATOMIC_RELAXED);
+        return -1;
+    }
+    struct vd_queue *q = &n->dev->q[2 * qp];
+    if (!locked)
+        pthread_mutex_lock(&q->lock);
+    struct fill c = {.n = n, .q = q, .f = f, .locked = locked};
+    void *addr = NULL;
+    /* not ready: no driver (yet), or the queue broke: a drop like any other */
+    int rc = vd_queue_ready(q) ? vd_try_guarded(fill_buffers, &c, &addr) : -1;
+    if (rc == VD_FAULTED) {
+        if (vd_mem_owns(&n->dev->mem, addr) || !src_fault)
+            vd_queue_fail(q, "queue %d: guest memory access faulted (SIGBUS): the front-end shrank shared memory",
+                          q->index);
+        else
+            *src_fault = addr;
+        rc = -1;
+    }
+    if (rc == 0) {
+        __atomic_add_fetch(&st->rx_frames, 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&st->rx_bytes, f->len, __ATOMIC_RELAXED);
+    } else {
+        vd_queue_unpop(q, c.popped);
+        __atomic_add_fetch(&st->rx_dropped, 1, __ATOMIC_RELAXED);
+    }
     if (!locked)
         pthread_mutex_unlock(&q->lock);
     return rc;
+}
+
+/* The source of a frame faulted inside deliver(): touch the address again,
+ * now that no lock is held, so that the caller's guard breaks its queue.  (If
+ * the memory is back, nothing happens and the frame is just lost.) */
+static void refault(void *addr)
+{
+    if (addr)
+        (void)*(volatile uint8_t *)addr;
 }
 
 /* ---------------------------------------------------------------- tap rx */
@@ -357,7 +405,7 @@ static int tap_rx_one(struct tap_port *t, struct vd_queue *q)
     struct iovec body = {t->buf + n->hdr_len, r - n->hdr_len};
     struct frame f = {.iov = &body, .niov = 1, .len = r - n->hdr_len};
     memcpy(&f.hdr, t->buf, n->hdr_len < sizeof(f.hdr) ? n->hdr_len : sizeof(f.hdr));
-    deliver(n, t->qp, &f, 1);
+    deliver(n, t->qp, &f, 1, NULL); /* the source is our own buffer */
     return RX_FRAME;
 }
 
@@ -416,7 +464,8 @@ void vd_net_rx_kick(void *ctx, int queue)
 
 /* ---------------------------------------------------------------- tx */
 
-static void switch_forward(vd_net *src, int qp, const struct frame *f)
+/* Forward a frame to the other ports of src's switch.  *src_fault: see deliver(). */
+static void switch_forward(vd_net *src, int qp, const struct frame *f, void **src_fault)
 {
     vd_switch *sw = src->sw;
     uint8_t eth[12];
@@ -429,12 +478,12 @@ static void switch_forward(vd_net *src, int qp, const struct frame *f)
     if (port >= 0) {
         vd_net *to = sw->ports[port];
         if (to && port != src->sw_port) /* never back out of its source port */
-            deliver(to, qp % (to->active_pairs ? to->active_pairs : 1), f, 0);
+            deliver(to, qp % (to->active_pairs ? to->active_pairs : 1), f, 0, src_fault);
     } else {
-        for (int i = 0; i < SW_MAX_PORTS; i++) {
+        for (int i = 0; i < SW_MAX_PORTS && !(src_fault && *src_fault); i++) {
             vd_net *to = sw->ports[i];
             if (to && i != src->sw_port)
-                deliver(to, qp % (to->active_pairs ? to->active_pairs : 1), f, 0);
+                deliver(to, qp % (to->active_pairs ? to->active_pairs : 1), f, 0, src_fault);
         }
     }
     pthread_rwlock_unlock(&sw->ports_lock);
@@ -521,10 +570,12 @@ uint32_t vd_net_handle(void *ctx, struct vd_req *req, int queue)
         struct iovec *body = req->iov;
         f.niov = vd_iov_skip_front(&body, req->nout, n->hdr_len);
         f.iov = body;
+        void *fault = NULL;
         if (n->p.backend == VD_NET_LOOPBACK)
-            deliver(n, qp, &f, 0);
+            deliver(n, qp, &f, 0, &fault);
         else if (n->sw)
-            switch_forward(n, qp, &f);
+            switch_forward(n, qp, &f, &fault);
+        refault(fault); /* our own memory faulted: break this tx queue (worker's guard) */
         break;
     }
     }
@@ -547,11 +598,11 @@ int vd_net_inject(vd_net *n, const void *frame, size_t len)
         struct iovec iov[2] = {{hdr, n->hdr_len}, body};
         return writev(n->tap[0].fd, iov, 2) < 0 ? -errno : 0;
     }
-    case VD_NET_LOOPBACK:
-        return deliver(n, 0, &f, 0);
+    case VD_NET_LOOPBACK: /* the source is the daemon's: no source faults (NULL) */
+        return deliver(n, 0, &f, 0, NULL);
     case VD_NET_SWITCH:
         if (n->sw)
-            switch_forward(n, 0, &f);
+            switch_forward(n, 0, &f, NULL);
         return 0;
     }
     return -EINVAL;

@@ -53,6 +53,8 @@ void *vd_mem_uva(const struct vd_mem *m, uint64_t uva, uint64_t len);
  * Returns the number of iovecs used, -1 if part of it is unmapped, or -2 if
  * it needs more than `max` iovecs. */
 int vd_mem_map(const struct vd_mem *m, uint64_t gpa, uint64_t len, struct iovec *iov, int max);
+/* Whether a host address lies inside one of the table's mappings. */
+int vd_mem_owns(const struct vd_mem *m, const void *host);
 
 /* ---------------------------------------------------------------- requests */
 
@@ -147,6 +149,9 @@ int vd_queue_has_avail(struct vd_queue *q);
 void vd_block_signals(void); /* engine.c: for every native thread */
 /* engine.c: run fn(arg) so that a SIGBUS on guest memory breaks q, not the daemon */
 int vd_run_guarded(struct vd_queue *q, int (*fn)(void *), void *arg);
+/* engine.c: run fn(arg); a SIGBUS inside returns VD_FAULTED with the address in *addr */
+#define VD_FAULTED (-1000)
+int vd_try_guarded(int (*fn)(void *), void *arg, void **addr);
 void vd_queue_push(struct vd_queue *q, uint16_t head, uint32_t len);
 void vd_queue_flush(struct vd_queue *q);
 int vd_queue_want_kick(struct vd_queue *q);
