@@ -283,6 +283,11 @@ static int fill_buffers(void *arg)
         if (r <= 0)
             return -1; /* no buffer (drop) or the queue broke */
         c->popped++;
+        if (req.in_bytes == 0) {
+            /* Retrying it would drop every later frame on it, silently. */
+            vd_queue_fail(q, "queue %d: rx buffer at head %u has no device-writable part", q->index, req.head);
+            return -1;
+        }
         struct iovec *in = req.iov + req.nout;
         uint32_t put = 0;
         if (done < n->hdr_len) {
