@@ -275,6 +275,8 @@ static int fill_buffers(void *arg)
     int mrg = has(n, F_MRG_RXBUF);
     struct net_hdr h = f->hdr;
     h.num_buffers = 0;
+    if (!has(n, F_GUEST_CSUM))
+        h.flags = 0; /* 5.1.6.4.1: without GUEST_CSUM the device MUST set flags to zero (DATA_VALID too) */
 
     while (done < total) {
         if (nbufs == MAX_RX_BUFS || (nbufs && !mrg))
