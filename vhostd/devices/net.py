@@ -165,6 +165,7 @@ class NetDevice(Device):
         if self._net == ffi.NULL:
             self._close_taps()
             raise MemoryError("cannot allocate the net device")
+        lib.vd_net_set_mtu(self._net, self.mtu)
         self.handler = lib.vd_net_handle
         self.ctx = ffi.cast("void *", self._net)
 
@@ -220,6 +221,7 @@ class NetDevice(Device):
         if not 68 <= mtu <= 65535:
             raise ValueError(f"MTU {mtu} is outside 68..65535")
         self.mtu = mtu
+        lib.vd_net_set_mtu(self._net, mtu)  # the receive limit follows what config space says
 
     def send_rarp(self, mac: bytes) -> None:
         """Announce `mac` (after migration) with a RARP request, as QEMU does."""

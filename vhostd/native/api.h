@@ -94,6 +94,7 @@ void vd_net_stop(vd_net *n);
 void vd_net_free(vd_net *n);
 void vd_net_set_features(vd_net *n, uint64_t features);
 void vd_net_reset(vd_net *n);
+void vd_net_set_mtu(vd_net *n, uint32_t mtu);
 void vd_net_get_mac(vd_net *n, uint8_t *mac);
 uint32_t vd_net_hdr_len(vd_net *n);
 uint32_t vd_net_handle(void *ctx, struct vd_req *req, int queue);

@@ -24,6 +24,7 @@
 #include "vd.h"
 
 #define F_GUEST_CSUM 1
+#define F_MTU 3
 #define F_GUEST_TSO4 7
 #define F_GUEST_TSO6 8
 #define F_GUEST_ECN 9
@@ -75,6 +76,7 @@ struct vd_net {
     uint64_t features;
     int ctrl_queue;
     int active_pairs;
+    uint32_t mtu;       /* what config space tells the driver (0: no limit) */
     uint8_t cfg_mac[6]; /* the configured MAC: p.mac follows MAC_ADDR_SET until a reset */
     uint8_t rx_mode[6]; /* promisc, allmulti, alluni, nomulti, nouni, nobcast (recorded) */
     struct vd_switch *sw;
@@ -256,9 +258,25 @@ struct fill {
     volatile int popped; /* buffers taken from the ring so far */
 };
 
+/* 5.1.6.3.2 (device requirements): with VIRTIO_NET_F_MTU negotiated the
+ * device MUST NOT pass a non-GSO packet larger than mtu plus the Ethernet
+ * header (with an 802.1Q/802.1ad tag, that header is 4 bytes longer). */
+static int fits_mtu(const vd_net *n, const struct frame *f)
+{
+    if (!has(n, F_MTU) || !n->mtu || (f->hdr.gso_type & ~GSO_ECN) != GSO_NONE)
+        return 1;
+    uint64_t limit = (uint64_t)n->mtu + ETH_HLEN;
+    uint8_t et[2];
+    if (vd_iov_read(f->iov, f->niov, 12, et, 2) == 2 &&
+        ((et[0] == 0x81 && et[1] == 0x00) || (et[0] == 0x88 && et[1] == 0xa8)))
+        limit += 4;
+    return f->len <= limit;
+}
+
 /* Copy the frame into as many rx buffers as it needs and push them.  Every
- * guest memory access of a delivery happens in here.  Returns 0, or -1 to
- * drop (the caller gives back the popped buffers). */
+ * guest memory access of a delivery happens in here (the frame itself may
+ * be guest memory).  Returns 0, or -1 to drop (the caller gives back the
+ * popped buffers). */
 static int fill_buffers(void *arg)
 {
     struct fill *c = arg;
@@ -277,6 +295,8 @@ static int fill_buffers(void *arg)
     h.num_buffers = 0;
     if (!has(n, F_GUEST_CSUM))
         h.flags = 0; /* 5.1.6.4.1: without GUEST_CSUM the device MUST set flags to zero (DATA_VALID too) */
+    if (!fits_mtu(n, f))
+        return -1;
 
     while (done < total) {
         if (nbufs == MAX_RX_BUFS || (nbufs && !mrg))
@@ -649,6 +669,11 @@ void vd_net_reset(vd_net *n)
     memcpy(n->p.mac, n->cfg_mac, 6);
     memset(n->rx_mode, 0, sizeof(n->rx_mode));
     n->active_pairs = 1;
+}
+
+void vd_net_set_mtu(vd_net *n, uint32_t mtu)
+{
+    n->mtu = mtu;
 }
 
 /* The MAC address in config space: the configured one, or the driver's
