@@ -201,7 +201,7 @@ def test_loopback_frames_and_headers_come_back_identical(net_vhostd):
         (frame_to(BROADCAST, src, 1400, 4), NetHdr(HDR_F_NEEDS_CSUM, GSO_UDP, 42, 1400, 34, 6), {"pieces": 7}),
         (frame_to(BROADCAST, src, 1200, 5), NetHdr(HDR_F_NEEDS_CSUM, GSO_TCPV4 | GSO_ECN, 54, 536, 34, 16), {}),
         (frame_to(BROADCAST, src, 14, 6), NetHdr(HDR_F_DATA_VALID), {}),  # the shortest frame: a bare Ethernet header
-        (frame_to(BROADCAST, src, 1522, 7), NetHdr(), {"pieces": 7, "hdr_apart": True}),  # 219 descriptors
+        (frame_to(BROADCAST, src, 1514, 7), NetHdr(), {"pieces": 7, "hdr_apart": True}),  # 218 descriptors
         (frame_to(BROADCAST, src, 1500, 8), NetHdr(), {"pieces": 64, "indirect": True}),
     ]
     for frame, hdr, kw in cases:
@@ -255,7 +255,7 @@ def test_loopback_mergeable_buffers_carry_big_gso_frames(net_vhostd):
 
 
 def test_loopback_without_mergeable_buffers(net_vhostd):
-    vd = net_vhostd([{"name": "lo", "backend": "loopback"}])
+    vd = net_vhostd([{"name": "lo", "backend": "loopback", "mtu": 9000}])
     g, d = connect(vd, "lo", features=ALL & ~bit(F_MRG_RXBUF))
     assert not g.features & bit(F_MRG_RXBUF) and d.hdr_len == HDR
     src = mac_bytes(MAC1)
@@ -315,6 +315,46 @@ def test_loopback_receiver_without_guest_offloads(net_vhostd):
     d.send(f, NetHdr(HDR_F_DATA_VALID))
     rx = d.recv()
     assert rx.frame == f and rx.hdr == NetHdr(num_buffers=1)  # DATA_VALID is not passed on (5.1.6.4.1)
+    g.close()
+
+
+def test_mtu_bounds_non_gso_frames(net_vhostd):
+    """With F_MTU the device passes no non-GSO frame over mtu + Ethernet
+    header (+4 with a VLAN tag); GSO frames are not bound by it."""
+    vd = net_vhostd([{"name": "lo", "backend": "loopback"}])
+    g, d = connect(vd, "lo")
+    assert g.features & bit(F_MTU)
+    d.post_rx(64)
+    src = mac_bytes(MAC1)
+    vlan = b"\x81\x00\x00\x05"
+
+    def tagged(n: int) -> bytes:
+        return BROADCAST + src + vlan + struct.pack(">H", 0x88B5) + payload(n - 18)
+
+    dropped = 0
+    for frame, ok in ((frame_to(BROADCAST, src, 1514), True), (frame_to(BROADCAST, src, 1515), False),
+                      (tagged(1518), True), (tagged(1519), False)):
+        d.send(frame)
+        if ok:
+            assert_same(d.recv(), frame)
+        else:
+            d.expect_nothing(wait=0.02)
+            dropped += 1
+    hdr, gso = tcp_gso_frame(BROADCAST, src, 9000)
+    d.send(gso, hdr)
+    assert_same(d.recv(), gso, hdr)
+    g.fe.request(Request.NET_SET_MTU, pack_u64(9000), ack=True)  # the front-end raises it
+    jumbo = frame_to(BROADCAST, src, 9014)
+    d.send(jumbo)
+    assert_same(d.recv(), jumbo)
+    assert vd.counter("lo", "rx_dropped") == dropped
+    g.close()
+    # A driver that did not take F_MTU is not bound by it.
+    g, d = connect(vd, "lo", features=ALL & ~bit(F_MTU))
+    d.post_rx(16)
+    big = frame_to(BROADCAST, src, 20000)
+    d.send(big)
+    assert_same(d.recv(), big)
     g.close()
 
 
@@ -511,7 +551,7 @@ def test_switch_port_disconnect_and_reconnect(net_vhostd):
 
 
 def test_malformed_tx_frames_are_dropped_and_counted(net_vhostd):
-    vd = net_vhostd([{"name": "lo", "backend": "loopback"}])
+    vd = net_vhostd([{"name": "lo", "backend": "loopback", "mtu": 65535}])
     g, d = connect(vd, "lo")
     d.post_rx(128)
     src = mac_bytes(MAC1)
@@ -654,7 +694,7 @@ def test_switch_port_that_shrinks_its_memory_breaks_only_itself(net_vhostd):
 def test_switch_sender_that_shrinks_its_memory_breaks_only_itself(net_vhostd):
     """The frame's own pages vanish while the switch copies it out: the
     sender's tx queue breaks, the receivers get nothing half-copied."""
-    vd = switch_ports(net_vhostd)
+    vd = switch_ports(net_vhostd, mtu=65535)
     (g1, d1), (g2, d2), (g3, d3) = (connect(vd, n) for n in ("p1", "p2", "p3"))
     for d in (d1, d2, d3):
         d.post_rx(32)
