@@ -511,6 +511,8 @@ int vd_queue_set_enable(vd_device *d, int i, int enable, char *err, size_t errle
     pthread_mutex_unlock(&q->lock);
     if (enable)
         vd_queue_poke(d, i);
+    else if (q->rx && d->rx_kick)
+        d->rx_kick(d->ctx, i); /* the device may move its rx work elsewhere */
     return 0;
 }
 

@@ -61,6 +61,7 @@ struct net_hdr {
 struct tap_port {
     struct vd_net *net;
     int qp;
+    int target; /* the rx pair this batch fills (tap_target) */
     int fd;
     int wake_fd;
     int stop;
@@ -76,6 +77,7 @@ struct vd_net {
     uint64_t features;
     int ctrl_queue;
     int active_pairs;
+    int pairs_set;      /* the driver sent VQ_PAIRS_SET since the last reset */
     uint32_t mtu;       /* what config space tells the driver (0: no limit) */
     uint8_t cfg_mac[6]; /* the configured MAC: p.mac follows MAC_ADDR_SET until a reset */
     uint8_t rx_mode[6]; /* promisc, allmulti, alluni, nomulti, nouni, nobcast (recorded) */
@@ -413,6 +415,35 @@ static void refault(void *addr)
 
 enum { RX_WAIT_BUFFERS, RX_FRAME, RX_DRAINED };
 
+/* Which rx pair the frames read from TAP queue `qp` go to.  Its own pair
+ * while the driver uses it; otherwise pair 0.  The kernel spreads flows over
+ * every queue of a multiqueue TAP, and a driver may use fewer pairs than the
+ * device has (VQ_PAIRS_SET, or a front-end such as QEMU that handles the
+ * control queue itself and disables the vrings of the pairs not in use):
+ * without this, the flows hashed to an unused queue would wait there for
+ * good.  Reads the other queue's state without its lock: a stale answer
+ * costs one more look (tap_rx_main), never a frame. */
+static int tap_target(vd_net *n, int qp)
+{
+    if (qp == 0)
+        return 0;
+    struct vd_queue *own = &n->dev->q[2 * qp];
+    int in_use = __atomic_load_n(&own->started, __ATOMIC_RELAXED) &&
+                 __atomic_load_n(&own->enabled, __ATOMIC_RELAXED) && !__atomic_load_n(&own->broken, __ATOMIC_RELAXED);
+    if (__atomic_load_n(&n->pairs_set, __ATOMIC_RELAXED) && qp >= __atomic_load_n(&n->active_pairs, __ATOMIC_RELAXED))
+        in_use = 0;
+    return in_use ? qp : 0;
+}
+
+static void tap_wake(vd_net *n, int qp)
+{
+    if (n->tap[qp].running) {
+        uint64_t one = 1;
+        if (write(n->tap[qp].wake_fd, &one, sizeof(one)) < 0) {
+        }
+    }
+}
+
 /* Move one frame from the TAP to the guest; q->lock held. */
 static int tap_rx_one(struct tap_port *t, struct vd_queue *q)
 {
@@ -426,13 +457,13 @@ static int tap_rx_one(struct tap_port *t, struct vd_queue *q)
     if (r < 0)
         return RX_DRAINED; /* EAGAIN */
     if ((size_t)r < n->hdr_len + ETH_HLEN) {
-        __atomic_add_fetch(&n->st[t->qp].rx_dropped, 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&n->st[t->target].rx_dropped, 1, __ATOMIC_RELAXED);
         return RX_FRAME;
     }
     struct iovec body = {t->buf + n->hdr_len, r - n->hdr_len};
     struct frame f = {.iov = &body, .niov = 1, .len = r - n->hdr_len};
     memcpy(&f.hdr, t->buf, n->hdr_len < sizeof(f.hdr) ? n->hdr_len : sizeof(f.hdr));
-    deliver(n, t->qp, &f, 1, NULL); /* the source is our own buffer */
+    deliver(n, t->target, &f, 1, NULL); /* the source is our own buffer */
     return RX_FRAME;
 }
 
@@ -441,7 +472,7 @@ static int tap_rx_one(struct tap_port *t, struct vd_queue *q)
 static int tap_rx_batch(void *arg)
 {
     struct tap_port *t = arg;
-    struct vd_queue *q = &t->net->dev->q[2 * t->qp];
+    struct vd_queue *q = &t->net->dev->q[2 * t->target];
     int r = RX_FRAME;
     for (int i = 0; i < TAP_BATCH && r == RX_FRAME; i++)
         r = tap_rx_one(t, q);
@@ -453,7 +484,7 @@ static int tap_rx_batch(void *arg)
 static void *tap_rx_main(void *arg)
 {
     struct tap_port *t = arg;
-    struct vd_queue *q = &t->net->dev->q[2 * t->qp];
+    vd_net *n = t->net;
     int can_read = 1;
     vd_block_signals();
 
@@ -471,22 +502,29 @@ static void *tap_rx_main(void *arg)
             break;
         if (!can_read || !(pfd[1].revents & POLLIN))
             continue;
+        int target = tap_target(n, t->qp);
+        struct vd_queue *q = &n->dev->q[2 * target];
         pthread_mutex_lock(&q->lock);
+        t->target = target;
         can_read = vd_run_guarded(q, tap_rx_batch, t);
         pthread_mutex_unlock(&q->lock);
+        if (!can_read && tap_target(n, t->qp) != target)
+            can_read = 1; /* the pair to fill changed meanwhile: look again rather than wait */
     }
     return NULL;
 }
 
+/* rx queue `queue` got buffers, or was enabled or disabled: wake the TAP
+ * readers that fill it, and its own (which may now fill another pair). */
 void vd_net_rx_kick(void *ctx, int queue)
 {
     vd_net *n = ctx;
     int qp = queue / 2;
-    if (n->p.backend == VD_NET_TAP && qp < n->p.nqp && n->tap[qp].running) {
-        uint64_t one = 1;
-        if (write(n->tap[qp].wake_fd, &one, sizeof(one)) < 0) {
-        }
-    }
+    if (n->p.backend != VD_NET_TAP || qp >= n->p.nqp)
+        return;
+    for (int i = 0; i < n->p.nqp; i++)
+        if (i == qp || tap_target(n, i) == qp)
+            tap_wake(n, i);
 }
 
 /* ---------------------------------------------------------------- tx */
@@ -556,7 +594,11 @@ static uint32_t ctrl_handle(vd_net *n, struct vd_req *req)
             vd_iov_read(req->iov, req->nout, 2, &pairs, 2);
             if (pairs >= 1 && pairs <= n->p.nqp) {
                 n->active_pairs = pairs;
+                n->pairs_set = 1;
                 ack = NET_OK;
+                if (n->p.backend == VD_NET_TAP) /* TAP readers of pairs now (un)used: look again */
+                    for (int i = 0; i < n->p.nqp; i++)
+                        tap_wake(n, i);
             }
         }
         break;
@@ -669,6 +711,7 @@ void vd_net_reset(vd_net *n)
     memcpy(n->p.mac, n->cfg_mac, 6);
     memset(n->rx_mode, 0, sizeof(n->rx_mode));
     n->active_pairs = 1;
+    n->pairs_set = 0;
 }
 
 void vd_net_set_mtu(vd_net *n, uint32_t mtu)
