@@ -134,6 +134,7 @@ class NetDriver:
         # per rx queue: head -> [(addr, len), ...] of the chain's writable buffers
         self._posted: list[dict[int, list[tuple[int, int]]]] = [{} for _ in range(pairs)]
         self._used: list[list] = [[] for _ in range(pairs)]
+        self._ids: list[dict[int, list[int]]] = [{} for _ in range(pairs)]  # head -> descriptor ids
 
     # ---------------------------------------------------------- rx
     def post_rx(self, count: int = 1, size: int = 1536, qp: int = 0, *, pieces: list[int] | None = None,
@@ -146,6 +147,7 @@ class NetDriver:
             lens = pieces or [size]
             head, addrs = q.add([], lens, kick=kick and i == count - 1)
             self._posted[qp][head] = list(zip(addrs, lens))
+            self._ids[qp][head] = list(q.chains[head])
             heads.append(head)
         return heads
 
@@ -155,7 +157,14 @@ class NetDriver:
         return len(self._posted[qp]) - len(self._used[qp])
 
     def _collect(self, qp: int) -> None:
-        self._used[qp] += self.rx[qp].poll_used()
+        q = self.rx[qp]
+        used = q.poll_used()
+        for u in used:
+            # poll_used gave the chain's descriptors back; a post_rx before
+            # recv() read the buffer would reuse them: hold them until then.
+            for i in self._ids[qp].get(u.head, []):
+                q.free.remove(i)
+        self._used[qp] += used
 
     def _read_buffer(self, qp: int, head: int, length: int) -> bytes:
         out = b""
@@ -199,6 +208,7 @@ class NetDriver:
             payload += self._read_buffer(qp, u.head, u.length)
         for u in used:
             del self._posted[qp][u.head]
+            self.rx[qp].free.extend(self._ids[qp].pop(u.head, []))
         return RxFrame(hdr, payload, [u.length for u in used], qp)
 
     def recv_all(self, qp: int = 0, settle: float = 0.05) -> list[RxFrame]:

@@ -1132,12 +1132,34 @@ def test_tap_offloads_follow_the_acked_features(netns, net_vhostd):  # netns fir
         pytest.skip("ethtool is not installed: the TAP offload flags were not checked")
 
 
-def test_tap_multiqueue(netns, net_vhostd):  # netns first: torn down after the daemon
-    vd = tap_daemon(net_vhostd, netns, tap="vtapmq", queues=2)
+def udp_flows_to_guest(netns: Netns, d: NetDriver, flows: int = 32) -> list[int]:
+    """Send one datagram from each of `flows` source ports in the namespace
+    to the guest; return how many arrived on each rx pair."""
+    netns.run(sys.executable, "-c", textwrap.dedent(f"""
+        import socket
+        for p in range({flows}):
+            s = socket.socket(2, 2); s.bind(("{HOST_IP}", 30000 + p)); s.sendto(b"flow", ("{GUEST_IP}", 9)); s.close()
+    """))
+    per_pair = [0] * d.pairs
+
+    def is_flow(frame: bytes) -> bool:
+        _, _, et, body = parse_eth(frame)
+        return et == ETH_P_IP and parse_ipv4(body)["proto"] == 17 and parse_ipv4(body)["payload"][8:] == b"flow"
+
+    for _ in range(flows):
+        rx = d.recv_match(is_flow, qp=tuple(range(d.pairs)), timeout=3)
+        per_pair[rx.qp] += 1
+    return per_pair
+
+
+def test_tap_multiqueue(netns, net_vhostd):
+    vd = tap_daemon(net_vhostd, netns, tap="vtapmq", queues=2, mtu=9000)
     assert "UP" in tap_flags(netns, "vtapmq")
+    assert "mtu 9000" in netns.run("ip", "-o", "link", "show", "vtapmq").stdout
     queues = netns.run("ls", "/sys/class/net/vtapmq/queues").stdout.split()
     assert {"tx-0", "tx-1", "rx-0", "rx-1"} <= set(queues), queues
     netns.run("ip", "addr", "add", f"{HOST_IP}/24", "dev", "vtapmq")
+    netns.run("ip", "neigh", "replace", GUEST_IP, "lladdr", GUEST_MAC, "dev", "vtapmq", "nud", "permanent")
     g, d = connect(vd, "t0", pairs=2)
     assert g.fe.get_queue_num() == 2
     assert d.ctrl(CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 2)) == NET_OK
@@ -1148,4 +1170,24 @@ def test_tap_multiqueue(netns, net_vhostd):  # netns first: torn down after the 
         arp_resolve(tg, qp=qp)
     st = vd.stats("t0")
     assert st[0]["tx_frames"] >= 1 and st[1]["tx_frames"] >= 1
+    # Both pairs in use: the kernel spreads 32 flows over both TAP queues.
+    spread = udp_flows_to_guest(netns, d)
+    assert sum(spread) == 32 and min(spread) > 0, spread
+    # The driver goes down to one pair: every flow reaches pair 0, none is
+    # stranded in the TAP queue of the unused pair.
+    assert d.ctrl(CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 1)) == NET_OK
+    assert udp_flows_to_guest(netns, d) == [32, 0]
+    g.close()
+    # A front-end that keeps the control queue to itself (QEMU) disables the
+    # unused pair's vrings instead.
+    g, d = connect(vd, "t0", pairs=2, ctrl=False)
+    for qp in (0, 1):
+        d.post_rx(32, qp=qp)
+    assert sum(udp_flows_to_guest(netns, d)) == 32
+    g.fe.set_vring_enable(2, False)
+    g.fe.set_vring_enable(3, False)
+    assert udp_flows_to_guest(netns, d) == [32, 0]
+    g.fe.set_vring_enable(2, True)
+    g.fe.set_vring_enable(3, True)
+    assert min(udp_flows_to_guest(netns, d)) > 0
     g.close()
