@@ -220,6 +220,14 @@ class NetDevice(Device):
     def set_mtu(self, mtu: int) -> None:
         if not 68 <= mtu <= 65535:
             raise ValueError(f"MTU {mtu} is outside 68..65535")
+        if self.tap_fds:
+            # The TAP is the other end of the guest's link: same MTU, as at creation
+            # (else the kernel sends frames the device must drop as too long).
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    fcntl.ioctl(s, SIOCSIFMTU, _ifreq(self.cfg.tap, struct.pack("i", mtu)))
+            except OSError as exc:
+                raise ValueError(f"cannot set the MTU of TAP {self.cfg.tap} to {mtu}: {exc.strerror}") from None
         self.mtu = mtu
         lib.vd_net_set_mtu(self._net, mtu)  # the receive limit follows what config space says
 
