@@ -949,6 +949,27 @@ def test_send_rarp_reaches_the_guest_on_loopback(net_vhostd):
     g.close()
 
 
+def test_send_rarp_on_a_switch_announces_the_mac(net_vhostd):
+    """After migration the front-end has vhostd announce the guest's MAC: the
+    other ports see the RARP, and the switch learns where the MAC now is."""
+    vd = switch_ports(net_vhostd)
+    (g1, d1), (g2, d2), (g3, d3) = (connect(vd, n) for n in ("p1", "p2", "p3"))
+    for d in (d1, d2, d3):
+        d.post_rx(8)
+    moved = mac_bytes("52:54:00:77:77:77")
+    g1.fe.request(Request.SEND_RARP, moved + b"\0\0", ack=True)
+    for d in (d2, d3):
+        dst, src, ethertype, _ = parse_eth(d.recv().frame)
+        assert (dst, src, ethertype) == (BROADCAST, moved, ETH_P_RARP)
+    d1.expect_nothing()
+    f = frame_to(moved, mac_bytes(MAC3), 100)
+    d3.send(f)
+    assert_same(d1.recv(), f)  # learned on p1: not flooded
+    d2.expect_nothing()
+    for g in (g1, g2, g3):
+        g.close()
+
+
 # ====================================================================== TAP in a network namespace
 
 GUEST_MAC = "52:54:00:00:99:02"
