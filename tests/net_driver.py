@@ -438,6 +438,8 @@ class Netns:
             raise NetNamespaceUnavailable("the ip command (iproute2) is not installed")
         if not os.path.exists("/dev/net/tun"):
             raise NetNamespaceUnavailable("/dev/net/tun does not exist")
+        if Netns._count == 0:
+            self._remove_stale(prefix)
         Netns._count += 1
         self.name = f"{prefix}-{os.getpid()}-{Netns._count}"
         p = subprocess.run(["ip", "netns", "add", self.name], capture_output=True, text=True)
@@ -447,6 +449,15 @@ class Netns:
             raise RuntimeError(f"ip netns add {self.name} failed: {p.stderr.strip()}")
         self.alive = True
         self.run("ip", "link", "set", "lo", "up")
+
+    @staticmethod
+    def _remove_stale(prefix: str) -> None:
+        """Namespaces left by test processes that died (PREFIX-PID-N, PID gone)."""
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            parts = line.split()[0].split("-") if line.strip() else []
+            if len(parts) == 3 and parts[0] == prefix and parts[1].isdigit() and not os.path.exists(f"/proc/{parts[1]}"):
+                subprocess.run(["ip", "netns", "del", line.split()[0]], capture_output=True)
 
     def prefix(self) -> list[str]:
         return ["ip", "netns", "exec", self.name]
