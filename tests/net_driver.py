@@ -456,7 +456,8 @@ class Netns:
         out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         for line in out.splitlines():
             parts = line.split()[0].split("-") if line.strip() else []
-            if len(parts) == 3 and parts[0] == prefix and parts[1].isdigit() and not os.path.exists(f"/proc/{parts[1]}"):
+            dead = len(parts) == 3 and parts[1].isdigit() and not os.path.exists(f"/proc/{parts[1]}")
+            if dead and parts[0] == prefix:
                 subprocess.run(["ip", "netns", "del", line.split()[0]], capture_output=True)
 
     def prefix(self) -> list[str]:

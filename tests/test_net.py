@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import signal
 import struct
 import subprocess
@@ -861,7 +860,10 @@ def test_multiqueue_loopback_two_pairs(net_vhostd):
         d.post_rx(16, qp=qp)
     for i in range(10):
         qp = i % 2
-        hdr, f = tcp_gso_frame(BROADCAST, src, 3000 + i * 100) if i % 3 == 0 else (NetHdr(), frame_to(BROADCAST, src, 100 + i, i))
+        if i % 3 == 0:
+            hdr, f = tcp_gso_frame(BROADCAST, src, 3000 + i * 100)
+        else:
+            hdr, f = NetHdr(), frame_to(BROADCAST, src, 100 + i, i)
         d.send(f, hdr, qp=qp)
         assert_same(d.recv(qp), f, hdr)  # back on the same pair
     d.expect_nothing(0)
