@@ -37,6 +37,8 @@ __all__ = [
     "DEVICE_TYPES",
     "LOG_LEVELS",
     "Problem",
+    "VmConfig",
+    "VmDeviceConfig",
     "load_config",
     "parse_size",
 ]
@@ -143,11 +145,60 @@ class NetDeviceConfig:
 DeviceConfig: TypeAlias = BlkDeviceConfig | NetDeviceConfig
 
 
+#: Guest RAM of a VM must end below its virtio-mmio window (0xd0000000).
+MIN_VM_MEMORY = 4 << 20
+MAX_VM_MEMORY = 3 << 30
+VM_MEMORY_ALIGN = 2 << 20
+MAX_VCPUS = 64
+MAX_VM_DEVICES = 16
+MAX_VM_ARGS = 255  # the boot info's cmdline field is 256 bytes with the NUL
+VM_DEVICE_TYPES = ("blk", "net")
+DEFAULT_VM_QUEUE_SIZE = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmDeviceConfig:
+    """One virtio-mmio device of a VM, served by a vhost-user back-end."""
+
+    type: str  # one of VM_DEVICE_TYPES
+    socket: str  # absolute path of the back-end's vhost-user socket
+    #: QueueNumMax offered to the guest.  Default: the queue_size of the
+    #: vhostd device of this config on the same socket, else 256.
+    queue_size: int = DEFAULT_VM_QUEUE_SIZE
+    line: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmConfig:
+    """A VM of the built-in VMM (vhostd/vmm): a guest-drivers payload
+    (ELF, guest-drivers/ABI.md) or a Linux kernel, and its devices."""
+
+    name: str
+    memory: int  # bytes of guest RAM
+    vcpus: int = 1
+    payload: str | None = None  # absolute path of the ELF program
+    kernel: str | None = None  # absolute path of a bzImage (instead of a payload)
+    cmdline: str = ""  # kernel command line
+    initrd: str | None = None
+    args: str = ""  # the payload's boot info cmdline
+    autostart: bool = False  # `vhostd serve` runs it next to the devices
+    devices: tuple[VmDeviceConfig, ...] = ()
+    line: int = field(default=0, compare=False)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     path: str  # absolute path of the config file
     daemon: DaemonConfig
     devices: tuple[DeviceConfig, ...]
+    vms: tuple[VmConfig, ...] = ()
+
+    def vm(self, name: str) -> VmConfig:
+        """The VM called `name`; KeyError if there is none."""
+        for vm in self.vms:
+            if vm.name == name:
+                return vm
+        raise KeyError(name)
 
 
 # --------------------------------------------------------------------------
@@ -830,6 +881,224 @@ def _check_across_devices(devs: list[_DeviceDraft], ctx: _Context) -> None:
 
 
 # --------------------------------------------------------------------------
+# VMs (the built-in VMM, vhostd/vmm)
+# --------------------------------------------------------------------------
+
+
+def _vm_memory(node: Node, ctx: _Context) -> int:
+    value = _size(1)(node, ctx)
+    if value % VM_MEMORY_ALIGN:
+        raise _Invalid(f"must be a multiple of {VM_MEMORY_ALIGN >> 20}M (the guest is mapped with 2 MiB pages), "
+                       f"got {_describe(node)}")
+    if not MIN_VM_MEMORY <= value <= MAX_VM_MEMORY:
+        raise _Invalid(f"must be from {MIN_VM_MEMORY >> 20}M to {MAX_VM_MEMORY >> 30}G, got {_describe(node)}")
+    return value
+
+
+def _text(limit: int | None, what: str) -> Callable[[Node, _Context], str]:
+    def parse(node: Node, ctx: _Context) -> str:
+        if _is(node, "null"):
+            return ""
+        if not isinstance(node, ScalarNode):
+            raise _Invalid(f"must be {what}, got {_describe(node)}")
+        value = node.value  # numbers and booleans are fine as text here
+        if "\0" in value:
+            raise _Invalid("must not contain a NUL character")
+        if limit is not None and len(value.encode()) > limit:
+            raise _Invalid(f"must be at most {limit} bytes, got {len(value.encode())}")
+        return value
+
+    return parse
+
+
+_VM_KEYS: dict[str, Key] = {
+    "name": Key(_name, help="a unique VM name"),
+    "memory": Key(_vm_memory, help="the guest RAM size, e.g. 256M"),
+    "vcpus": Key(_int_range(1, MAX_VCPUS), 1),
+    "payload": Key(_path, None),
+    "kernel": Key(_path, None),
+    "cmdline": Key(_text(None, "a kernel command line"), ""),
+    "initrd": Key(_path, None),
+    "args": Key(_text(MAX_VM_ARGS, "the payload's command line"), ""),
+    "autostart": Key(_bool, False),
+}
+#: Keys of a VM besides _VM_KEYS (parsed on their own).
+_VM_SPECIAL_KEYS = ("devices",)
+
+_VM_DEVICE_KEYS: dict[str, Key] = {
+    "type": Key(_choice(VM_DEVICE_TYPES), help=f"the virtio device type: {', '.join(VM_DEVICE_TYPES)}"),
+    "socket": Key(_socket_path, help="the vhost-user socket of the back-end"),
+    "queue_size": Key(_power_of_two(2, MAX_QUEUE_SIZE), None),
+}
+
+
+@dataclass
+class _VmDraft(_DeviceDraft):
+    devices: list["_VmDeviceDraft"] = field(default_factory=list)
+
+    def key(self, name: str) -> str:
+        return f"vms[{self.index}].{name}"
+
+    @property
+    def label(self) -> str:
+        name = self.values.get("name")
+        return f" (VM {name!r})" if name else ""
+
+
+@dataclass
+class _VmDeviceDraft(_DeviceDraft):
+    vm: _VmDraft | None = None
+
+    def key(self, name: str) -> str:
+        return f"vms[{self.vm.index}].devices[{self.index}].{name}"
+
+    @property
+    def label(self) -> str:
+        return self.vm.label
+
+
+def _parse_keys(draft: _DeviceDraft, items: dict[str, tuple[Node, Node]], table: dict[str, Key], path: str,
+                ctx: _Context, skip: tuple[str, ...] = ()) -> None:
+    """Parse every key of `items` with `table`, report unknown and missing
+    keys, fill in defaults."""
+    for name, (key_node, value_node) in items.items():
+        if name in skip or name in draft.values or name in draft.bad:
+            continue
+        spec = table.get(name)
+        if spec is None:
+            _unknown_key(ctx, key_node, path, name, [*table, *skip], draft.label)
+        else:
+            _parse_key(draft, name, (key_node, value_node), spec, ctx)
+    for name, spec in table.items():
+        if name in items:
+            continue
+        if spec.default is REQUIRED:
+            draft.bad.add(name)
+            draft.report(ctx, name, f"missing required key {name!r} ({spec.help})", node=draft.node)
+        else:
+            draft.values[name] = spec.default
+
+
+def _parse_vm(index: int, node: Node, ctx: _Context) -> _VmDraft | None:
+    path = f"vms[{index}]"
+    if not isinstance(node, MappingNode):
+        ctx.report(node, path, f"each VM must be a mapping of keys (name, memory, payload, ...), got {_describe(node)}")
+        return None
+    vm = _VmDraft(index, node)
+    items = _mapping_items(node, ctx, path)
+    for name, (_key_node, value_node) in items.items():
+        vm.nodes[name] = value_node
+    if "name" in items:  # first, so that later messages can mention it
+        _parse_key(vm, "name", items["name"], _VM_KEYS["name"], ctx)
+    _parse_keys(vm, items, _VM_KEYS, path, ctx, skip=_VM_SPECIAL_KEYS)
+    if "devices" in items:
+        vm.devices = _parse_vm_devices(vm, *items["devices"], ctx)
+    _finish_vm(vm, ctx)
+    return vm
+
+
+def _parse_vm_devices(vm: _VmDraft, key_node: Node, seq: Node, ctx: _Context) -> list[_VmDeviceDraft]:
+    if _is(seq, "null"):
+        return []
+    if not isinstance(seq, SequenceNode):
+        vm.bad.add("devices")
+        vm.report(ctx, "devices", f"must be a list of devices (each like '- {{type: blk, socket: PATH}}'), "
+                  f"got {_describe(seq)}", node=_value_line(key_node, seq))
+        return []
+    if len(seq.value) > MAX_VM_DEVICES:
+        vm.report(ctx, "devices", f"a VM has room for at most {MAX_VM_DEVICES} devices, got {len(seq.value)}")
+    out = []
+    for j, node in enumerate(seq.value):
+        path = f"{vm.key('devices')}[{j}]"
+        if not isinstance(node, MappingNode):
+            ctx.report(node, path, f"each device must be a mapping with 'type' and 'socket', got {_describe(node)}"
+                       + vm.label)
+            continue
+        dev = _VmDeviceDraft(j, node, vm=vm)
+        items = _mapping_items(node, ctx, path)
+        for name, (_key_node, value_node) in items.items():
+            dev.nodes[name] = value_node
+        _parse_keys(dev, items, _VM_DEVICE_KEYS, path, ctx)
+        out.append(dev)
+    return out
+
+
+def _finish_vm(vm: _VmDraft, ctx: _Context) -> None:
+    v = vm.values
+    payload, kernel = v.get("payload"), v.get("kernel")
+    if payload is None and kernel is None and not vm.bad & {"payload", "kernel"}:
+        vm.report(ctx, "payload", "missing key 'payload' (the guest program, an ELF file) or 'kernel' (a Linux bzImage)",
+                  node=vm.node)
+    elif payload is not None and kernel is not None:
+        vm.report(ctx, "kernel", "'payload' and 'kernel' exclude each other; give one of them")
+    if kernel is None and "kernel" not in vm.bad:
+        for key in ("cmdline", "initrd"):
+            if key in vm.nodes and v.get(key) not in (None, ""):
+                vm.report(ctx, key, f"'{key}' only applies with 'kernel'; a payload takes 'args'")
+    if payload is None and "payload" not in vm.bad and v.get("args"):
+        vm.report(ctx, "args", "'args' only applies with 'payload'; a kernel takes 'cmdline'")
+
+
+def _check_vm_files(vm: _VmDraft, ctx: _Context) -> None:
+    for key, what in (("payload", "payload"), ("kernel", "kernel"), ("initrd", "initrd")):
+        path = vm.values.get(key)
+        if path is None or not vm.ok(key):
+            continue
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            vm.report(ctx, key, f"{what} {path} does not exist")
+            continue
+        except OSError as e:
+            vm.report(ctx, key, f"cannot access {what} {path}: {e.strerror}")
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            vm.report(ctx, key, f"{what} {path} is not a regular file")
+        elif not os.access(path, os.R_OK):
+            vm.report(ctx, key, f"{what} {path} is not readable")
+
+
+def _check_across_vms(vms: list[_VmDraft], devs: list[_DeviceDraft], ctx: _Context) -> None:
+    names: dict[str, _VmDraft] = {}
+    for vm in vms:
+        name = vm.values.get("name")
+        if name is None or not vm.ok("name"):
+            continue
+        if name in names:
+            ctx.report(vm.nodes["name"], vm.key("name"),
+                       f"duplicate VM name {name!r}; already used by the VM on line {names[name].line}")
+        else:
+            names[name] = vm
+    # A VM device on the socket of a vhostd device of this file offers that
+    # device's queue size by default.
+    queue_sizes = {}
+    for d in devs:
+        if d.ok("socket") and "socket" in d.values and "queue_size" in d.values:
+            queue_sizes[os.path.realpath(d.values["socket"])] = d.values["queue_size"]
+    for vm in vms:
+        for dev in vm.devices:
+            if dev.values.get("queue_size") is None:
+                sock = dev.values.get("socket")
+                dev.values["queue_size"] = (queue_sizes.get(os.path.realpath(sock), DEFAULT_VM_QUEUE_SIZE)
+                                            if sock else DEFAULT_VM_QUEUE_SIZE)
+
+
+def _parse_vms(key_node: Node, seq: Node, ctx: _Context) -> list[_VmDraft]:
+    if _is(seq, "null"):
+        return []
+    if not isinstance(seq, SequenceNode):
+        ctx.report(_value_line(key_node, seq), "vms",
+                   f"must be a list of VMs (each starting with '- name: ...'), got {_describe(seq)}")
+        return []
+    return [vm for i, node in enumerate(seq.value) if (vm := _parse_vm(i, node, ctx)) is not None]
+
+
+def _build_vm(vm: _VmDraft) -> VmConfig:
+    devices = tuple(VmDeviceConfig(**d.values, line=d.line) for d in vm.devices)
+    return VmConfig(**vm.values, devices=devices, line=vm.line)
+
+
+# --------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------
 
@@ -837,7 +1106,8 @@ def _check_across_devices(devs: list[_DeviceDraft], ctx: _Context) -> None:
 def load_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
     """Read, parse and validate the config file at ``path``.
 
-    Relative ``socket`` and ``path`` values are resolved against the directory
+    Relative ``socket`` and ``path`` values (and a VM's ``payload``,
+    ``kernel`` and ``initrd``) are resolved against the directory
     holding the config file.  With ``check_files`` the image files and socket
     directories are looked at on disk as well.  Raises ConfigError listing all
     problems found.
@@ -858,17 +1128,25 @@ def load_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
 
     items = _mapping_items(root, ctx, "")
     for name, (key_node, _value) in items.items():
-        if name not in ("daemon", "devices"):
-            _unknown_key(ctx, key_node, "", name, ("daemon", "devices"))
+        if name not in ("daemon", "devices", "vms"):
+            _unknown_key(ctx, key_node, "", name, ("daemon", "devices", "vms"))
 
     daemon = _parse_daemon(items["daemon"][1] if "daemon" in items else None, ctx)
 
+    # VMs first: a file with VMs may leave out the devices (the VMs can use
+    # back-ends that are not vhostd's).
+    vms = _parse_vms(*items["vms"], ctx) if "vms" in items else []
+    has_vms = "vms" in items and isinstance(items["vms"][1], SequenceNode) and bool(items["vms"][1].value)
+
     drafts: list[_DeviceDraft] = []
     if "devices" not in items:
-        ctx.report(root, "devices", "missing required key 'devices' (the list of devices to serve)")
+        if not has_vms:
+            ctx.report(root, "devices", "missing required key 'devices' (the list of devices to serve)")
     else:
         key_node, seq = items["devices"]
-        if not isinstance(seq, SequenceNode):
+        if has_vms and (_is(seq, "null") or isinstance(seq, SequenceNode) and not seq.value):
+            pass
+        elif not isinstance(seq, SequenceNode):
             ctx.report(
                 _value_line(key_node, seq),
                 "devices",
@@ -883,18 +1161,21 @@ def load_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
                     drafts.append(dev)
 
     _check_across_devices(drafts, ctx)
+    _check_across_vms(vms, drafts, ctx)
     if check_files:
         for dev in drafts:
             _check_socket_file(dev, ctx)
             if dev.type is not None and dev.type.check_files is not None:
                 dev.type.check_files(dev, ctx)
+        for vm in vms:
+            _check_vm_files(vm, ctx)
 
     if ctx.problems:
         ctx.problems.sort(key=lambda p: p.line or 0)
         raise ConfigError(ctx.problems)
 
     devices = tuple(d.type.cls(**d.values, line=d.line) for d in drafts if d.type is not None)
-    return Config(path=abs_file, daemon=daemon, devices=devices)
+    return Config(path=abs_file, daemon=daemon, devices=devices, vms=tuple(_build_vm(vm) for vm in vms))
 
 
 def _compose(file: str, ctx: _Context) -> Node | None:
