@@ -1,4 +1,4 @@
-"""Command line: `vhostd serve` and `vhostd check`."""
+"""Command line: `vhostd serve`, `vhostd check` and `vhostd vm run`."""
 
 from __future__ import annotations
 
@@ -58,6 +58,63 @@ def cmd_serve(args) -> int:
         return 1
 
 
+def cmd_vm_run(args) -> int:
+    """Run one VM of the config in the foreground: the guest's serial console
+    on stdout, exit status = the guest's (value & 0xff); 124 when --timeout
+    ran out, 128+N when stopped by signal N, 1 when the VM cannot start."""
+    config = _load(args.config)
+    if config is None:
+        return 1
+    try:
+        vm_config = config.vm(args.name)
+    except KeyError:
+        names = ", ".join(vm.name for vm in config.vms) or "none"
+        print(f"{args.config}: no VM named {args.name!r} (VMs: {names})", file=sys.stderr)
+        return 1
+    _setup_logging(args.log_level or "warning")
+    import signal
+    import time
+
+    from vhostd.vmm import VirtualMachine, VmError
+
+    vm = VirtualMachine(vm_config)
+    stopped_by: list[int] = []
+
+    def on_signal(signum, frame):
+        stopped_by.append(signum)
+        vm.stop(None, f"stopped by signal {signum}")
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        vm.start()
+    except VmError as exc:
+        print(f"vhostd vm run: {exc}", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    timed_out = False
+    try:
+        while vm.wait(0.2) is None and vm.running:
+            if deadline is not None and time.monotonic() > deadline:
+                timed_out = True
+                vm.stop(None, f"timed out after {args.timeout:g} s")
+    finally:
+        vm.close()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    log = logging.getLogger("vhostd.vmm")
+    c = vm.counts
+    log.info("%s: %s; ran %.3f s; exits: %d pio, %d mmio, %d other", vm.name, vm.exit_reason, vm.run_time,
+             c.pio, c.mmio, c.other)
+    if stopped_by:
+        return 128 + stopped_by[0]
+    if timed_out:
+        print(f"vhostd vm run: {vm.name}: {vm.exit_reason}", file=sys.stderr)
+        return 124
+    if vm.exit_status is None:
+        return 1
+    return vm.exit_status & 0xFF
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vhostd", description="vhost-user device back-end daemon")
     parser.add_argument("--version", action="version", version=f"vhostd {__version__}")
@@ -71,6 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="validate a config file and exit")
     p.add_argument("--config", "-c", default=DEFAULT_CONFIG)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("vm", help="the built-in VMM")
+    vm_sub = p.add_subparsers(dest="vm_command", required=True)
+    p = vm_sub.add_parser("run", help="run one VM of the config in the foreground (console on stdout)")
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    p.add_argument("--timeout", type=float, default=None, help="stop the VM after this many seconds (exit 124)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("name", help="the VM's name in the config")
+    p.set_defaults(func=cmd_vm_run)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,0 +1,388 @@
+"""A VM: guest memory, vCPU threads running KVM_RUN, exit dispatch.
+
+    vm = VirtualMachine(vm_config, console=sink)   # nothing happens yet
+    vm.start()                                     # devices connect, vCPUs run
+    status = vm.wait()                             # the guest's exit status
+    vm.close()
+
+or ``VirtualMachine(...).run()`` for all of that.  ``stop()`` may be called
+from any thread (a signal handler's thread too).
+
+Exits the VMM handles (everything else needs no exit: virtio kicks are KVM
+ioeventfds, back-end interrupts KVM irqfds, the PIC/IOAPIC/LAPIC/PIT are in
+the kernel):
+
+* PIO 0x3f8-0x3ff: the 8250 UART (console output).
+* PIO 0x501: the exit device; `outl` ends the VM with that status.
+* PIO 0x502: the VMM's exception stubs (payload VMs): the VM ends with
+  status 255 and a description of the exception on the log.
+* MMIO 0xd0000000 + i * 0x1000: virtio-mmio device i.
+* Other ports read as all ones, writes to them are ignored; other MMIO
+  reads return all ones.
+* Triple fault (KVM_EXIT_SHUTDOWN), KVM internal errors, failed entries:
+  the VM ends with status 255 and the reason on the log.
+
+Stopping: `stop()` sets kvm_run.immediate_exit on every vCPU and sends each
+vCPU thread SIGURG.  The vCPU threads block SIGURG and give KVM a signal
+mask without it (KVM_SET_SIGNAL_MASK), so the signal only ever interrupts
+KVM_RUN; no handler is installed and SIGURG's default action is to be
+ignored, so nothing else in the process is disturbed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from vhostd.config import VmConfig
+from vhostd.vmm import boot, kvm
+from vhostd.vmm.uart import Console, Uart8250
+from vhostd.vmm.virtio_mmio import DEVICE_IDS, DeviceSetupError, VhostUserMmioDevice
+
+log = logging.getLogger("vhostd.vmm")
+
+KICK_SIGNAL = signal.SIGURG
+KVM_SET_SIGNAL_MASK = kvm._iow(0x8B, 4)
+assert KVM_SET_SIGNAL_MASK == 0x4004AE8B
+#: Status of a VM that crashed (exception, triple fault, KVM error).
+CRASH_STATUS = 255
+#: First GSI of the virtio-mmio devices: device i raises GSI 5 + i.
+FIRST_DEVICE_GSI = 5
+HYPERVISOR_TIMING_LEAF = 0x40000010
+KVM_SYSTEM_EVENT_SHUTDOWN, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_CRASH = 1, 2, 3
+
+
+class VmError(Exception):
+    """The VM cannot be built or started (bad payload, back-end missing...)."""
+
+
+@dataclass
+class ExitCounts:
+    pio: int = 0
+    mmio: int = 0
+    other: int = 0
+    by_port: dict[int, int] = field(default_factory=dict)
+
+
+def stdout_sink(data: bytes) -> None:
+    out = sys.stdout.buffer
+    out.write(data)
+    out.flush()
+
+
+class VirtualMachine:
+    def __init__(self, config: VmConfig, *, console: Callable[[bytes], None] = stdout_sink,
+                 populate: bool = True, connect_timeout: float = 10.0) -> None:
+        self.config = config
+        self.name = config.name
+        self.console = Console(console)
+        self.uart = Uart8250(self.console, boot.UART_PORT)
+        self.populate = populate
+        self.connect_timeout = connect_timeout
+        self.exit_status: int | None = None
+        self.exit_reason = ""
+        self.counts = ExitCounts()
+        self.started_at = self.stopped_at = 0.0
+        self._kvm: kvm.Kvm | None = None
+        self._vm: kvm.Vm | None = None
+        self.mem: kvm.GuestMemory | None = None
+        self.devices: list[VhostUserMmioDevice] = []
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._stop_lock = threading.Lock()
+        self._done = threading.Event()
+        self._closed = False
+
+    # ------------------------------------------------------------ build
+
+    def _build(self) -> None:
+        cfg = self.config
+        self._kvm = kvm.Kvm()
+        self._vm = vm = kvm.Vm(self._kvm)
+        vm.set_tss_addr(0xFFFBD000)
+        vm.set_identity_map_addr(0xFFFBC000)
+        vm.create_irqchip()
+        vm.create_pit2()
+        self.mem = kvm.GuestMemory(cfg.memory, name=f"vhostd-vm-{cfg.name}", populate=self.populate)
+        vm.add_memory(self.mem)
+        for i in range(cfg.vcpus):
+            vm.create_vcpu(i)
+        self._set_cpuid()
+
+        boot_devices = []
+        for i, dev in enumerate(cfg.devices):
+            base = boot.MMIO_BASE + i * boot.MMIO_STRIDE
+            gsi = FIRST_DEVICE_GSI + i
+            try:
+                d = VhostUserMmioDevice(vm=vm, mem=self.mem, slot=i, base=base, gsi=gsi, kind=dev.type,
+                                        socket=dev.socket, queue_size=dev.queue_size, name=cfg.name,
+                                        connect_timeout=self.connect_timeout)
+            except DeviceSetupError as e:
+                raise VmError(str(e)) from None
+            self.devices.append(d)
+            boot_devices.append(boot.BootDevice(base, DEVICE_IDS[dev.type], gsi))
+            log.info("%s: virtio-mmio %s at %#x (gsi %d) -> %s: %d queue(s), features %#x, protocol %#x",
+                     cfg.name, dev.type, base, gsi, dev.socket, d.num_queues, d.device_features, d.protocol)
+
+        bsp = vm.vcpus[0]
+        try:
+            if cfg.payload is not None:
+                data = _read(cfg.payload, "payload")
+                p = boot.setup_payload(self.mem, bsp, data, cfg.args, boot_devices, name=cfg.payload)
+                log.info("%s: payload %s: entry %#x, image [%#x, %#x), free RAM from %#x", cfg.name, cfg.payload,
+                         p.entry, p.image_start, p.image_end, p.free_start)
+            elif cfg.kernel is not None:
+                cmdline = cfg.cmdline
+                for i, b in enumerate(boot_devices):
+                    cmdline += f" virtio_mmio.device=4K@{b.mmio_base:#x}:{b.irq}"
+                initrd = _read(cfg.initrd, "initrd") if cfg.initrd else None
+                img = boot.setup_linux(self.mem, bsp, _read(cfg.kernel, "kernel"), cmdline.strip(), initrd)
+                log.info("%s: kernel %s at %#x, entry %#x, cmdline %r", cfg.name, cfg.kernel, img.load_addr,
+                         img.entry, cmdline.strip())
+            else:
+                raise VmError(f"{cfg.name}: neither a payload nor a kernel to boot")
+        except boot.BootError as e:
+            raise VmError(f"{cfg.name}: {e}") from None
+
+    def _set_cpuid(self) -> None:
+        entries = self._kvm.supported_cpuid()
+        tsc_khz = self._vm.vcpus[0].tsc_khz()
+        for vcpu in self._vm.vcpus:
+            mine = []
+            for e in entries:
+                e = kvm.kvm_cpuid_entry2.from_buffer_copy(e)
+                if e.function == 1:
+                    e.ebx = (e.ebx & 0x00FFFFFF) | (vcpu.index << 24)  # initial APIC ID
+                elif e.function in (0xB, 0x1F):
+                    e.edx = vcpu.index  # x2APIC ID
+                elif e.function == 0x40000000 and tsc_khz:
+                    e.eax = max(e.eax, HYPERVISOR_TIMING_LEAF)
+                mine.append(e)
+            if tsc_khz:
+                # The "hypervisor timing" leaf: TSC and bus frequency in kHz
+                # (the guest-drivers runtime reads the TSC rate here).
+                mine.append(kvm.kvm_cpuid_entry2(function=HYPERVISOR_TIMING_LEAF, eax=tsc_khz, ebx=1000000))
+            vcpu.set_cpuid(mine)
+
+    # ------------------------------------------------------------ run
+
+    def start(self) -> None:
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        self.started_at = time.monotonic()
+        for vcpu in self._vm.vcpus:
+            t = threading.Thread(target=self._vcpu_thread, args=(vcpu,), name=f"{self.name}-vcpu{vcpu.index}",
+                                 daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait until the VM has stopped; returns its exit status (None: still
+        running after `timeout`, or stopped from the host)."""
+        if not self._done.wait(timeout):
+            return None
+        for t in self._threads:
+            t.join()
+        self.console.flush()
+        return self.exit_status
+
+    def stop(self, status: int | None = None, reason: str = "stopped by the host") -> None:
+        """End the VM (idempotent; the first call's status wins)."""
+        with self._stop_lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            self.exit_status = status
+            self.exit_reason = reason
+            self.stopped_at = time.monotonic()
+            if self._vm is not None:
+                for vcpu in self._vm.vcpus:
+                    if vcpu.run is not None:
+                        vcpu.run.immediate_exit = 1
+                for t in self._threads:
+                    if t.ident is not None and t.is_alive():
+                        try:
+                            signal.pthread_kill(t.ident, KICK_SIGNAL)
+                        except (ProcessLookupError, OSError):
+                            pass
+        self._done.set()
+
+    @property
+    def running(self) -> bool:
+        return bool(self._threads) and not self._done.is_set()
+
+    @property
+    def run_time(self) -> float:
+        end = self.stopped_at or time.monotonic()
+        return end - self.started_at if self.started_at else 0.0
+
+    def run(self) -> int | None:
+        """start(), wait(), close(); returns the exit status."""
+        self.start()
+        try:
+            return self.wait()
+        finally:
+            self.stop()
+            self.close()
+
+    def close(self) -> None:
+        """Release everything (stops the VM first if it still runs)."""
+        if self._closed:
+            return
+        self.stop(self.exit_status, self.exit_reason or "closed")
+        for t in self._threads:
+            t.join()
+        self.console.flush()
+        self._closed = True
+        for d in self.devices:
+            d.close()
+        self.devices.clear()
+        if self._vm is not None:
+            self._vm.close()
+        if self.mem is not None:
+            self.mem.close()
+        if self._kvm is not None:
+            self._kvm.close()
+
+    # ------------------------------------------------------------ vCPU thread
+
+    def _vcpu_thread(self, vcpu: kvm.Vcpu) -> None:
+        try:
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
+            _set_kvm_signal_mask(vcpu, old - {KICK_SIGNAL})
+            self._vcpu_loop(vcpu)
+        except Exception as e:  # a VMM bug or a KVM failure: end the VM, say why
+            log.exception("%s: vCPU %d failed", self.name, vcpu.index)
+            self.stop(CRASH_STATUS, f"vCPU {vcpu.index} failed: {e}")
+
+    def _vcpu_loop(self, vcpu: kvm.Vcpu) -> None:
+        # The hot path: locals only.  The ctypes views of kvm_run's exit union
+        # share the mmap'ed page, so they are made once.
+        run = vcpu.run
+        io, mmio = run.u.io, run.u.mmio
+        counts = self.counts
+        run_once, pio, mmio_exit = vcpu.run_once, self._pio, self._mmio
+        EXIT_IO, EXIT_MMIO, EXIT_INTR = kvm.KVM_EXIT_IO, kvm.KVM_EXIT_MMIO, kvm.KVM_EXIT_INTR
+        while not self._stopping:
+            reason = run_once()
+            if reason == EXIT_IO:
+                counts.pio += 1
+                pio(vcpu, io)
+            elif reason == EXIT_MMIO:
+                counts.mmio += 1
+                mmio_exit(mmio)
+            elif reason < 0 or reason == EXIT_INTR:
+                _take_kick_signal()
+            else:
+                counts.other += 1
+                self._other_exit(vcpu, run, reason)
+
+    def _pio(self, vcpu: kvm.Vcpu, io: kvm.kvm_run_io) -> None:
+        port, size, count = io.port, io.size, io.count
+        addr = vcpu.run_addr + io.data_offset
+        n = size * count
+        if io.direction == kvm.KVM_EXIT_IO_OUT:
+            data = ctypes.string_at(addr, n)
+            if self.uart.handles(port):
+                if size == 1:
+                    self.uart.write(port, data)
+                else:
+                    for i in range(count):
+                        self.uart.write(port, data[i * size:(i + 1) * size])
+            elif port == boot.EXIT_PORT:
+                value = int.from_bytes(data[:size], "little")
+                self.stop(value, f"the guest wrote {value:#x} to the exit port")
+            elif port == boot.EXCEPTION_PORT and self.config.payload is not None:
+                what = boot.describe_exception(vcpu, self.mem, data[0])
+                log.error("%s: %s", self.name, what)
+                self.stop(CRASH_STATUS, what)
+            else:
+                c = self.counts.by_port
+                c[port] = c.get(port, 0) + 1
+        else:
+            if self.uart.handles(port):
+                value = self.uart.read(port, size) * count
+            else:
+                value = b"\xff" * n
+            ctypes.memmove(addr, value, n)
+
+    def _mmio(self, m: kvm.kvm_run_mmio) -> None:
+        gpa, length = m.phys_addr, m.len
+        index, offset = divmod(gpa - boot.MMIO_BASE, boot.MMIO_STRIDE)
+        dev = self.devices[index] if gpa >= boot.MMIO_BASE and index < len(self.devices) else None
+        if m.is_write:
+            if dev is not None:
+                dev.write(offset, bytes(m.data[:length]))
+        else:
+            data = dev.read(offset, length) if dev is not None else b"\xff" * length
+            ctypes.memmove(ctypes.addressof(m.data), data, length)
+
+    def _other_exit(self, vcpu: kvm.Vcpu, run: kvm.kvm_run, reason: int) -> None:
+        name = kvm.EXIT_NAMES.get(reason, str(reason))
+        if reason == kvm.KVM_EXIT_SYSTEM_EVENT:
+            kind = run.u.system_event.type
+            if kind == KVM_SYSTEM_EVENT_SHUTDOWN:
+                self.stop(0, "the guest powered off")
+            elif kind == KVM_SYSTEM_EVENT_RESET:
+                self.stop(0, "the guest asked for a reset (not supported: stopped)")
+            else:
+                self._crash(vcpu, f"system event {kind}")
+        elif reason == kvm.KVM_EXIT_HLT:
+            self.stop(0, "the guest halted")
+        elif reason == kvm.KVM_EXIT_SHUTDOWN:
+            self._crash(vcpu, "triple fault (KVM_EXIT_SHUTDOWN)")
+        elif reason == kvm.KVM_EXIT_INTERNAL_ERROR:
+            it = run.u.internal
+            data = " ".join(f"{x:#x}" for x in it.data[:min(it.ndata, 16)])
+            self._crash(vcpu, f"KVM internal error, suberror {it.suberror} [{data}]")
+        elif reason == kvm.KVM_EXIT_FAIL_ENTRY:
+            self._crash(vcpu, f"VM entry failed, reason {run.u.fail_entry.hardware_entry_failure_reason:#x}")
+        else:
+            self._crash(vcpu, f"unexpected exit {name}")
+
+    def _crash(self, vcpu: kvm.Vcpu, what: str) -> None:
+        try:
+            r = vcpu.get_regs()
+            s = vcpu.get_sregs()
+            where = f" at rip {r.rip:#x} (cs {s.cs.selector:#x} rsp {r.rsp:#x} cr2 {s.cr2:#x})"
+        except OSError:
+            where = ""
+        text = f"vCPU {vcpu.index}: {what}{where}"
+        log.error("%s: %s", self.name, text)
+        self.stop(CRASH_STATUS, text)
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise VmError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def _set_kvm_signal_mask(vcpu: kvm.Vcpu, signals: set) -> None:
+    """The signal mask in force while the vCPU is in KVM_RUN."""
+    mask = 0
+    for s in signals:
+        mask |= 1 << (int(s) - 1)
+    buf = ctypes.create_string_buffer(struct.pack("<IQ", 8, mask), 12)
+    kvm._ioctl(vcpu.fd, KVM_SET_SIGNAL_MASK, buf, "KVM_SET_SIGNAL_MASK")
+
+
+def _take_kick_signal() -> None:
+    """Consume a pending kick signal (it stays pending while blocked)."""
+    try:
+        signal.sigtimedwait({KICK_SIGNAL}, 0)
+    except OSError:
+        pass
