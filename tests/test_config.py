@@ -1090,3 +1090,197 @@ def test_net_defaults(tmp_path):
     (dev,) = load_config(path).devices
     assert (dev.queues, dev.mtu, dev.queue_size, dev.offloads) == (1, 1500, 256, True)
     assert dev.mac == config_mod.default_mac("l0") and dev.mac.startswith("52:54:00:")
+
+
+# --------------------------------------------------------------------------
+# vms: the built-in VMM
+# --------------------------------------------------------------------------
+
+from vhostd.config import VmConfig, VmDeviceConfig  # noqa: E402
+
+
+def vm_config(tmp_path: Path, text: str, *, payload: bool = True) -> Path:
+    if payload:
+        (tmp_path / "prog.elf").write_bytes(b"\x7fELF")
+    return write(tmp_path, text)
+
+
+def test_vm_minimal_gets_defaults_and_needs_no_devices_section(tmp_path):
+    path = vm_config(tmp_path, """
+        vms:
+          - name: vm0
+            memory: 64M
+            payload: prog.elf
+        """)
+    cfg = load_config(path)
+    assert cfg.devices == ()
+    assert cfg.vms == (VmConfig(name="vm0", memory=64 << 20, vcpus=1, payload=str(tmp_path / "prog.elf"),
+                                kernel=None, cmdline="", initrd=None, args="", autostart=False, devices=()),)
+    assert cfg.vms[0].line == 2
+    assert cfg.vm("vm0") is cfg.vms[0]
+    with pytest.raises(KeyError):
+        cfg.vm("other")
+
+
+def test_vm_all_keys_are_read(tmp_path):
+    image(tmp_path / "d.img")
+    (tmp_path / "bzImage").write_bytes(b"k")
+    (tmp_path / "initrd.gz").write_bytes(b"i")
+    path = vm_config(tmp_path, """
+        devices:
+          - {name: d, type: blk, socket: d.sock, path: d.img, queue_size: 128}
+        vms:
+          - name: a
+            memory: 1G
+            vcpus: 2
+            payload: prog.elf
+            args: net=loopback seed=7
+            autostart: true
+            devices:
+              - {type: blk, socket: d.sock}
+              - type: net
+                socket: /tmp/other.sock
+                queue_size: 1024
+          - name: b
+            memory: 256M
+            kernel: bzImage
+            cmdline: earlyprintk=serial,ttyS0 nokaslr
+            initrd: initrd.gz
+        """)
+    a, b = load_config(path).vms
+    assert (a.memory, a.vcpus, a.args, a.autostart) == (1 << 30, 2, "net=loopback seed=7", True)
+    assert a.devices == (
+        # the vhostd device on the same socket sets the default queue size
+        VmDeviceConfig(type="blk", socket=str(tmp_path / "d.sock"), queue_size=128),
+        VmDeviceConfig(type="net", socket="/tmp/other.sock", queue_size=1024),
+    )
+    assert [d.line for d in a.devices] == [11, 12]
+    assert (b.kernel, b.initrd, b.cmdline, b.payload) == (str(tmp_path / "bzImage"), str(tmp_path / "initrd.gz"),
+                                                          "earlyprintk=serial,ttyS0 nokaslr", None)
+
+
+def test_vm_device_queue_size_defaults_to_256_for_foreign_backends(tmp_path):
+    path = vm_config(tmp_path, """
+        vms:
+          - {name: a, memory: 8M, payload: prog.elf, devices: [{type: blk, socket: /run/qsd.sock}]}
+        """)
+    assert load_config(path).vms[0].devices[0].queue_size == 256
+
+
+def test_vm_key_tables_agree_with_dataclass_defaults():
+    declared = {f.name: f.default for f in dataclasses.fields(VmConfig)}
+    assert set(declared) - set(config_mod._VM_KEYS) == {"devices", "line"}
+    for key, spec in config_mod._VM_KEYS.items():
+        if spec.default is config_mod.REQUIRED:
+            assert declared[key] is dataclasses.MISSING, key
+        else:
+            assert declared[key] == spec.default, key
+    declared = {f.name for f in dataclasses.fields(VmDeviceConfig)}
+    assert declared - set(config_mod._VM_DEVICE_KEYS) == {"line"}
+
+
+@pytest.mark.parametrize(
+    "lines, key, message",
+    [
+        ("memory: 3M", "memory", "must be a multiple of 2M (the guest is mapped with 2 MiB pages), got '3M'"),
+        ("memory: 2M", "memory", "must be from 4M to 3G, got '2M'"),
+        ("memory: 4G", "memory", "must be from 4M to 3G, got '4G'"),
+        ("memory: lots", "memory", "must be a positive size in bytes"),
+        ("vcpus: 0", "vcpus", "must be an integer from 1 to 64, got 0"),
+        ("autostart: yes please", "autostart", "must be true or false, got 'yes please'"),
+        ("args: " + "x" * 256, "args", "must be at most 255 bytes, got 256"),
+        ("cmdline: quiet", "cmdline", "'cmdline' only applies with 'kernel'; a payload takes 'args'"),
+        ("initrd: prog.elf", "initrd", "'initrd' only applies with 'kernel'; a payload takes 'args'"),
+        ("kernel: prog.elf", "kernel", "'payload' and 'kernel' exclude each other; give one of them"),
+        ("memroy: 8M", "memroy", "unknown key 'memroy' (did you mean 'memory'?)"),
+        ("devices: {type: blk}", "devices", "must be a list of devices (each like '- {type: blk, socket: PATH}'), "
+                                            "got a mapping"),
+    ],
+)
+def test_vm_errors(tmp_path, lines, key, message):
+    path = vm_config(tmp_path, """
+        vms:
+          - name: vm0
+            memory: 8M
+            payload: prog.elf
+        """)
+    text = path.read_text()
+    first, rest = lines.split(":", 1)
+    if first == "memory":
+        text = text.replace("    memory: 8M\n", f"    {lines}\n")
+    else:
+        text += f"    {lines}\n"
+    path.write_text(text)
+    p = only_problem(path)
+    assert p.key == f"vms[0].{key}"
+    assert p.line == line_of(path, lines[:30])
+    assert p.message.startswith(message), p.message
+    assert p.message.endswith(" (VM 'vm0')")
+
+
+def test_vm_device_errors_name_the_device_path(tmp_path):
+    path = vm_config(tmp_path, """
+        vms:
+          - name: vm0
+            memory: 8M
+            payload: prog.elf
+            devices:
+              - {type: blk, socket: a.sock}
+              - {type: scsi, socket: b.sock}
+              - {type: net}
+              - {type: blk, socket: c.sock, sockt: x}
+              - just a string
+        """)
+    got = {(p.line, p.key): p.message for p in problems(path)}
+    assert got == {
+        (7, "vms[0].devices[1].type"): "must be one of blk, net, got 'scsi' (VM 'vm0')",
+        (8, "vms[0].devices[2].socket"): "missing required key 'socket' (the vhost-user socket of the back-end) "
+                                         "(VM 'vm0')",
+        (9, "vms[0].devices[3].sockt"): "unknown key 'sockt' (did you mean 'socket'?) (VM 'vm0')",
+        (10, "vms[0].devices[4]"): "each device must be a mapping with 'type' and 'socket', got 'just a string' "
+                                   "(VM 'vm0')",
+    }
+
+
+def test_vm_needs_a_payload_or_kernel_and_a_unique_name(tmp_path):
+    path = vm_config(tmp_path, """
+        vms:
+          - name: vm0
+            memory: 8M
+          - name: vm0
+            memory: 8M
+            payload: prog.elf
+          - memory: 8M
+            payload: prog.elf
+        """)
+    got = {(p.line, p.key): p.message for p in problems(path)}
+    assert got == {
+        (2, "vms[0].payload"): "missing key 'payload' (the guest program, an ELF file) or 'kernel' "
+                               "(a Linux bzImage) (VM 'vm0')",
+        (4, "vms[1].name"): "duplicate VM name 'vm0'; already used by the VM on line 2",
+        (7, "vms[2].name"): "missing required key 'name' (a unique VM name)",
+    }
+
+
+def test_vm_files_are_checked(tmp_path):
+    (tmp_path / "dir").mkdir()
+    path = vm_config(tmp_path, """
+        vms:
+          - {name: a, memory: 8M, payload: missing.elf}
+          - {name: b, memory: 8M, kernel: dir, initrd: gone.img}
+        """, payload=False)
+    got = {(p.line, p.key): p.message for p in problems(path)}
+    assert got == {
+        (2, "vms[0].payload"): f"payload {tmp_path / 'missing.elf'} does not exist (VM 'a')",
+        (3, "vms[1].kernel"): f"kernel {tmp_path / 'dir'} is not a regular file (VM 'b')",
+        (3, "vms[1].initrd"): f"initrd {tmp_path / 'gone.img'} does not exist (VM 'b')",
+    }
+    assert load_config(path, check_files=False).vms[0].payload == str(tmp_path / "missing.elf")
+
+
+def test_vms_must_be_a_list_and_devices_stay_required_without_vms(tmp_path):
+    p = problems(write(tmp_path, "vms: {name: a}\n"))[0]
+    assert (p.line, p.key) == (1, "vms")
+    assert p.message == "must be a list of VMs (each starting with '- name: ...'), got a mapping"
+    p = only_problem(write(tmp_path, "vms: []\n"))
+    assert p.message == "missing required key 'devices' (the list of devices to serve)"
