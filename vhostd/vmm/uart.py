@@ -9,6 +9,7 @@ CTS).  The divisor latch is accepted and ignored.  No interrupts, no input.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Callable
 
@@ -22,10 +23,19 @@ class Console:
     line is flushed by flush(), e.g. when the VM stops)."""
 
     def __init__(self, sink: Callable[[bytes], None], *, max_line: int = 4096) -> None:
-        self.sink = sink
+        self.sink: Callable[[bytes], None] | None = sink
         self.max_line = max_line
         self._buf = bytearray()
         self._lock = threading.Lock()
+
+    def _emit(self, data: bytes) -> None:
+        if self.sink is None:
+            return
+        try:
+            self.sink(data)
+        except OSError as e:  # e.g. stdout closed: the guest runs on without a console
+            logging.getLogger("vhostd.vmm").warning("console output lost from now on: %s", e)
+            self.sink = None
 
     def write(self, data: bytes) -> None:
         with self._lock:
@@ -36,14 +46,14 @@ class Console:
                 del self._buf[:cut]
             else:
                 return
-        self.sink(out)
+        self._emit(out)
 
     def flush(self) -> None:
         with self._lock:
             out = bytes(self._buf)
             self._buf.clear()
         if out:
-            self.sink(out)
+            self._emit(out)
 
 
 class Uart8250:

@@ -17,6 +17,8 @@ the kernel):
 * PIO 0x502: the VMM's exception stubs (payload VMs): the VM ends with
   status 255 and a description of the exception on the log.
 * MMIO 0xd0000000 + i * 0x1000: virtio-mmio device i.
+* The boot info cmdline of a payload gets ``tsc_khz=N`` appended (see
+  payload_args).
 * Other ports read as all ones, writes to them are ignored; other MMIO
   reads return all ones.
 * Triple fault (KVM_EXIT_SHUTDOWN), KVM internal errors, failed entries:
@@ -136,7 +138,8 @@ class VirtualMachine:
         try:
             if cfg.payload is not None:
                 data = _read(cfg.payload, "payload")
-                p = boot.setup_payload(self.mem, bsp, data, cfg.args, boot_devices, name=cfg.payload)
+                args = self.payload_args(cfg.args, bsp.tsc_khz())
+                p = boot.setup_payload(self.mem, bsp, data, args, boot_devices, name=cfg.payload)
                 log.info("%s: payload %s: entry %#x, image [%#x, %#x), free RAM from %#x", cfg.name, cfg.payload,
                          p.entry, p.image_start, p.image_end, p.free_start)
             elif cfg.kernel is not None:
@@ -151,6 +154,17 @@ class VirtualMachine:
                 raise VmError(f"{cfg.name}: neither a payload nor a kernel to boot")
         except boot.BootError as e:
             raise VmError(f"{cfg.name}: {e}") from None
+
+    @staticmethod
+    def payload_args(args: str, tsc_khz: int) -> str:
+        """The boot info cmdline: the config's args, plus ``tsc_khz=N``
+        (KVM_GET_TSC_KHZ) unless args set it.  Programs cannot learn the TSC
+        rate from CPUID under PVM, where CPUID at CPL3 is the host's
+        (guest-drivers/README.md asks the VMM to pass it)."""
+        if not tsc_khz or any(w.startswith("tsc_khz=") for w in args.split()):
+            return args
+        extended = f"{args} tsc_khz={tsc_khz}".strip()
+        return extended if len(extended.encode()) < boot.BOOT_CMDLINE_SIZE else args
 
     def _set_cpuid(self) -> None:
         entries = self._kvm.supported_cpuid()
