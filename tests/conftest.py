@@ -364,3 +364,15 @@ _pytest_configure_before_net = pytest_configure
 def pytest_configure(config):  # noqa: F811 - extends the hook defined above
     _pytest_configure_before_net(config)
     config.addinivalue_line("markers", "dpdk: uses DPDK dpdk-testpmd as vhost-user-net peer")
+
+
+# ======================================================================
+# vhostd's VMM (tests/test_vmm.py): KVM guests; skipped when /dev/kvm is absent.
+# ======================================================================
+
+_pytest_configure_before_kvm = pytest_configure
+
+
+def pytest_configure(config):  # noqa: F811 - extends the hook defined above
+    _pytest_configure_before_kvm(config)
+    config.addinivalue_line("markers", "kvm: runs a guest under vhostd's VMM (needs /dev/kvm)")
