@@ -452,3 +452,42 @@ def test_linux_reaches_its_early_console(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+# ----------------------------------------------------------------------------- vhostd serve with autostart VMs
+
+
+def test_serve_runs_autostart_vms_next_to_its_devices(probe_elf, tmp_path, sockdir):
+    """VMs with autostart: true run inside `vhostd serve`, on the devices it
+    serves; their console goes to the log; SIGTERM stops the VMs too."""
+    cfg = tmp_path / "vhostd.yaml"
+    sock = os.path.join(sockdir, "d0.sock")
+    cfg.write_text(yaml.safe_dump({
+        "devices": [{"name": "d0", "type": "blk", "socket": sock, "path": "d0.img", "size": "2M"}],
+        "vms": [
+            {"name": "probe", "memory": "8M", "payload": str(probe_elf), "args": "exit=9", "autostart": True,
+             "devices": [{"type": "blk", "socket": sock}]},
+            {"name": "spinner", "memory": "8M", "payload": str(probe_elf), "args": "spin=1", "autostart": True},
+            {"name": "manual", "memory": "8M", "payload": str(probe_elf)},
+        ],
+    }, sort_keys=False))
+    log_path = tmp_path / "vhostd.log"
+    with open(log_path, "wb") as log:
+        p = subprocess.Popen([sys.executable, "-m", "vhostd", "serve", "--config", str(cfg)], stdout=log,
+                             stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 15
+        while "probe: VM ended" not in log_path.read_text() or "spinner: console: probe: hello" not in log_path.read_text():
+            assert p.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(15) == 0, log_path.read_text()
+    finally:
+        p.kill()
+        p.wait()
+    text = log_path.read_text()
+    assert "probe: console: probe: dev0 base=0xd0000000 irq=5 magic=0x74726976 version=2 id=2 capacity=4096" in text
+    assert "probe: VM ended: the guest wrote 0x9 to the exit port (status 9" in text
+    assert "spinner: VM ended: stopped by the host" in text
+    assert "manual" not in text
+    assert "Traceback" not in text

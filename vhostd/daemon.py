@@ -82,9 +82,23 @@ async def serve(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)
     loop.add_signal_handler(signal.SIGUSR1, daemon.log_stats)
+    vms = []
     try:
+        autostart = [vm for vm in config.vms if vm.autostart]
+        if autostart:
+            # The built-in VMM: each VM runs on its own threads and connects
+            # to the sockets this loop serves.
+            from vhostd.vmm import start_vms
+
+            vms = start_vms(autostart, log=log)
         await daemon.wait()
         log.info("stopping")
     finally:
+        if vms:
+            from vhostd.vmm import stop_vms
+
+            # Off the loop: a vCPU may be waiting for an answer from a device
+            # this loop serves.
+            await loop.run_in_executor(None, stop_vms, vms)
         daemon.close()
     return 0
