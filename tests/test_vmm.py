@@ -491,3 +491,22 @@ def test_serve_runs_autostart_vms_next_to_its_devices(probe_elf, tmp_path, sockd
     assert "spinner: VM ended: stopped by the host" in text
     assert "manual" not in text
     assert "Traceback" not in text
+
+
+def test_selftest_garbage_makes_devices_need_reset_and_vhostd_survives(selftest_elf, tmp_path, daemon):
+    """Malformed rings: vhostd breaks the queue and signals its error eventfd;
+    the VMM turns that into DEVICE_NEEDS_RESET, which the guest reads."""
+    vd = daemon([{"name": "d0", "type": "blk", "path": "d0.img", "size": "4M"},
+                 {"name": "n0", "type": "net", "backend": "loopback"}])
+    cfg = write_vm_config(tmp_path / "vm.yaml", [{
+        "name": "g", "memory": "64M", "payload": str(selftest_elf), "args": "garbage=all garbage_wait_ms=300",
+        "devices": [{"type": "blk", "socket": vd.socket("d0")}, {"type": "net", "socket": vd.socket("n0")}],
+    }])
+    r = vm_run(cfg, "g")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SELFTEST GARBAGE DONE devices=2" in r.stdout
+    for dev in ("blk0", "net0"):
+        line = next(l for l in r.stdout.splitlines() if l.startswith(f"garbage: {dev}: used_idx="))
+        assert int(line.split("device_status=")[1], 16) & 0x40, line
+    assert "the back-end reported an error on queue" in r.stderr
+    assert vd.alive()

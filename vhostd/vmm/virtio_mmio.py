@@ -162,7 +162,7 @@ class VhostUserMmioDevice:
         self.device_id = DEVICE_IDS[kind]
         self.socket = socket
         self.queue_size = queue_size
-        self.label = f"{name}: {kind}{slot} ({socket})"
+        self.label = f"{name}: device {slot} ({kind}, {socket})"
         self.mac_seed = f"{name}/{slot}"
         self.lock = threading.Lock()
         self.broken = False
