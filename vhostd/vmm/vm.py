@@ -82,12 +82,14 @@ def stdout_sink(data: bytes) -> None:
 
 class VirtualMachine:
     def __init__(self, config: VmConfig, *, console: Callable[[bytes], None] = stdout_sink,
-                 populate: bool = True, connect_timeout: float = 10.0) -> None:
+                 populate: bool | None = None, connect_timeout: float = 10.0) -> None:
+        """populate: prefault guest RAM (MAP_POPULATE); first touches of guest
+        pages are much slower under PVM.  Default: for VMs up to 512 MiB."""
         self.config = config
         self.name = config.name
         self.console = Console(console)
         self.uart = Uart8250(self.console, boot.UART_PORT)
-        self.populate = populate
+        self.populate = config.memory <= 512 << 20 if populate is None else populate
         self.connect_timeout = connect_timeout
         self.exit_status: int | None = None
         self.exit_reason = ""
