@@ -18,6 +18,7 @@ import ctypes.util
 import errno
 import mmap
 import os
+import threading
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
@@ -473,10 +474,10 @@ class Vcpu:
             os.close(self.fd)
             raise
         self.run = kvm_run.from_address(self.run_addr)
-        self.coalesced_ring: kvm_coalesced_mmio_ring | None = None
-        if vm.kvm.check_extension(KVM_CAP_COALESCED_MMIO) and self.mmap_size >= (KVM_COALESCED_MMIO_PAGE_OFFSET + 1) * PAGE_SIZE:
-            self.coalesced_ring = kvm_coalesced_mmio_ring.from_address(
-                self.run_addr + KVM_COALESCED_MMIO_PAGE_OFFSET * PAGE_SIZE)
+        self.coalesced: CoalescedRing | None = None
+        if (vm.kvm.check_extension(KVM_CAP_COALESCED_MMIO)
+                and self.mmap_size >= (KVM_COALESCED_MMIO_PAGE_OFFSET + 1) * PAGE_SIZE):
+            self.coalesced = CoalescedRing(self.run_addr + KVM_COALESCED_MMIO_PAGE_OFFSET * PAGE_SIZE)
 
     # -- registers
     def get_regs(self) -> kvm_regs:
@@ -525,8 +526,46 @@ class Vcpu:
 
     def close(self) -> None:
         if self.fd >= 0:
-            self.coalesced_ring = None
+            if self.coalesced is not None:
+                self.coalesced.detach()
             self.run = None  # type: ignore[assignment]
             _munmap(self.run_addr, self.mmap_size)
             os.close(self.fd)
             self.fd = -1
+
+
+class CoalescedRing:
+    """The VM's ring of coalesced MMIO/PIO writes (one per VM; every vCPU's
+    mmap shows it).  KVM appends writes to registered zones here instead of
+    exiting; the VMM consumes them, in order, before it handles any other exit
+    and from time to time.  Consumers must hold `lock`."""
+
+    MAX = (PAGE_SIZE - ctypes.sizeof(kvm_coalesced_mmio_ring)) // ctypes.sizeof(kvm_coalesced_mmio)
+
+    def __init__(self, addr: int) -> None:
+        self.head = kvm_coalesced_mmio_ring.from_address(addr)
+        self.entries = (kvm_coalesced_mmio * self.MAX).from_address(addr + ctypes.sizeof(kvm_coalesced_mmio_ring))
+        self.lock = threading.Lock()
+
+    def pending(self) -> bool:
+        return self.head is not None and self.head.first != self.head.last
+
+    def drain(self) -> list[tuple[int, bool, bytes]]:
+        """Take every queued write as (address or port, is_pio, data)."""
+        out = []
+        with self.lock:
+            head = self.head
+            if head is None:
+                return out
+            first, last = head.first, head.last
+            while first != last:
+                e = self.entries[first]
+                out.append((e.phys_addr, bool(e.pio), bytes(e.data[:min(e.len, 8)])))
+                first = (first + 1) % self.MAX
+            head.first = first
+        return out
+
+    def detach(self) -> None:
+        with self.lock:
+            self.head = None
+            self.entries = None
