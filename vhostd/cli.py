@@ -34,7 +34,8 @@ def cmd_check(args) -> int:
     config = _load(args.config)
     if config is None:
         return 1
-    print(f"{args.config}: ok ({len(config.devices)} device(s))")
+    vms = f", {len(config.vms)} VM(s)" if config.vms else ""
+    print(f"{args.config}: ok ({len(config.devices)} device(s){vms})")
     return 0
 
 

@@ -104,7 +104,7 @@ class VirtualMachine:
         self.devices: list[VhostUserMmioDevice] = []
         self._threads: list[threading.Thread] = []
         self._stopping = False
-        self._stop_lock = threading.Lock()
+        self._stop_lock = threading.RLock()  # stop() may run in a signal handler during stop()
         self._done = threading.Event()
         self._closed = False
         self._coalesced: kvm.CoalescedRing | None = None
