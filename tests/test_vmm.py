@@ -290,6 +290,14 @@ class MmioDriver:
         return self.mem.read(status, 1)[0], self.mem.read(data, length)
 
 
+def eventfd_count(fd: int) -> int:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("eventfd-count:"):
+                return int(line.split()[1], 16)
+    raise AssertionError(f"fd {fd} is not an eventfd")
+
+
 @pytest.fixture
 def transport():
     """A KVM VM with 16 MiB of memfd RAM, and a factory of virtio-mmio devices on it."""
@@ -333,6 +341,9 @@ def test_transport_reset_stops_the_rings_and_the_device_restarts(transport, daem
         drv.w32(STATUS, 0xF)
         status, data = drv.blk_read(7, 512, 0x200000)
         assert status == 0 and data.startswith(b"sector seven"), round_
+        # The back-end signalled the call eventfd (the ring asks for
+        # interrupts); KVM's irqfd took the count at once.
+        assert eventfd_count(drv.dev.queues[0].call_fd) == 0
         # Used buffers since the last InterruptACK show in InterruptStatus.
         assert drv.r32(ISR) & 1
         drv.w32(IACK, 1)
