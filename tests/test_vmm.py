@@ -325,13 +325,30 @@ def transport():
     k.close()
 
 
-def test_transport_reset_stops_the_rings_and_the_device_restarts(transport, daemon):
-    vd = daemon([{"name": "d0", "type": "blk", "path": "d0.img", "size": "1M"}])
-    image = vd.workdir / "d0.img"
+@pytest.fixture(params=["vhostd", "qemu-storage-daemon"])
+def blk_backend(request, daemon, tmp_path, sockdir):
+    """(image, socket, log) of a 1 MiB disk served by vhostd or by qemu-storage-daemon."""
+    if request.param == "vhostd":
+        vd = daemon([{"name": "d0", "type": "blk", "path": "d0.img", "size": "1M"}])
+        yield vd.workdir / "d0.img", vd.socket("d0"), vd.log
+        return
+    from guest.qsd import QSD_BINARY, StorageDaemon
+
+    if not shutil.which(QSD_BINARY):
+        pytest.skip(f"{QSD_BINARY} is not installed")
+    image = tmp_path / "q.img"
+    image.write_bytes(bytes(1 << 20))
+    with StorageDaemon(image, os.path.join(sockdir, "q.sock")) as qsd:
+        yield image, str(qsd.socket), lambda: qsd.log
+        assert qsd.proc.poll() is None, qsd.log
+
+
+def test_transport_reset_stops_the_rings_and_the_device_restarts(transport, blk_backend):
+    image, sock, log = blk_backend
     with open(image, "r+b") as f:
         f.seek(7 * 512)
         f.write(b"sector seven".ljust(512, b"."))
-    drv = transport("blk", vd.socket("d0"))
+    drv = transport("blk", sock)
     assert drv.r32(MMIO_MAGIC) == 0x74726976
     drv.w32(DFSEL, 1)
     assert drv.r32(DF) & 1  # VIRTIO_F_VERSION_1
@@ -353,9 +370,9 @@ def test_transport_reset_stops_the_rings_and_the_device_restarts(transport, daem
         # sets the device up again from scratch (ring base 0).
         drv.w32(STATUS, 0)
         assert drv.r32(STATUS) == 0 and not drv.dev.queues[0].started
-    # Each round: the ring set up once, stopped once.
-    log = vd.log()
-    assert log.count("<- SET_VRING_KICK") == 2 and log.count("<- GET_VRING_BASE") == 2, log
+        assert not drv.dev.broken
+    if "<- SET_VRING_KICK" in log():  # vhostd logs each request at debug level
+        assert log().count("<- SET_VRING_KICK") == 2 and log().count("<- GET_VRING_BASE") == 2, log()
 
 
 def test_transport_bad_ring_address_sets_needs_reset(transport, daemon):
