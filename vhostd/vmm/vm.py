@@ -20,12 +20,15 @@ the kernel):
 * PIO 0x502: the VMM's exception stubs (payload VMs): the VM ends with
   status 255 and a description of the exception on the log.
 * MMIO 0xd0000000 + i * 0x1000: virtio-mmio device i.
-* The boot info cmdline of a payload gets ``tsc_khz=N`` appended (see
-  payload_args).
 * Other ports read as all ones, writes to them are ignored; other MMIO
   reads return all ones.
 * Triple fault (KVM_EXIT_SHUTDOWN), KVM internal errors, failed entries:
   the VM ends with status 255 and the reason on the log.
+
+vCPU 0 enters the payload (or the kernel); the others wait in the kernel
+for INIT/SIPI from the in-kernel LAPIC, which a CPL3 payload cannot send
+(the guest ABI has no entry for secondary vCPUs yet).  The boot info
+cmdline of a payload gets ``tsc_khz=N`` appended (see payload_args).
 
 Stopping: `stop()` sets kvm_run.immediate_exit on every vCPU and sends each
 vCPU thread SIGURG.  The vCPU threads block SIGURG and give KVM a signal
@@ -38,7 +41,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import signal
 import struct
 import sys
