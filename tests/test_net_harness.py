@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import select
 import struct
+import subprocess
 import time
 
 import pytest
@@ -172,6 +173,12 @@ def test_netns_cleanup_is_robust():
     ns = NetNs()
     ns.add_tap("tapx")
     sleeper = ns.popen(["sleep", "60"])  # a process inside keeps a namespace alive
+    # `ip netns exec` enters the namespace after it starts: wait until it is inside.
+    deadline = time.monotonic() + 5
+    while str(sleeper.pid) not in subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True,
+                                                 text=True).stdout.split():
+        assert time.monotonic() < deadline, "the sleeper never entered the namespace"
+        time.sleep(0.01)
     ns.delete()
     assert sleeper.wait(5) != 0
     assert ns.name not in list_netns()
