@@ -171,6 +171,17 @@ int printf(const char *fmt, ...)
     return n;
 }
 
+int fail_line(const char *prefix, const char *fmt, ...)
+{
+    va_list ap;
+    uart_puts(prefix);
+    va_start(ap, fmt);
+    vprintf(fmt, ap);
+    va_end(ap);
+    uart_putc('\n');
+    return 1;
+}
+
 int vsnprintf(char *buf, size_t n, const char *fmt, va_list ap)
 {
     struct sink k = {buf, n, 0};

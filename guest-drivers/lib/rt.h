@@ -141,6 +141,9 @@ int printf(const char *fmt, ...) PRINTF_LIKE(1, 2);
 int vprintf(const char *fmt, va_list ap);
 int snprintf(char *buf, size_t n, const char *fmt, ...) PRINTF_LIKE(3, 4);
 int vsnprintf(char *buf, size_t n, const char *fmt, va_list ap);
+/* Print one "<prefix><message>\n" line (e.g. "BLKBENCH FAIL: ..."); returns 1,
+ * the exit status of a failed run. */
+int fail_line(const char *prefix, const char *fmt, ...) PRINTF_LIKE(2, 3);
 
 /* ---- memory ---- */
 void *memset(void *d, int c, size_t n);

@@ -10,17 +10,7 @@
 #include "rt.h"
 #include "virtio_net.h"
 
-static int bench_fail(const char *fmt, ...) PRINTF_LIKE(1, 2);
-static int bench_fail(const char *fmt, ...)
-{
-    va_list ap;
-    uart_puts("NETBENCH FAIL: ");
-    va_start(ap, fmt);
-    vprintf(fmt, ap);
-    va_end(ap);
-    uart_putc('\n');
-    return 1;
-}
+#define bench_fail(...) fail_line("NETBENCH FAIL: ", __VA_ARGS__)
 
 int main(struct boot_info *bi)
 {
