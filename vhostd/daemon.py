@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 
 from vhostd.config import Config
@@ -14,6 +15,44 @@ from vhostd.handler import DeviceHandler
 from vhostd.server import DeviceServer
 
 log = logging.getLogger("vhostd")
+
+
+def fds_needed(config: Config) -> int:
+    """Open files the devices take with every front-end connected: each
+    device holds a listening socket and an eventfd (plus its image or one
+    TAP fd per queue pair); a session adds its socket and a kick, call and
+    err eventfd per queue."""
+    total = 64  # Python, the loop, the workers' epoll and wake fds, logs
+    for cfg in config.devices:
+        queues = 2 * cfg.queues + 1 if cfg.type == "net" else cfg.queues
+        total += 3 + (cfg.queues if cfg.type == "net" else 1) + 3 * queues
+    return total + 2 * config.daemon.workers
+
+
+def raise_open_file_limit(wanted: int) -> int:
+    """Lift the soft RLIMIT_NOFILE to the hard limit and return the new soft
+    limit.  The usual soft default (1024) runs out at a few hundred devices;
+    uvloop waits with epoll and nothing here uses select(), so a large limit
+    costs nothing."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.debug("open file limit raised from %d to %d", soft, target)
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.debug("cannot raise the open file limit from %d to %d: %s", soft, target, exc)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning("the open file limit (%d) is below the %d files the devices may need with every front-end "
+                    "connected; raise it (ulimit -n, LimitNOFILE=)", soft, wanted)
+    return soft
 
 
 class Daemon:
@@ -77,6 +116,7 @@ class Daemon:
 
 async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
+    raise_open_file_limit(fds_needed(config))
     daemon = Daemon(config, loop)
     daemon.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
