@@ -3,8 +3,10 @@
  * Queues: rx0, tx0, rx1, tx1, ..., then the control queue.  TX chains arrive
  * as requests (vd_net_handle); RX buffers are taken by the device when it has
  * a frame (deliver()).  Back-ends:
- *   tap       TX: writev of header + frame straight from guest memory; RX: one
- *             thread per queue pair reads the TAP fd and fills guest buffers.
+ *   tap       TX: writev of header + frame straight from guest memory; RX: a
+ *             small pool of reader threads shared by every TAP queue of the
+ *             daemon waits in epoll on the TAP fds and fills guest buffers
+ *             (an idle TAP costs no thread and no wake-up).
  *   loopback  every TX frame is delivered to the same port's RX queue.
  *   switch    a learning L2 switch between ports of this daemon.
  * The virtio-net header travels with each frame (TAP understands it with
@@ -13,9 +15,11 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
-#include <poll.h>
+#include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
@@ -58,16 +62,35 @@ struct net_hdr {
     uint16_t hdr_len, gso_size, csum_start, csum_offset, num_buffers;
 } __attribute__((packed));
 
+#define TAP_READERS 4         /* at most this many TAP reader threads (one per CPU) */
+
+/* A TAP reader thread (see "tap readers" below). */
+struct tap_reader {
+    pthread_t thread;
+    int epfd;
+    int wake_fd;
+    pthread_mutex_t lock;          /* protects the fields below */
+    pthread_cond_t cond;
+    int stop;
+    uint64_t sync_req, sync_done;  /* quiescence handshake, see tap_reader_sync */
+    uint8_t buf[MAX_HDR + MAX_FRAME];
+};
+
+/* One TAP queue: its fd waits in a reader's epoll set while `armed`, i.e.
+ * unless the last batch found no guest buffer (then a kick of the rx queue
+ * arms it again). */
 struct tap_port {
     struct vd_net *net;
     int qp;
     int target; /* the rx pair this batch fills (tap_target) */
     int fd;
-    int wake_fd;
-    int stop;
-    pthread_t thread;
-    int running;
-    uint8_t *buf;
+    int running;               /* registered with `reader` */
+    struct tap_reader *reader;
+    uint8_t *buf;              /* the reader's frame buffer, during a batch */
+    pthread_mutex_t lock;      /* orders arming (tap_wake) against disarming (tap_service) */
+    int armed;                 /* in the epoll set with EPOLLIN */
+    int dead;                  /* the interface went away under us: never read again */
+    uint64_t wakes;            /* bumped by tap_wake: a disarm decided before a wake is void */
 };
 
 struct vd_net {
@@ -422,7 +445,7 @@ enum { RX_WAIT_BUFFERS, RX_FRAME, RX_DRAINED };
  * control queue itself and disables the vrings of the pairs not in use):
  * without this, the flows hashed to an unused queue would wait there for
  * good.  Reads the other queue's state without its lock: a stale answer
- * costs one more look (tap_rx_main), never a frame. */
+ * costs one more look (tap_service), never a frame. */
 static int tap_target(vd_net *n, int qp)
 {
     if (qp == 0)
@@ -435,13 +458,21 @@ static int tap_target(vd_net *n, int qp)
     return in_use ? qp : 0;
 }
 
+/* The rx pair port qp fills may take frames again (buffers added, pair
+ * enabled or disabled, VQ_PAIRS_SET): read the TAP again. */
 static void tap_wake(vd_net *n, int qp)
 {
-    if (n->tap[qp].running) {
-        uint64_t one = 1;
-        if (write(n->tap[qp].wake_fd, &one, sizeof(one)) < 0) {
-        }
+    struct tap_port *t = &n->tap[qp];
+    if (!t->running)
+        return;
+    pthread_mutex_lock(&t->lock);
+    t->wakes++;
+    if (t->running && !t->armed && !t->dead) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = t};
+        if (epoll_ctl(t->reader->epfd, EPOLL_CTL_MOD, t->fd, &ev) == 0)
+            t->armed = 1;
     }
+    pthread_mutex_unlock(&t->lock);
 }
 
 /* Move one frame from the TAP to the guest; q->lock held. */
@@ -481,37 +512,203 @@ static int tap_rx_batch(void *arg)
     return r != RX_WAIT_BUFFERS;
 }
 
-static void *tap_rx_main(void *arg)
+/* ---------------------------------------------------------------- tap readers
+ *
+ * The daemon's TAP queues share a few reader threads (one per CPU, at most
+ * TAP_READERS), created with the first TAP port and gone with the last:
+ * a thread per TAP queue would make the thread count (and the memory of
+ * their stacks) grow with the number of devices even when all are idle.
+ * Each port stays with the reader it was given, so its frames keep their
+ * order; a reader serves its ready ports one batch (TAP_BATCH frames) each
+ * per round. */
+
+static struct {
+    pthread_mutex_t lock;          /* protects everything here */
+    int ports;                     /* registered ports; the readers exist while > 0 */
+    int n;
+    unsigned next;
+    struct tap_reader *r[TAP_READERS];
+} tap_pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+/* One batch of port t; then disarm it if it waits for guest buffers. */
+static void tap_service(struct tap_reader *r, struct tap_port *t, uint32_t events)
 {
-    struct tap_port *t = arg;
     vd_net *n = t->net;
-    int can_read = 1;
+    if (!(events & EPOLLIN)) {
+        /* EPOLLERR/EPOLLHUP alone: the interface was deleted under us.  It
+         * would be reported on every round (even disarmed), so drop it. */
+        pthread_mutex_lock(&t->lock);
+        epoll_ctl(r->epfd, EPOLL_CTL_DEL, t->fd, NULL);
+        t->dead = 1;
+        t->armed = 0;
+        pthread_mutex_unlock(&t->lock);
+        return;
+    }
+    uint64_t wakes = __atomic_load_n(&t->wakes, __ATOMIC_ACQUIRE);
+    int target = tap_target(n, t->qp);
+    struct vd_queue *q = &n->dev->q[2 * target];
+    pthread_mutex_lock(&q->lock);
+    t->target = target;
+    t->buf = r->buf;
+    int more = vd_run_guarded(q, tap_rx_batch, t);
+    t->buf = NULL;
+    pthread_mutex_unlock(&q->lock);
+    if (more || tap_target(n, t->qp) != target)
+        return; /* more frames, or the pair to fill changed meanwhile: look again next round */
+    pthread_mutex_lock(&t->lock);
+    if (t->wakes == wakes && t->armed) {
+        /* No buffer: stop watching the TAP (level-triggered, it stays
+         * readable) until tap_wake.  A wake since the batch began keeps it. */
+        struct epoll_event ev = {.events = 0, .data.ptr = t};
+        if (epoll_ctl(r->epfd, EPOLL_CTL_MOD, t->fd, &ev) == 0)
+            t->armed = 0;
+    }
+    pthread_mutex_unlock(&t->lock);
+}
+
+static void *tap_reader_main(void *arg)
+{
+    struct tap_reader *r = arg;
+    struct epoll_event ev[64];
     vd_block_signals();
 
     for (;;) {
-        struct pollfd pfd[2] = {{.fd = t->wake_fd, .events = POLLIN}, {.fd = t->fd, .events = POLLIN}};
-        if (poll(pfd, can_read ? 2 : 1, -1) < 0 && errno != EINTR)
+        pthread_mutex_lock(&r->lock);
+        uint64_t seen = r->sync_req;
+        int stop = r->stop;
+        int timeout = seen != r->sync_done ? 0 : -1; /* a sync request waits: finish this round */
+        pthread_mutex_unlock(&r->lock);
+        if (stop)
             break;
-        if (pfd[0].revents & POLLIN) {
-            uint64_t v;
-            if (read(t->wake_fd, &v, sizeof(v)) < 0) {
+        int n = epoll_wait(r->epfd, ev, 64, timeout);
+        for (int i = 0; i < n; i++) {
+            if (ev[i].data.ptr == NULL) {
+                uint64_t v;
+                if (read(r->wake_fd, &v, sizeof(v)) < 0) {
+                }
+                continue;
             }
-            can_read = 1; /* the driver added buffers, or we are asked to stop */
+            tap_service(r, ev[i].data.ptr, ev[i].events);
         }
-        if (__atomic_load_n(&t->stop, __ATOMIC_ACQUIRE))
-            break;
-        if (!can_read || !(pfd[1].revents & POLLIN))
-            continue;
-        int target = tap_target(n, t->qp);
-        struct vd_queue *q = &n->dev->q[2 * target];
-        pthread_mutex_lock(&q->lock);
-        t->target = target;
-        can_read = vd_run_guarded(q, tap_rx_batch, t);
-        pthread_mutex_unlock(&q->lock);
-        if (!can_read && tap_target(n, t->qp) != target)
-            can_read = 1; /* the pair to fill changed meanwhile: look again rather than wait */
+        pthread_mutex_lock(&r->lock);
+        r->sync_done = seen;
+        pthread_cond_broadcast(&r->cond);
+        pthread_mutex_unlock(&r->lock);
     }
     return NULL;
+}
+
+static void tap_reader_kick(struct tap_reader *r)
+{
+    uint64_t one = 1;
+    if (write(r->wake_fd, &one, sizeof(one)) < 0) {
+    }
+}
+
+/* Wait until r has finished a round that began after this call: afterwards
+ * it holds no port it got from epoll before (the caller removed it). */
+static void tap_reader_sync(struct tap_reader *r)
+{
+    pthread_mutex_lock(&r->lock);
+    uint64_t want = ++r->sync_req;
+    pthread_mutex_unlock(&r->lock);
+    tap_reader_kick(r);
+    pthread_mutex_lock(&r->lock);
+    while (r->sync_done < want)
+        pthread_cond_wait(&r->cond, &r->lock);
+    pthread_mutex_unlock(&r->lock);
+}
+
+static void tap_reader_free(struct tap_reader *r)
+{
+    pthread_mutex_lock(&r->lock);
+    r->stop = 1;
+    pthread_mutex_unlock(&r->lock);
+    tap_reader_kick(r);
+    pthread_join(r->thread, NULL);
+    close(r->epfd);
+    close(r->wake_fd);
+    pthread_mutex_destroy(&r->lock);
+    pthread_cond_destroy(&r->cond);
+    free(r);
+}
+
+static struct tap_reader *tap_reader_new(int i)
+{
+    struct tap_reader *r = malloc(sizeof(*r)); /* the frame buffer is touched only when frames come */
+    if (!r)
+        return NULL;
+    memset(r, 0, offsetof(struct tap_reader, buf));
+    pthread_mutex_init(&r->lock, NULL);
+    pthread_cond_init(&r->cond, NULL);
+    r->epfd = epoll_create1(EPOLL_CLOEXEC);
+    r->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    if (r->epfd < 0 || r->wake_fd < 0 || epoll_ctl(r->epfd, EPOLL_CTL_ADD, r->wake_fd, &ev) < 0 ||
+        pthread_create(&r->thread, NULL, tap_reader_main, r) != 0) {
+        if (r->epfd >= 0)
+            close(r->epfd);
+        if (r->wake_fd >= 0)
+            close(r->wake_fd);
+        free(r);
+        return NULL;
+    }
+    char name[16];
+    snprintf(name, sizeof(name), "vhostd-tap%d", i);
+    pthread_setname_np(r->thread, name);
+    return r;
+}
+
+/* Start reading port t's TAP (one more port for the pool). */
+static int tap_port_register(struct tap_port *t)
+{
+    pthread_mutex_lock(&tap_pool.lock);
+    if (tap_pool.n == 0) {
+        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        int want = cpus < 1 ? 1 : cpus > TAP_READERS ? TAP_READERS : (int)cpus;
+        for (int i = 0; i < want; i++) {
+            struct tap_reader *r = tap_reader_new(i);
+            if (!r)
+                break;
+            tap_pool.r[tap_pool.n++] = r;
+        }
+        if (tap_pool.n == 0) {
+            pthread_mutex_unlock(&tap_pool.lock);
+            return -EAGAIN;
+        }
+    }
+    struct tap_reader *r = tap_pool.r[tap_pool.next++ % tap_pool.n];
+    t->reader = r;
+    t->armed = 1;
+    t->dead = 0;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = t};
+    int rc = epoll_ctl(r->epfd, EPOLL_CTL_ADD, t->fd, &ev) < 0 ? -errno : 0;
+    if (rc == 0) {
+        tap_pool.ports++;
+        t->running = 1;
+    }
+    pthread_mutex_unlock(&tap_pool.lock);
+    return rc;
+}
+
+/* Stop reading port t; the last port takes the readers with it. */
+static void tap_port_unregister(struct tap_port *t)
+{
+    pthread_mutex_lock(&tap_pool.lock);
+    pthread_mutex_lock(&t->lock);
+    t->running = 0;
+    if (!t->dead)
+        epoll_ctl(t->reader->epfd, EPOLL_CTL_DEL, t->fd, NULL);
+    t->armed = 0;
+    pthread_mutex_unlock(&t->lock);
+    tap_reader_sync(t->reader);
+    t->reader = NULL;
+    if (--tap_pool.ports == 0) {
+        for (int i = 0; i < tap_pool.n; i++)
+            tap_reader_free(tap_pool.r[i]);
+        tap_pool.n = 0;
+    }
+    pthread_mutex_unlock(&tap_pool.lock);
 }
 
 /* rx queue `queue` got buffers, or was enabled or disabled: wake the TAP
@@ -693,7 +890,7 @@ vd_net *vd_net_new(const struct vd_net_params *p)
     n->ctrl_queue = p->ctrl ? 2 * p->nqp : -1;
     for (int i = 0; i < VD_NET_MAX_QP; i++) {
         n->tap[i].fd = -1;
-        n->tap[i].wake_fd = -1;
+        pthread_mutex_init(&n->tap[i].lock, NULL);
     }
     return n;
 }
@@ -741,14 +938,9 @@ int vd_net_start(vd_net *n, vd_device *dev)
         t->net = n;
         t->qp = i;
         t->fd = n->p.tap_fds[i];
-        t->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-        t->buf = malloc(MAX_HDR + MAX_FRAME);
-        if (t->wake_fd < 0 || !t->buf)
-            return -ENOMEM;
-        if (pthread_create(&t->thread, NULL, tap_rx_main, t) != 0)
-            return -EAGAIN;
-        t->running = 1;
-        pthread_setname_np(t->thread, "vhostd-tap");
+        int rc = tap_port_register(t);
+        if (rc < 0)
+            return rc;
     }
     return 0;
 }
@@ -757,27 +949,16 @@ void vd_net_stop(vd_net *n)
 {
     if (n->sw)
         vd_switch_detach(n->sw, n);
-    for (int i = 0; i < VD_NET_MAX_QP; i++) {
-        struct tap_port *t = &n->tap[i];
-        if (t->running) {
-            uint64_t one = 1;
-            __atomic_store_n(&t->stop, 1, __ATOMIC_RELEASE);
-            if (write(t->wake_fd, &one, sizeof(one)) < 0) {
-            }
-            pthread_join(t->thread, NULL);
-            t->running = 0;
-        }
-        if (t->wake_fd >= 0)
-            close(t->wake_fd);
-        t->wake_fd = -1;
-        free(t->buf);
-        t->buf = NULL;
-    }
+    for (int i = 0; i < VD_NET_MAX_QP; i++)
+        if (n->tap[i].running)
+            tap_port_unregister(&n->tap[i]);
 }
 
 void vd_net_free(vd_net *n)
 {
     vd_net_stop(n);
+    for (int i = 0; i < VD_NET_MAX_QP; i++)
+        pthread_mutex_destroy(&n->tap[i].lock);
     free(n);
 }
 
