@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -153,6 +154,33 @@ def test_open_file_limit_is_lifted_for_many_devices(many_vhostd):
     g = vd.connect("b0")
     blk_roundtrip(vd, g.blk(0), 1, 4096, "b0")
     g.close()
+
+
+def test_switch_with_many_idle_ports(many_vhostd):
+    """Ports without a driver take no part in a flood but its drop count;
+    the connected ones get every frame."""
+    ports = [{"name": f"p{i}", "type": "net", "backend": "switch", "switch": "big"} for i in range(48)]
+    vd = many_vhostd(ports)
+    vd.wait_all_listening()
+    a, b = Guest(vd, "p3"), Guest(vd, "p40")
+    try:
+        da, db = NetDriver(a), NetDriver(b)
+        db.post_rx(16)
+        da.post_rx(16)
+        src = mac_bytes("52:54:00:00:55:03")
+        frames = [eth(BROADCAST, src, 0x88B5, bytes([i]) * 80) for i in range(5)]
+        frames.append(eth(mac_bytes("52:54:00:00:55:99"), src, 0x88B5, b"unknown unicast".ljust(80, b".")))
+        for frame in frames:
+            da.send(frame)
+        assert [db.recv().frame for _ in frames] == frames
+        da.expect_nothing()  # never back out of the port it came from
+    finally:
+        a.close()
+        b.close()
+    mark = vd.log_mark()
+    os.kill(vd.pid, signal.SIGUSR1)
+    line = vd.wait_log(mark, r" p47: stats 0: .*rx_dropped=\d+$")[0]
+    assert f"rx_dropped={len(frames)}" in line, line
 
 
 # ---------------------------------------------------------------------- TAP

@@ -127,6 +127,7 @@ struct fdb_entry {
 struct vd_switch {
     pthread_rwlock_t ports_lock;
     struct vd_net *ports[SW_MAX_PORTS];
+    int top;                      /* 1 + the highest port in use: floods look no further */
     pthread_mutex_t fdb_lock;
     struct fdb_entry fdb[FDB_SIZE];
 };
@@ -222,6 +223,8 @@ int vd_switch_attach(vd_switch *sw, vd_net *net)
         sw->ports[port] = net;
         net->sw = sw;
         net->sw_port = port;
+        if (port >= sw->top)
+            sw->top = port + 1;
     }
     pthread_rwlock_unlock(&sw->ports_lock);
     return port;
@@ -232,6 +235,8 @@ void vd_switch_detach(vd_switch *sw, vd_net *net)
     pthread_rwlock_wrlock(&sw->ports_lock);
     if (net->sw == sw && sw->ports[net->sw_port] == net)
         sw->ports[net->sw_port] = NULL;
+    while (sw->top > 0 && !sw->ports[sw->top - 1])
+        sw->top--;
     pthread_mutex_lock(&sw->fdb_lock);
     for (int i = 0; i < FDB_SIZE; i++)
         if (sw->fdb[i].used && sw->fdb[i].port == net->sw_port)
@@ -742,10 +747,20 @@ static void switch_forward(vd_net *src, int qp, const struct frame *f, void **sr
         if (to && port != src->sw_port) /* never back out of its source port */
             deliver(to, qp % (to->active_pairs ? to->active_pairs : 1), f, 0, src_fault);
     } else {
-        for (int i = 0; i < SW_MAX_PORTS && !(src_fault && *src_fault); i++) {
+        for (int i = 0; i < sw->top && !(src_fault && *src_fault); i++) {
             vd_net *to = sw->ports[i];
-            if (to && i != src->sw_port)
-                deliver(to, qp % (to->active_pairs ? to->active_pairs : 1), f, 0, src_fault);
+            if (!to || i == src->sw_port)
+                continue;
+            int pair = qp % (to->active_pairs ? to->active_pairs : 1);
+            if (!__atomic_load_n(&to->dev->q[2 * pair].started, __ATOMIC_RELAXED)) {
+                /* No driver on that port (most ports of a big switch, most
+                 * of the time): the drop deliver() would count, without
+                 * taking its rx queue's lock.  A stale answer costs one
+                 * frame, which flooding may always lose. */
+                __atomic_add_fetch(&to->st[pair].rx_dropped, 1, __ATOMIC_RELAXED);
+                continue;
+            }
+            deliver(to, pair, f, 0, src_fault);
         }
     }
     pthread_rwlock_unlock(&sw->ports_lock);
