@@ -126,8 +126,11 @@ def write_config(work: str, name: str, nblk: int, nnet: int, workers: int, switc
                  taps: int, image_size: str, blk_queues: int, net_queues: int,
                  log_level: str) -> tuple[str, list[str], list[str]]:
     """A config with nblk blk and nnet net devices (the first `taps` on TAP
-    interfaces, the next `switch_ports` on switches, the rest loopback);
-    returns (path, blk sockets, net sockets)."""
+    interfaces, the next `switch_ports` on switches, the rest loopback)
+    in a directory of its own, work/name; returns (path, blk sockets, net
+    sockets)."""
+    work = os.path.join(work, name)
+    os.makedirs(work)
     lines = [f"daemon: {{workers: {workers}, log_level: {log_level}}}", "devices:"]
     blk, net = [], []
     for i in range(nblk):
@@ -145,7 +148,7 @@ def write_config(work: str, name: str, nblk: int, nnet: int, workers: int, switc
         else:
             backend = "backend: loopback"
         lines.append(f"  - {{name: n{i}, type: net, socket: {sock}, {backend}, queues: {net_queues}}}")
-    path = os.path.join(work, f"{name}.yaml")
+    path = os.path.join(work, "vhostd.yaml")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path, blk, net
@@ -186,7 +189,10 @@ class Daemon:
             if time.monotonic() - self.t0 > timeout:
                 raise TimeoutError(f"{len(want - listening(want, table))} socket(s) not listening after {timeout} s")
             time.sleep(0.005)
-        return time.monotonic() - self.t0
+        took = time.monotonic() - self.t0
+        if self.proc.poll() is not None:  # someone else's sockets?
+            raise RuntimeError(f"vhostd exited with {self.proc.returncode}; see {self.log}:\n{self.tail()}")
+        return took
 
     def stop(self, timeout: float = 20) -> float:
         """SIGTERM; seconds until it exited."""
@@ -279,7 +285,7 @@ def measure(args, work: str, workers: int, load: str | None) -> dict:
     config, blk, net = write_config(work, name, args.blk, args.net, workers, args.switch_ports, args.switches,
                                     args.tap, args.image_size, args.blk_queues, args.net_queues, args.log_level)
     row = {"workers": workers or "default"}
-    daemons = [Daemon(config, blk + net, os.path.join(work, name + ".log"), args.nofile, netns=args.tap > 0)]
+    daemons = [Daemon(config, blk + net, config[:-4] + "log", args.nofile, netns=args.tap > 0)]
     d = daemons[0]
     fes: list[IdleFrontend] = []
     try:
@@ -304,7 +310,7 @@ def measure(args, work: str, workers: int, load: str | None) -> dict:
             # alternate, so that drift of the machine hits both sides alike.
             config1, blk1, _ = write_config(work, name + "-alone", 1, 0, workers, 0, 1, 0, args.image_size,
                                             args.blk_queues, 1, args.log_level)
-            daemons.append(Daemon(config1, blk1, os.path.join(work, name + "-alone.log"), args.nofile))
+            daemons.append(Daemon(config1, blk1, config1[:-4] + "log", args.nofile))
             daemons[1].wait_listening()
             among, alone = [], []
             for _ in range(args.repeat):
