@@ -24,6 +24,8 @@ measures
              when `vhostd bench` is missing) while all others idle, and the
              same load on a daemon serving only that device, --repeat runs
              each, alternating; `ratio` = median among / median alone
+  PPS        with --net-load, the same for guest-drivers netbench (64-byte
+             frames) on the last net device, a loopback port
   stop       SIGTERM until the daemon has exited
 
 The targets are RSS < 300 MB and idle CPU < 1 % of a core (both with and
@@ -258,22 +260,38 @@ def run_load(kind: str, sock: str, seconds: float, work: str) -> int:
     if kind == "bench":
         cmd = [sys.executable, "-m", "vhostd", "bench", "blk", "--socket", sock, "--rw", "randread",
                "--bs", "4096", "--iodepth", "32", "--seconds", f"{seconds:g}"]
-    else:  # guest-drivers blkbench in vhostd's VMM, as benchmarks/blk_vmm.sh
-        if not _built:
-            subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "guest-drivers")], check=True,
-                           stdout=subprocess.DEVNULL)
-            _built.append(True)
-        vm = os.path.join(work, "vm.yaml")
-        with open(vm, "w") as f:
-            f.write("vms:\n  - {name: b, memory: 64M, payload: %s/guest-drivers/build/blkbench.elf, "
-                    "args: \"rw=randread bs=4096 iodepth=32 seconds=%g\", devices: [{type: blk, socket: %s}]}\n"
-                    % (ROOT, seconds, sock))
-        cmd = [sys.executable, "-m", "vhostd", "vm", "run", "--config", vm, "--timeout", str(seconds * 4 + 30), "b"]
+        return _run_counting(cmd, "IOPS", seconds)
+    # guest-drivers blkbench in vhostd's VMM, as benchmarks/blk_vmm.sh
+    return run_vm("blkbench", f"rw=randread bs=4096 iodepth=32 seconds={seconds:g}", "blk", sock, "IOPS", seconds,
+                  work)
+
+
+def run_net_load(sock: str, seconds: float, work: str) -> int:
+    """Frames per second of guest-drivers netbench (64-byte frames, window 64)
+    through one loopback net socket, from CPU 1."""
+    return run_vm("netbench", f"size=64 window=64 seconds={seconds:g}", "net", sock, "PPS", seconds, work)
+
+
+def run_vm(program: str, vm_args: str, kind: str, sock: str, key: str, seconds: float, work: str) -> int:
+    """A guest-drivers program in vhostd's VMM on one device; its KEY=<n>."""
+    if not _built:
+        subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "guest-drivers")], check=True,
+                       stdout=subprocess.DEVNULL)
+        _built.append(True)
+    vm = os.path.join(work, "vm.yaml")
+    with open(vm, "w") as f:
+        f.write(f"vms:\n  - {{name: b, memory: 64M, payload: {ROOT}/guest-drivers/build/{program}.elf, "
+                f"args: \"{vm_args}\", devices: [{{type: {kind}, socket: {sock}}}]}}\n")
+    return _run_counting([sys.executable, "-m", "vhostd", "vm", "run", "--config", vm,
+                          "--timeout", f"{seconds * 4 + 30:g}", "b"], key, seconds)
+
+
+def _run_counting(cmd: list[str], key: str, seconds: float) -> int:
     r = subprocess.run(["taskset", "-c", LOAD_CPU, *cmd], cwd=ROOT, capture_output=True, text=True,
                        timeout=seconds * 4 + 60)
-    m = re.findall(r"IOPS=(\d+)", r.stdout + r.stderr)
+    m = re.findall(rf"\b{key}=(\d+)", r.stdout + r.stderr)
     if not m:
-        raise RuntimeError(f"no IOPS= in the load generator's output (status {r.returncode}):\n{r.stdout}{r.stderr}")
+        raise RuntimeError(f"no {key}= in the load generator's output (status {r.returncode}):\n{r.stdout}{r.stderr}")
     return int(m[-1])
 
 
@@ -296,7 +314,7 @@ def measure(args, work: str, workers: int, load: str | None) -> dict:
         row["idle"], row["wakeups"] = idle_cpu(d.pid, args.idle_seconds)
         if args.frontends:
             nb = min(len(blk) - 1, args.frontends // 2)  # b0 stays free for the load
-            nn = min(len(net), args.frontends - nb)
+            nn = min(len(net) - 1, args.frontends - nb)  # and so does the last net device
             fes = [IdleFrontend(s, args.blk_queues) for s in blk[1 : 1 + nb]]
             fes += [IdleFrontend(s, 2 * args.net_queues + 1) for s in net[:nn]]
             time.sleep(0.5)
@@ -304,21 +322,31 @@ def measure(args, work: str, workers: int, load: str | None) -> dict:
             row["fe_threads"] = threads(d.pid)
             row["fe_rss"] = rss_mb(d.pid)
             row["fe_idle"], row["fe_wakeups"] = idle_cpu(d.pid, args.idle_seconds)
-        if load and blk:
+        net_load = args.net_load and net and len(net) > args.tap + args.switch_ports  # needs a loopback port
+        if (load and blk) or net_load:
             # The same device alone in a daemon of its own.  Both daemons stay
             # up (an idle one costs nothing: measured above) and the runs
             # alternate, so that drift of the machine hits both sides alike.
-            config1, blk1, _ = write_config(work, name + "-alone", 1, 0, workers, 0, 1, 0, args.image_size,
-                                            args.blk_queues, 1, args.log_level)
-            daemons.append(Daemon(config1, blk1, config1[:-4] + "log", args.nofile))
+            config1, blk1, net1 = write_config(work, name + "-alone", 1, 1, workers, 0, 1, 0, args.image_size,
+                                               args.blk_queues, 1, args.log_level)
+            daemons.append(Daemon(config1, blk1 + net1, config1[:-4] + "log", args.nofile))
             daemons[1].wait_listening()
+        if load and blk:
             among, alone = [], []
             for _ in range(args.repeat):
                 among.append(run_load(load, blk[0], args.seconds, work))
                 alone.append(run_load(load, blk1[0], args.seconds, work))
             row["iops_among"], row["iops_alone"] = statistics.median(among), statistics.median(alone)
             row["ratio"] = row["iops_among"] / row["iops_alone"] if row["iops_alone"] else 0.0
-            row["runs"] = f"among {among} alone {alone}"
+            row["runs"] = f"IOPS among {among} alone {alone}"
+        if net_load:
+            among, alone = [], []
+            for _ in range(args.repeat):
+                among.append(run_net_load(net[-1], args.seconds, work))
+                alone.append(run_net_load(net1[0], args.seconds, work))
+            row["pps_among"], row["pps_alone"] = statistics.median(among), statistics.median(alone)
+            row["pps_ratio"] = row["pps_among"] / row["pps_alone"] if row["pps_alone"] else 0.0
+            row["net_runs"] = f"PPS among {among} alone {alone}"
     finally:
         for fe in fes:
             fe.close()
@@ -349,6 +377,8 @@ def main() -> int:
                     help="connected-but-idle front-ends for the second idle measurement (0: skip)")
     ap.add_argument("--load", choices=["auto", "bench", "vmm", "none"], default="auto",
                     help="load generator: `vhostd bench blk`, blkbench in the VMM, or none (auto: bench if present)")
+    ap.add_argument("--net-load", action="store_true",
+                    help="also netbench (VMM) on the last net device, a loopback port, among the idle ones and alone")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = ap.parse_args()
@@ -373,6 +403,8 @@ def main() -> int:
         head += ("+fe", "RSS MB", "idle CPU %", "wakeups/s")
     if load:
         head += ("IOPS among", "IOPS alone", "ratio")
+    if args.net_load:
+        head += ("PPS among", "PPS alone", "ratio")
     head += ("stop s",)
     print(" | ".join(head))
     for r in rows:
@@ -383,11 +415,14 @@ def main() -> int:
                       f"{r.get('fe_wakeups', 0):.1f}"]
         if load:
             cells += [f"{r.get('iops_among', 0):.0f}", f"{r.get('iops_alone', 0):.0f}", f"{r.get('ratio', 0):.2f}"]
+        if args.net_load:
+            cells += [f"{r.get('pps_among', 0):.0f}", f"{r.get('pps_alone', 0):.0f}", f"{r.get('pps_ratio', 0):.2f}"]
         cells.append(f"{r['stop']:.2f}")
         print(" | ".join(cells))
     for r in rows:
-        if "runs" in r:
-            print(f"workers={r['workers']}: IOPS {r['runs']}")
+        for key in ("runs", "net_runs"):
+            if key in r:
+                print(f"workers={r['workers']}: {r[key]}")
 
     missed = []
     for r in rows:
