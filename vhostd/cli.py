@@ -1,10 +1,11 @@
-"""Command line: `vhostd serve`, `vhostd check` and `vhostd vm run`."""
+"""Command line: `vhostd serve`, `vhostd check`, `vhostd vm run` and `vhostd bench blk`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from vhostd import __version__
@@ -116,6 +117,29 @@ def cmd_vm_run(args) -> int:
     return vm.exit_status & 0xFF
 
 
+def cmd_bench_blk(args) -> int:
+    """Drive a vhost-user-blk back-end; print one line with IOPS= (or JSON)."""
+    import json
+    from dataclasses import asdict
+
+    from vhostd.loadgen import BenchError, run_blk
+
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    try:
+        result = run_blk(args.socket, args.rw, bs=args.bs, iodepth=args.iodepth, queues=args.queues,
+                         seconds=args.seconds, poll=args.poll)
+    except BenchError as exc:
+        print(f"vhostd bench blk: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(asdict(result)) if args.json else result.line(), flush=True)
+    if not result.drained:
+        print("vhostd bench blk: some requests never completed", file=sys.stderr)
+    if result.errors:
+        print(f"vhostd bench blk: {result.errors} request(s) failed", file=sys.stderr)
+    return 0 if result.drained and not result.errors else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vhostd", description="vhost-user device back-end daemon")
     parser.add_argument("--version", action="version", version=f"vhostd {__version__}")
@@ -138,6 +162,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("name", help="the VM's name in the config")
     p.set_defaults(func=cmd_vm_run)
+
+    p = sub.add_parser("bench", help="load generators for any vhost-user back-end")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    p = bench_sub.add_parser("blk", help="drive a vhost-user-blk socket; prints IOPS, bandwidth, latency")
+    p.add_argument("--socket", required=True, help="the back-end's vhost-user socket")
+    p.add_argument("--rw", default="randread", choices=["randread", "randwrite", "read", "write"])
+    p.add_argument("--bs", type=int, default=4096, help="bytes per request, a multiple of 512 (default 4096)")
+    p.add_argument("--iodepth", type=int, default=32, help="requests in flight per queue (default 32)")
+    p.add_argument("--queues", type=int, default=1, help="virtqueues to use (default 1)")
+    p.add_argument("--seconds", type=float, default=10.0, help="run time (default 10)")
+    p.add_argument("--poll", action="store_true", help="spin on the used ring instead of waiting for calls")
+    p.add_argument("--cpu", type=int, help="pin the load generator to this CPU")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=cmd_bench_blk)
 
     args = parser.parse_args(argv)
     return args.func(args)
