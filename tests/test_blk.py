@@ -4,12 +4,15 @@ from) the host image file, read back with ordinary file I/O."""
 from __future__ import annotations
 
 import os
+import shutil
 import struct
+import tempfile
 import time
 
 import pytest
+import yaml
 
-from conftest import BLK_S_OK, Guest, blk_roundtrip, eventfd_take, readable, wait_until
+from conftest import BLK_S_OK, Guest, Vhostd, blk_roundtrip, eventfd_take, readable, wait_until
 from virtio_driver import (
     BLK_S_IOERR,
     BLK_S_UNSUPP,
@@ -492,3 +495,100 @@ def test_seg_max_segments_in_one_request(vd, guest):
     # the same as a direct chain of 1024 descriptors: the whole ring
     status, back = drv.read(1000, len(data), split=512)
     assert status == BLK_S_OK and back == data
+
+
+# ====================================================================== backend null
+
+
+NULL_SIZE = 1 << 40  # 1 TiB of nothing
+
+
+@pytest.fixture(scope="module")
+def null_vd(tmp_path_factory):
+    """A daemon serving null disks (no 'path': written by hand, the Vhostd
+    helper gives every device an image)."""
+    sock = tempfile.mkdtemp(prefix="vd-", dir="/tmp")
+    wd = tmp_path_factory.mktemp("vhostd-null")
+    devices = [
+        {"name": "null", "backend": "null", "size": NULL_SIZE, "queues": 2},
+        {"name": "nullro", "backend": "null", "size": "1M", "readonly": True},
+    ]
+    vd = Vhostd(wd, sock, devices)
+    for d in devices:
+        del d["path"]
+    vd.config_path.write_text(yaml.safe_dump({"devices": devices}, sort_keys=False))
+    vd.start()
+    try:
+        yield vd
+        vd.finish()
+    finally:
+        shutil.rmtree(sock, ignore_errors=True)
+
+
+@pytest.fixture
+def null_guest(null_vd):
+    opened: list[Guest] = []
+
+    def make(name: str = "null", **kw) -> Guest:
+        g = null_vd.connect(name, **kw)
+        opened.append(g)
+        return g
+
+    yield make
+    for g in opened:
+        g.close()
+    null_vd.assert_alive()
+
+
+def test_null_disk_capacity_and_no_image(null_vd, null_guest):
+    g = null_guest()
+    assert struct.unpack("<Q", g.fe.get_config(0, 8))[0] == NULL_SIZE // 512
+    assert g.offered & (1 << F_FLUSH) and g.offered & (1 << F_DISCARD) and g.offered & (1 << F_WRITE_ZEROES)
+    assert sorted(p.name for p in null_vd.workdir.iterdir()) == ["vhostd.log", "vhostd.yaml"]
+
+
+def test_null_disk_reads_leave_the_buffers_alone(null_guest):
+    q = null_guest().queue(0)
+    pattern = bytes(range(256)) * (q.arena_size // 256)
+    q.mem.write(q.arena, pattern)  # every buffer the driver hands out starts with this
+    drv = BlkDriver(q)
+    for sector, length in ((0, 4096), (NULL_SIZE // 512 - 8, 4096), (12345, 65536)):
+        head, bufs, lens = drv.submit(BLK_T_IN, sector, in_len=length)
+        (u,) = q.wait_used(1)
+        assert (u.head, u.length) == (head, length + 1)
+        assert q.mem.read(bufs[-1], 1)[0] == BLK_S_OK
+        off = bufs[0] - q.arena
+        assert q.mem.read(bufs[0], length) == pattern[off : off + length]
+
+
+def test_null_disk_accepts_everything_and_stores_nothing(null_guest):
+    drv = null_guest().blk(1)
+    data = os.urandom(8192)
+    assert drv.write(16, data) == BLK_S_OK
+    assert drv.write(16, data, split=512, indirect=True) == BLK_S_OK
+    assert drv.run(BLK_T_FLUSH)[:3:2] == (BLK_S_OK, 1)
+    assert drv.run(BLK_T_DISCARD, data=seg(0, 8))[0] == BLK_S_OK
+    assert drv.run(BLK_T_WRITE_ZEROES, data=seg(8, 8, 1))[0] == BLK_S_OK
+    assert drv.run(BLK_T_GET_ID, in_len=20)[1] == b"null" + bytes(16)
+    status, back = drv.read(16, 8192)
+    assert status == BLK_S_OK and back != data  # nothing was kept
+
+
+def test_null_disk_checks_requests_like_a_real_one(null_guest):
+    drv = null_guest().blk(0)
+    capacity = NULL_SIZE // 512
+    assert drv.read(capacity, 512)[0] == BLK_S_IOERR
+    assert drv.write(capacity - 1, bytes(1024)) == BLK_S_IOERR
+    assert drv.read(0, 700)[0] == BLK_S_IOERR
+    assert drv.run(BLK_T_DISCARD, data=seg(capacity - 4, 8))[0] == BLK_S_IOERR
+    assert drv.run(BLK_T_DISCARD, data=seg(0, 8, 1))[0] == BLK_S_UNSUPP
+    assert drv.run(99, in_len=512)[0] == BLK_S_UNSUPP
+
+
+def test_null_disk_readonly(null_guest):
+    g = null_guest("nullro")
+    assert g.offered & (1 << F_RO)
+    drv = g.blk(0)
+    assert drv.read(0, 4096)[0] == BLK_S_OK
+    assert drv.write(0, bytes(4096)) == BLK_S_IOERR
+    assert drv.run(BLK_T_WRITE_ZEROES, data=seg(0, 8))[0] == BLK_S_IOERR

@@ -93,6 +93,7 @@ def test_minimal_config_gets_defaults(tmp_path):
             name="disk0",
             type="blk",
             socket=str(tmp_path / "disk0.sock"),
+            backend="file",
             path=str(tmp_path / "disk0.img"),
             readonly=False,
             queues=1,
@@ -1046,7 +1047,7 @@ def test_full_example_loads(tmp_path):
             dataclasses.replace(
                 d,
                 socket=d.socket.replace(str(REPO), str(tmp_path)),
-                **({"path": d.path.replace(str(REPO), str(tmp_path))} if hasattr(d, "path") else {}),
+                **({"path": d.path.replace(str(REPO), str(tmp_path))} if getattr(d, "path", None) else {}),
             )
             for d in cfg.devices
         ),
@@ -1062,6 +1063,89 @@ def test_full_example_documents_every_key():
         assert f"{key}:" in text, f"example-full.yaml does not show {key!r}"
     for type_name in DEVICE_TYPES:
         assert f"type: {type_name}" in text
+
+
+# --------------------------------------------------------------------------
+# blk backend: file (an image) or null (no storage, like QEMU's null-co)
+# --------------------------------------------------------------------------
+
+
+def null_device(tmp_path: Path, extra: str = "") -> Path:
+    body = textwrap.indent(textwrap.dedent(extra).strip("\n"), "    ")
+    return write(
+        tmp_path,
+        "devices:\n"
+        "  - name: n0\n"
+        "    type: blk\n"
+        "    socket: n0.sock\n"
+        "    backend: null\n" + (body + "\n" if body else ""),
+    )
+
+
+def test_null_backend_takes_its_capacity_from_size(tmp_path):
+    (dev,) = load_config(null_device(tmp_path, "size: 1T")).devices
+    assert (dev.backend, dev.path, dev.size, dev.serial) == ("null", None, 1 << 40, "n0")
+    assert list(tmp_path.iterdir()) == [tmp_path / "vhostd.yaml"]  # no image checked or created
+
+
+@pytest.mark.parametrize("spelling", ["null", "Null", "NULL", "'null'", '"null"'])
+def test_null_backend_spellings(tmp_path, spelling):
+    path = write(tmp_path, f"devices:\n  - {{name: n0, type: blk, socket: n0.sock, backend: {spelling}, size: 1M}}\n")
+    assert load_config(path).devices[0].backend == "null"
+
+
+def test_backend_defaults_to_file(tmp_path):
+    assert load_config(one_device(tmp_path)).devices[0].backend == "file"
+    assert load_config(one_device(tmp_path / "b", "backend: file")).devices[0].backend == "file"
+
+
+@pytest.mark.parametrize(
+    "extra, key, message",
+    [
+        ("size: 1M\npath: n0.img", "devices[0].path",
+         "'path' only applies to backend file; a null disk has no image (device 'n0')"),
+        ("size: 1M\ndirect: true", "devices[0].direct",
+         "'direct' only applies to backend file; a null disk has no image (device 'n0')"),
+        ("", "devices[0].size", "missing key 'size' (backend null needs it: the disk's capacity) (device 'n0')"),
+        ("size: 1000", "devices[0].size", "must be a multiple of 512 bytes, got 1000 (1000 bytes) (device 'n0')"),
+    ],
+)
+def test_null_backend_errors(tmp_path, extra, key, message):
+    path = null_device(tmp_path, extra)
+    p = only_problem(path)
+    assert (p.key, p.message) == (key, message)
+    needle = {"devices[0].path": "path:", "devices[0].direct": "direct:"}.get(key, "backend:" if not extra else "size:")
+    assert p.line == line_of(path, needle)
+    assert str(p).startswith(f"{path}:{p.line}: {key}: ")
+
+
+def test_null_backend_with_direct_false_is_fine(tmp_path):
+    assert load_config(null_device(tmp_path, "size: 1M\ndirect: false")).devices[0].direct is False
+
+
+def test_file_backend_still_needs_a_path(tmp_path):
+    path = write(tmp_path, "devices:\n  - name: d\n    type: blk\n    socket: d.sock\n    backend: file\n")
+    p = only_problem(path)
+    assert (p.line, p.key) == (2, "devices[0].path")
+    assert p.message.startswith("missing required key 'path'")
+
+
+@pytest.mark.parametrize("value, shown", [("nul", "'nul' (did you mean 'null'?)"), ("~", "nothing (put it in quotes)"),
+                                          ("", "nothing"), ("3", "3 (put it in quotes)")])
+def test_bad_backend(tmp_path, value, shown):
+    path = write(tmp_path, f"devices:\n  - name: d\n    type: blk\n    socket: d.sock\n    backend: {value}\n")
+    p = only_problem(path)  # no complaint about 'path' or 'size': the backend is unknown
+    assert p.key == "devices[0].backend"
+    assert p.message == f"must be one of file, null, got {shown} (device 'd')"
+
+
+def test_null_devices_do_not_share_images(tmp_path):
+    path = write(tmp_path, """
+        devices:
+          - {name: a, type: blk, socket: a.sock, backend: null, size: 1M}
+          - {name: b, type: blk, socket: b.sock, backend: null, size: 1M}
+        """)
+    assert [d.name for d in load_config(path).devices] == ["a", "b"]
 
 
 def test_net_device_keys_and_backend_rules(tmp_path):

@@ -28,6 +28,7 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 __all__ = [
+    "BLK_BACKENDS",
     "BlkDeviceConfig",
     "NetDeviceConfig",
     "Config",
@@ -107,11 +108,12 @@ class BlkDeviceConfig:
     name: str
     type: Literal["blk"] = "blk"
     socket: str  # absolute path of the vhost-user socket vhostd listens on
-    path: str  # absolute path of the image (regular file or block device)
+    backend: str = "file"  # one of BLK_BACKENDS
+    path: str | None = None  # absolute path of the image (regular file or block device); None with backend null
     readonly: bool = False
     queues: int = 1
     queue_size: int = 256  # largest ring size offered; power of two
-    size: int | None = None  # bytes; used to create the image when missing
+    size: int | None = None  # bytes; creates a missing image (file), the capacity (null)
     serial: str | None = None  # GET_ID string; load_config fills in the name
     discard: bool = True
     write_zeroes: bool = True
@@ -119,6 +121,11 @@ class BlkDeviceConfig:
     socket_mode: int | None = None  # chmod() the socket to this, e.g. 0o660
     line: int = field(default=0, compare=False)  # where the device starts in the YAML (0 = unknown)
 
+
+#: file: the data lives in an image; null: no storage at all, like QEMU's
+#: null-co driver (requests succeed without moving data), to measure the
+#: protocol and ring overhead alone.
+BLK_BACKENDS = ("file", "null")
 
 NET_BACKENDS = ("tap", "switch", "loopback")
 MAX_QUEUE_PAIRS = 16
@@ -455,8 +462,17 @@ _COMMON_DEVICE_KEYS: dict[str, Key] = {
     "socket_mode": Key(_mode, None),
 }
 
+def _blk_backend(node: Node, ctx: _Context) -> str:
+    # YAML reads a bare `null` as "no value"; here it names the null backend.
+    if _is(node, "null") and node.value.lower() == "null":
+        return "null"
+    return _choice(BLK_BACKENDS)(node, ctx)
+
+
 _BLK_KEYS: dict[str, Key] = {
-    "path": Key(_path, help="the disk image: a regular file or a block device"),
+    "backend": Key(_blk_backend, "file"),
+    # Required with backend file; _finish_blk says so.
+    "path": Key(_path, None, help="the disk image: a regular file or a block device"),
     "readonly": Key(_bool, False),
     "queues": Key(_int_range(1, MAX_QUEUES), 1),
     "queue_size": Key(_power_of_two(2, MAX_QUEUE_SIZE), 256),
@@ -720,12 +736,26 @@ def _parse_key(dev: _DeviceDraft, name: str, pair: tuple[Node, Node], spec: Key,
 
 
 def _finish_blk(dev: _DeviceDraft, ctx: _Context) -> None:
+    backend = dev.values.get("backend")
+    if dev.ok("backend") and backend is not None:
+        path_given = dev.values.get("path") is not None or "path" in dev.bad
+        if backend == "file" and not path_given:
+            dev.bad.add("path")
+            dev.report(ctx, "path", f"missing required key 'path' ({_BLK_KEYS['path'].help})", node=dev.node)
+        elif backend == "null":
+            if path_given:
+                dev.report(ctx, "path", "'path' only applies to backend file; a null disk has no image")
+            if dev.values.get("direct") is True:
+                dev.report(ctx, "direct", "'direct' only applies to backend file; a null disk has no image")
+            if dev.values.get("size") is None and "size" not in dev.bad:
+                dev.report(ctx, "size", "missing key 'size' (backend null needs it: the disk's capacity)",
+                           node=dev.nodes.get("backend"))
     if dev.values.get("serial") is None and "name" in dev.values:
         dev.values["serial"] = dev.values["name"][:MAX_SERIAL]
 
 
 def _check_blk_files(dev: _DeviceDraft, ctx: _Context) -> None:
-    if not dev.ok("path") or "path" not in dev.values:
+    if not dev.ok("path") or dev.values.get("path") is None:
         return
     path = dev.values["path"]
     try:
@@ -841,7 +871,7 @@ def _check_across_devices(devs: list[_DeviceDraft], ctx: _Context) -> None:
         if d.type is None:
             continue
         for key in d.type.image_keys:
-            if d.ok(key) and key in d.values:
+            if d.ok(key) and d.values.get(key) is not None:
                 images.setdefault(os.path.realpath(d.values[key]), []).append((d, key))
 
     for d in devs:
@@ -866,7 +896,7 @@ def _check_across_devices(devs: list[_DeviceDraft], ctx: _Context) -> None:
         if d.type is None or d.values.get("readonly", False) is not False or not d.ok("readonly"):
             continue
         for key in d.type.image_keys:
-            if not d.ok(key) or key not in d.values:
+            if not d.ok(key) or d.values.get(key) is None:
                 continue
             real = os.path.realpath(d.values[key])
             if real in writers:

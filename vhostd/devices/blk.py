@@ -2,6 +2,11 @@
 
 The request path is C (`vd_blk_handle` in native/blk.c); this class opens
 the image, decides the features and builds the config space.
+
+With ``backend: null`` there is no image (the native side gets fd -1): like
+QEMU's null-co driver with its default read-zeroes=off, every request
+succeeds without moving data, so reads leave the guest's buffers as they
+were.  It measures what the protocol and the rings cost on their own.
 """
 
 from __future__ import annotations
@@ -83,7 +88,10 @@ class BlkDevice(Device):
         self.num_queues = cfg.queues
         self.max_queue_size = cfg.queue_size
         self.readonly = cfg.readonly
-        self.fd, size, is_blockdev = open_image(cfg.path, cfg.readonly, cfg.direct, cfg.size)
+        if cfg.backend == "null":
+            self.fd, size, is_blockdev = -1, cfg.size, False
+        else:
+            self.fd, size, is_blockdev = open_image(cfg.path, cfg.readonly, cfg.direct, cfg.size)
         self.capacity = size // SECTOR
         serial = (cfg.serial if cfg.serial is not None else cfg.name).encode()[:20]
         params = ffi.new("struct vd_blk_params *")
@@ -100,7 +108,7 @@ class BlkDevice(Device):
         ffi.memmove(params.serial, serial.ljust(20, b"\0"), 20)
         self._blk = lib.vd_blk_new(params, self.num_queues)
         if self._blk == ffi.NULL:
-            os.close(self.fd)
+            self._close_fd()
             raise MemoryError("cannot allocate the blk device")
         self.handler = lib.vd_blk_handle
         self.ctx = ffi.cast("void *", self._blk)
@@ -150,4 +158,9 @@ class BlkDevice(Device):
         if self._blk is not None:
             lib.vd_blk_free(self._blk)
             self._blk = None
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self.fd >= 0:
             os.close(self.fd)
+        self.fd = -1

@@ -58,7 +58,7 @@ int vd_queue_get_stats(vd_device *d, int i, struct vd_queue_info *out);
 
 /* virtio-blk (blk.c) */
 struct vd_blk_params {
-    int fd;
+    int fd;                   /* the image; -1: a null disk (no data kept) */
     uint64_t capacity;        /* in 512-byte sectors */
     int readonly;
     int is_blockdev;

@@ -3,6 +3,10 @@
  * Sees one request at a time as iovecs (vd_req); knows nothing of rings or
  * of vhost-user.  Data moves with preadv/pwritev straight between the image
  * and guest memory (no bounce buffer).
+ *
+ * Without an image (fd < 0) the device is a null disk: requests are checked
+ * as usual and then succeed without touching data (reads leave the guest's
+ * buffers as they were), flushes, discards and write-zeroes do nothing.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -83,6 +87,11 @@ static int rw_all(int fd, struct iovec *iov, int n, uint64_t off, uint64_t len, 
     return 0;
 }
 
+static int has_image(const vd_blk *b)
+{
+    return b->p.fd >= 0;
+}
+
 static int in_range(const vd_blk *b, uint64_t sector, uint64_t bytes)
 {
     uint64_t sectors = bytes / SECTOR;
@@ -129,7 +138,7 @@ static uint8_t discard_or_zero(vd_blk *b, struct vd_blk_stats *st, struct iovec 
             continue;
         /* write-zeroes with UNMAP may deallocate: a punched hole reads as zeroes. */
         int zero_only = zeroes && !(s.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
-        if (punch(b, s.sector * SECTOR, s.num_sectors * SECTOR, zero_only) < 0)
+        if (has_image(b) && punch(b, s.sector * SECTOR, s.num_sectors * SECTOR, zero_only) < 0)
             return VIRTIO_BLK_S_IOERR;
     }
     if (zeroes)
@@ -173,7 +182,7 @@ uint32_t vd_blk_handle(void *ctx, struct vd_req *req, int queue)
     switch (hdr.type) {
     case VIRTIO_BLK_T_IN:
         if (in_data % SECTOR || !in_range(b, hdr.sector, in_data) ||
-            rw_all(b->p.fd, in, nin, hdr.sector * SECTOR, in_data, 0) < 0) {
+            (has_image(b) && rw_all(b->p.fd, in, nin, hdr.sector * SECTOR, in_data, 0) < 0)) {
             s = VIRTIO_BLK_S_IOERR;
             break;
         }
@@ -183,7 +192,7 @@ uint32_t vd_blk_handle(void *ctx, struct vd_req *req, int queue)
         break;
     case VIRTIO_BLK_T_OUT:
         if (b->p.readonly || out_data % SECTOR || !in_range(b, hdr.sector, out_data) ||
-            rw_all(b->p.fd, out, nout, hdr.sector * SECTOR, out_data, 1) < 0) {
+            (has_image(b) && rw_all(b->p.fd, out, nout, hdr.sector * SECTOR, out_data, 1) < 0)) {
             s = VIRTIO_BLK_S_IOERR;
             break;
         }
@@ -191,7 +200,7 @@ uint32_t vd_blk_handle(void *ctx, struct vd_req *req, int queue)
         st->write_bytes += out_data;
         break;
     case VIRTIO_BLK_T_FLUSH:
-        if (fdatasync(b->p.fd) < 0)
+        if (has_image(b) && fdatasync(b->p.fd) < 0)
             s = VIRTIO_BLK_S_IOERR;
         st->flushes++;
         break;
