@@ -22,22 +22,14 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKEND_CPU, LOAD_CPU = "0", "1"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import BACKEND_CPU, LOAD_CPU, ROOT, save_results, vhostd_cmd, wait_listening  # noqa: E402
 
 
 def testpmd(args: list[str], cpu: str, prefix: str, log: str) -> subprocess.Popen:
     cmd = ["taskset", "-c", cpu, "dpdk-testpmd", "--lcores", f"0@{cpu},1@{cpu}", "--no-huge", "-m", "1024",
            "--no-pci", f"--file-prefix={prefix}", *args]
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-
-def wait_socket(path: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear")
-        time.sleep(0.05)
 
 
 def rx_pps(log: str) -> float:
@@ -75,10 +67,9 @@ def run_vhostd(tmp: str, size: int, seconds: int) -> float:
     with open(cfg, "w") as f:
         f.write(f"daemon: {{workers: 1, log_level: warning}}\n"
                 f"devices:\n  - {{name: loop0, type: net, socket: {sock}, backend: loopback}}\n")
-    d = subprocess.Popen(["taskset", "-c", BACKEND_CPU, sys.executable, "-m", "vhostd", "serve", "--config", cfg],
-                         cwd=ROOT, stdout=open(os.path.join(tmp, "vhostd.log"), "w"), stderr=subprocess.STDOUT)
+    d = subprocess.Popen(["taskset", "-c", BACKEND_CPU, *vhostd_cmd(cfg)], cwd=ROOT, stdout=open(os.path.join(tmp, "vhostd.log"), "w"), stderr=subprocess.STDOUT)
     try:
-        wait_socket(sock)
+        wait_listening(sock, d)
         return load(sock, size, seconds, f"bench-gen-v{size}", os.path.join(tmp, f"gen-vhostd-{size}.log"))
     finally:
         d.send_signal(signal.SIGTERM)
@@ -90,7 +81,7 @@ def run_dpdk(tmp: str, size: int, seconds: int) -> float:
     be = testpmd([f"--vdev=net_vhost0,iface={sock},queues=1", "--", "--forward-mode=macswap", "--auto-start",
                   "--stats-period", "5"], BACKEND_CPU, f"bench-be{size}", os.path.join(tmp, f"be-dpdk-{size}.log"))
     try:
-        wait_socket(sock)
+        wait_listening(sock, be)
         return load(sock, size, seconds, f"bench-gen-d{size}", os.path.join(tmp, f"gen-dpdk-{size}.log"))
     finally:
         stop(be)
@@ -102,14 +93,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--sizes", default="64,1500")
+    ap.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/net_testpmd.json")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="vhostd-bench-")
     print(f"{'frame':>6} {'vhostd Mfps':>12} {'DPDK vhost Mfps':>16} {'ratio':>6}")
+    rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         v = run_vhostd(tmp, size, args.seconds)
         a = run_dpdk(tmp, size, args.seconds)
+        rows.append({"workload": f"{size} B frames", "vhostd": {"fps": v}, "anchor": {"fps": a}, "ratio": v / a})
         print(f"{size:>6} {v / 1e6:>12.2f} {a / 1e6:>16.2f} {v / a:>6.2f}", flush=True)
     print(f"logs: {tmp}")
+    if not args.no_save:
+        print("saved", save_results("net_testpmd", f"python3 benchmarks/net_testpmd.py --seconds {args.seconds} "
+                                    f"--sizes {args.sizes}", rows))
     return 0
 
 

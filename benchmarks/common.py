@@ -1,0 +1,102 @@
+"""What every benchmark here needs: pinned processes, readiness, CPU time,
+and a results file the plot reads.
+
+The back-end under test always runs on CPU 0 and the load on CPU 1 (this
+machine has two), so the two never share a core.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+BACKEND_CPU, LOAD_CPU = "0", "1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def pinned(cmd: list[str], cpu: str, log: str, **kw) -> subprocess.Popen:
+    """Start cmd on one CPU with stdout and stderr going to log."""
+    return subprocess.Popen(["taskset", "-c", cpu, *cmd], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, cwd=ROOT, **kw)
+
+
+def listening(paths: set[str]) -> set[str]:
+    """Which of the unix socket paths something listens on (one read of
+    /proc/net/unix; connecting would use up a one-front-end back-end)."""
+    found = set()
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            parts = line.rstrip("\n").split(None, 7)
+            if len(parts) >= 8 and int(parts[3], 16) & 0x10000 and parts[7] in paths:
+                found.add(parts[7])
+    return found
+
+
+def wait_listening(paths, proc: subprocess.Popen | None = None, timeout: float = 60) -> float:
+    """Wait until every path listens; returns the seconds waited."""
+    want = {os.path.abspath(p) for p in ([paths] if isinstance(paths, str) else paths)}
+    start = time.monotonic()
+    while listening(want) != want:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"back-end exited ({proc.returncode}) before listening")
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"{len(want - listening(want))} socket(s) not listening after {timeout}s")
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads included."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def stop(p: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    if p.poll() is None:
+        p.send_signal(sig)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def vhostd_cmd(config: str) -> list[str]:
+    return [sys.executable, "-m", "vhostd", "serve", "--config", config]
+
+
+def bench_blk(sock: str, rw: str, bs: int, iodepth: int, seconds: float, queues: int = 1) -> dict:
+    """One run of `vhostd bench blk` on the load CPU; its --json result."""
+    cmd = ["taskset", "-c", LOAD_CPU, sys.executable, "-m", "vhostd", "bench", "blk", "--socket", sock,
+           "--rw", rw, "--bs", str(bs), "--iodepth", str(iodepth), "--queues", str(queues),
+           "--seconds", str(seconds), "--json"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def save_results(name: str, command: str, rows: list[dict]) -> str:
+    """Write benchmarks/results/<name>.json, which plot.py and RESULTS.md use."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = os.path.join(RESULTS_DIR, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump({"command": command, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+        f.write("\n")
+    return path

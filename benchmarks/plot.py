@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Draw benchmarks/ratios.png from the saved results (benchmarks/results/*.json):
+one bar per workload, vhostd's figure divided by the anchor's, with the line
+at 1.0 (parity) and the issue's targets marked.
+
+    pip install matplotlib && python3 benchmarks/plot.py
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS_DIR, ROOT  # noqa: E402
+
+ANCHORS = {"blk_qsd": "qemu-storage-daemon", "blk_vmm": "qemu-storage-daemon (guest in vhostd's VMM)",
+           "net_testpmd": "DPDK vhost PMD"}
+# Minimum ratios the benchmark issue asks for (workload label -> target).
+TARGETS = {"4K randread qd32": 1.0, "64 B frames": 0.5}
+
+
+def main() -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, ratios, colours = [], [], []
+    palette = {"blk_qsd": "#3b75af", "blk_vmm": "#6a9fd0", "net_testpmd": "#e08a2c"}
+    for path in sorted(glob.glob(os.path.join(RESULTS_DIR, "*.json"))):
+        name = os.path.splitext(os.path.basename(path))[0]
+        if name not in ANCHORS:
+            continue
+        for row in json.load(open(path))["rows"]:
+            labels.append(f"{row['workload']}\nvs {ANCHORS[name]}")
+            ratios.append(row["ratio"])
+            colours.append(palette[name])
+    if not labels:
+        print("no results in", RESULTS_DIR, file=sys.stderr)
+        return 1
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(labels) + 1.5))
+    y = range(len(labels))[::-1]
+    ax.barh(list(y), ratios, color=colours)
+    ax.axvline(1.0, color="black", linewidth=1)
+    for yi, r, lab in zip(y, ratios, labels):
+        ax.text(r, yi, f" {r:.2f}x", va="center", fontsize=8)
+        target = TARGETS.get(lab.split("\n")[0])
+        if target is not None:
+            ax.plot([target, target], [yi - 0.4, yi + 0.4], color="red", linewidth=2)
+    ax.set_yticks(list(y))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("vhostd / anchor (higher is better; log scale; red tick = target)")
+    ax.set_title("vhostd against the anchors, same run, back-end CPU 0, load CPU 1")
+    fig.tight_layout()
+    out = os.path.join(ROOT, "benchmarks", "ratios.png")
+    fig.savefig(out, dpi=110)
+    print("wrote", out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
