@@ -103,6 +103,7 @@ def test_minimal_config_gets_defaults(tmp_path):
             discard=True,
             write_zeroes=True,
             direct=False,
+            poll_us=0,
             socket_mode=None,
         ),
     )
@@ -122,6 +123,7 @@ def test_all_keys_are_read(tmp_path):
             discard: false
             write_zeroes: false
             direct: true
+            poll_us: 250
             socket_mode: "0600"
             """,
         )
@@ -133,6 +135,7 @@ def test_all_keys_are_read(tmp_path):
     assert dev.size == 2 << 20
     assert dev.serial == "my-serial"
     assert (dev.discard, dev.write_zeroes, dev.direct) == (False, False, True)
+    assert dev.poll_us == 250
     assert dev.socket_mode == 0o600
 
 

@@ -118,6 +118,7 @@ class BlkDeviceConfig:
     discard: bool = True
     write_zeroes: bool = True
     direct: bool = False  # open the image with O_DIRECT
+    poll_us: int = 0  # busy-poll window of a queue that ran empty, in microseconds (0 = off)
     socket_mode: int | None = None  # chmod() the socket to this, e.g. 0o660
     line: int = field(default=0, compare=False)  # where the device starts in the YAML (0 = unknown)
 
@@ -126,6 +127,7 @@ class BlkDeviceConfig:
 #: null-co driver (requests succeed without moving data), to measure the
 #: protocol and ring overhead alone.
 BLK_BACKENDS = ("file", "null")
+MAX_POLL_US = 1_000_000
 
 NET_BACKENDS = ("tap", "switch", "loopback")
 MAX_QUEUE_PAIRS = 16
@@ -481,6 +483,7 @@ _BLK_KEYS: dict[str, Key] = {
     "discard": Key(_bool, True),
     "write_zeroes": Key(_bool, True),
     "direct": Key(_bool, False),
+    "poll_us": Key(_int_range(0, MAX_POLL_US), 0),
 }
 
 

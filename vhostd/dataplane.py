@@ -72,15 +72,19 @@ class Rings:
 
     `handler` is a C request handler (function pointer) and `ctx` its
     argument; `event_fd` becomes readable when a queue breaks (call
-    `take_errors`).
+    `take_errors`).  With `poll_us` a queue that ran empty is busy-polled
+    that long before it waits for a kick again (see engine.c).
     """
 
-    def __init__(self, engine: Engine, num_queues: int, max_queue_size: int, handler, ctx, event_fd: int) -> None:
+    def __init__(self, engine: Engine, num_queues: int, max_queue_size: int, handler, ctx, event_fd: int,
+                 poll_us: int = 0) -> None:
         self.num_queues = num_queues
         self._engine = engine
         self._ptr = lib.vd_device_new(engine.ptr, num_queues, max_queue_size, handler, ctx, event_fd)
         if self._ptr == ffi.NULL:
             raise DataPlaneError(f"cannot create a device with {num_queues} queues")
+        if poll_us:
+            lib.vd_device_set_poll(self._ptr, poll_us)
 
     def close(self) -> None:
         if self._ptr is not None:

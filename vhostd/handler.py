@@ -65,7 +65,7 @@ class DeviceHandler:
         self.features = 0
         self.event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.rings = Rings(engine, device.num_queues, device.max_queue_size, device.handler, device.ctx,
-                           self.event_fd)
+                           self.event_fd, device.poll_us)
 
     def close(self) -> None:
         self.rings.close()

@@ -9,6 +9,8 @@ class Device:
     A subclass sets name, num_queues, max_queue_size, handler (a C function
     pointer: uint32_t (*)(void *ctx, struct vd_req *, int queue)) and ctx
     (its first argument), and implements features() and config_space().
+    poll_us (default 0, off) is how long the data plane busy-polls a queue
+    that ran empty before it waits for a kick again.
     """
 
     name: str
@@ -16,6 +18,7 @@ class Device:
     max_queue_size: int
     handler: Any
     ctx: Any
+    poll_us: int = 0
 
     def features(self) -> int:
         """Device feature bits, ring/transport bits included."""

@@ -88,6 +88,7 @@ class BlkDevice(Device):
         self.num_queues = cfg.queues
         self.max_queue_size = cfg.queue_size
         self.readonly = cfg.readonly
+        self.poll_us = cfg.poll_us
         if cfg.backend == "null":
             self.fd, size, is_blockdev = -1, cfg.size, False
         else:

@@ -38,6 +38,9 @@ void vd_device_clear_memory(vd_device *d);
 void vd_device_set_features(vd_device *d, uint64_t features);
 /* Queues in mask are device-driven (net rx): a kick calls rx_kick instead of the handler. */
 void vd_device_set_rx_queues(vd_device *d, uint64_t mask, void (*rx_kick)(void *ctx, int queue));
+/* Busy polling: a queue that ran empty keeps notifications disabled and is
+ * re-checked by its worker for up to poll_us microseconds (0 = off). */
+void vd_device_set_poll(vd_device *d, uint32_t poll_us);
 int vd_device_needs_reset(vd_device *d);
 int vd_device_take_error(vd_device *d, char *buf, size_t len);
 

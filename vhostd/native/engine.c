@@ -5,6 +5,16 @@
  * the queue lock and drain the ring; no Python runs on this path.  The
  * control plane (Python, via cffi, GIL released) takes the same lock to
  * change a queue, so a queue is never reconfigured mid-batch.
+ *
+ * Busy polling (a device's poll_us): sleeping in epoll and being woken by a
+ * kick costs the driver a notification (a VM exit) and us a wake-up per
+ * batch.  So a queue of such a device that ran empty keeps notifications
+ * disabled and goes on the worker's spin list; each round re-checks its
+ * avail ring until poll_us passed without a request, then notifications
+ * are enabled again (re-checked once more, against the lost wake-up) and the
+ * queue waits for kicks as usual.  While the list is not empty the worker
+ * does not block in epoll, so its other queues and engine_sync are still
+ * served; an idle device costs nothing once its window is over.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -15,6 +25,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "vd.h"
@@ -28,6 +39,7 @@ struct vd_worker {
     pthread_cond_t cond;
     uint64_t sync_req, sync_done;  /* quiescence handshake, see vd_engine_sync */
     struct vd_queue *polled;       /* queues without a kick fd */
+    struct vd_queue *spinning;     /* queues in a busy-poll window; the worker's own, no lock */
 };
 
 struct vd_engine {
@@ -112,9 +124,25 @@ int vd_try_guarded(int (*fn)(void *), void *arg, void **addr)
     return r;
 }
 
+/* ---------------------------------------------------------------- workers */
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Whether a queue that runs empty is busy-polled.  Queues without a kick fd
+ * are looked at every round anyway, rx queues are driven by their device. */
+static int spins(const struct vd_queue *q)
+{
+    return q->dev->poll_ns && !q->polled && !q->rx;
+}
+
 static int process(void *q)
 {
-    return vd_queue_process(q);
+    return vd_queue_process(q, spins(q));
 }
 
 static int process_guarded(struct vd_queue *q)
@@ -122,7 +150,65 @@ static int process_guarded(struct vd_queue *q)
     return vd_run_guarded(q, process, q);
 }
 
-/* ---------------------------------------------------------------- workers */
+/* Open (or extend) q's poll window; q->lock held, called by q's worker. */
+static void spin_arm(struct vd_queue *q)
+{
+    q->spin_until = now_ns() + q->dev->poll_ns;
+    if (!q->spinning) {
+        q->spinning = 1;
+        q->spin_next = q->worker->spinning;
+        q->worker->spinning = q;
+    }
+}
+
+struct spin_arg {
+    struct vd_queue *q;
+    uint64_t now;
+};
+
+/* One look at a queue in its poll window (q->lock held, guarded).  Returns 1
+ * to keep polling it, 0 when it waits for kicks again. */
+static int spin_once(void *arg)
+{
+    struct spin_arg *a = arg;
+    struct vd_queue *q = a->q;
+    if (!vd_queue_has_avail(q)) {
+        if (a->now < q->spin_until)
+            return 1;
+        /* Window over: enable notifications; requests that came in
+         * meanwhile are served below and open a new window. */
+        if (!vd_queue_want_kick(q))
+            return 0;
+    }
+    vd_queue_process(q, 1);
+    q->spin_until = now_ns() + q->dev->poll_ns;
+    return !q->broken;
+}
+
+/* Every queue in a poll window, once. */
+static void spin_round(struct vd_worker *w)
+{
+    uint64_t now = now_ns();
+    struct vd_queue **pp = &w->spinning;
+    while (*pp) {
+        struct vd_queue *q = *pp;
+        pthread_mutex_lock(&q->lock);
+        /* A stopped queue is only dropped: its rings may be gone. */
+        int keep = q->started && q->enabled && !q->broken && spins(q);
+        if (keep) {
+            struct spin_arg a = {q, now};
+            keep = vd_run_guarded(q, spin_once, &a);
+        }
+        if (keep) {
+            pp = &q->spin_next;
+        } else {
+            q->spinning = 0;
+            *pp = q->spin_next;
+            q->spin_next = NULL;
+        }
+        pthread_mutex_unlock(&q->lock);
+    }
+}
 
 /* Serve one queue; returns 1 if it has requests left over (budget spent). */
 static int service(struct vd_queue *q, int kicked)
@@ -138,8 +224,12 @@ static int service(struct vd_queue *q, int kicked)
     if (q->started && q->enabled && !q->broken) {
         if (q->rx)
             rx_kick = 1;
-        else
-            more = process_guarded(q);
+        else if (spins(q)) {
+            if (process_guarded(q) != VD_IDLE) /* ran empty or out of budget: the spin list comes back */
+                spin_arm(q);
+        } else {
+            more = process_guarded(q) == VD_MORE;
+        }
     }
     if (more && q->kick_fd >= 0) {
         /* Out of budget with requests waiting: re-kick ourselves.  epoll then
@@ -179,7 +269,7 @@ static void *worker_main(void *arg)
         uint64_t seen = w->sync_req;
         int stop = w->stop;
         /* A sync request still unanswered: finish this round without sleeping. */
-        int timeout = seen != w->sync_done || busy ? 0 : w->polled ? 1 : -1;
+        int timeout = seen != w->sync_done || busy || w->spinning ? 0 : w->polled ? 1 : -1;
         pthread_mutex_unlock(&w->lock);
         if (stop)
             break;
@@ -200,6 +290,7 @@ static void *worker_main(void *arg)
         busy = 0;
         for (; p; p = p->poll_next)
             busy |= service(p, 0);
+        spin_round(w);
         pthread_mutex_lock(&w->lock);
         w->sync_done = seen;
         pthread_cond_broadcast(&w->cond);
@@ -530,6 +621,11 @@ void vd_queue_poke(vd_device *d, int i)
         }
     }
     pthread_mutex_unlock(&q->lock);
+}
+
+void vd_device_set_poll(vd_device *d, uint32_t poll_us)
+{
+    d->poll_ns = (uint64_t)poll_us * 1000; /* set before the queues start */
 }
 
 void vd_device_set_features(vd_device *d, uint64_t features)

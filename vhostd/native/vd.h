@@ -118,6 +118,10 @@ struct vd_queue {
     struct vd_queue_stats st;
     struct iovec iov[VD_MAX_IOV];
     struct vd_queue *poll_next;
+    /* busy polling (engine.c), touched only by the owning worker */
+    int spinning;           /* on the worker's spin list: notifications left disabled */
+    uint64_t spin_until;    /* CLOCK_MONOTONIC ns: then ask for kicks again */
+    struct vd_queue *spin_next;
 };
 
 struct vd_device {
@@ -130,14 +134,19 @@ struct vd_device {
     void (*rx_kick)(void *ctx, int queue); /* device-driven queues: the driver added buffers */
     void *ctx;
     int event_fd;           /* written when a queue breaks; the control plane reads errors */
+    uint64_t poll_ns;       /* busy-poll window of a queue that ran empty; 0 = off */
     int needs_reset;
     struct vd_queue q[];
 };
 
-/* queue processing (vring.c); called by a worker with q->lock held.  Returns 1
- * when it stopped after VD_BUDGET requests with more waiting (the caller must
- * come back: notifications are left disabled), else 0. */
-int vd_queue_process(struct vd_queue *q);
+/* queue processing (vring.c); called by a worker with q->lock held.  Returns
+ * VD_MORE when it stopped after VD_BUDGET requests with more waiting (the
+ * caller must come back: notifications are left disabled), VD_IDLE when the
+ * ring ran empty and notifications are enabled again, or, with `quiet`,
+ * VD_QUIET when the ring ran empty and notifications were left disabled (the
+ * caller polls the ring, and re-enables them with vd_queue_want_kick). */
+enum { VD_IDLE = 0, VD_MORE = 1, VD_QUIET = 2 };
+int vd_queue_process(struct vd_queue *q, int quiet);
 
 /* Device-driven use (net rx), q->lock held: pop returns 1 with req mapped
  * into iov, 0 when the ring is empty, -1 when the queue broke. */

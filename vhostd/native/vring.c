@@ -303,11 +303,11 @@ int vd_queue_want_kick(struct vd_queue *q)
     return avail_idx(q) != q->last_avail;
 }
 
-int vd_queue_process(struct vd_queue *q)
+int vd_queue_process(struct vd_queue *q, int quiet)
 {
     struct vd_req req;
     unsigned since_publish = 0, budget = VD_BUDGET;
-    int more = 0;
+    int ret = VD_IDLE;
 
     read_fresh_used(q);
     for (;;) {
@@ -325,7 +325,7 @@ int vd_queue_process(struct vd_queue *q)
             if (!budget) {
                 /* A driver that keeps the ring full must not starve the other
                  * queues of this worker: yield, and be called again. */
-                more = 1;
+                ret = VD_MORE;
                 goto out;
             }
             __atomic_thread_fence(__ATOMIC_ACQUIRE); /* idx before ring entries */
@@ -345,6 +345,10 @@ int vd_queue_process(struct vd_queue *q)
                 }
             }
         }
+        if (quiet) {
+            ret = VD_QUIET; /* the caller keeps looking at the ring (poll_us) */
+            break;
+        }
         notify_enable(q, 1);
         __atomic_thread_fence(__ATOMIC_SEQ_CST); /* re-enable before the final check */
         if (avail_idx(q) == q->last_avail)
@@ -352,5 +356,5 @@ int vd_queue_process(struct vd_queue *q)
     }
 out:
     publish_used(q);
-    return more;
+    return ret;
 }
