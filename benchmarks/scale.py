@@ -372,7 +372,7 @@ def main() -> int:
     ap.add_argument("--workers", default="1,0", help="daemon.workers settings to run, comma separated (0: default)")
     ap.add_argument("--idle-seconds", type=float, default=10, help="idle CPU measurement window")
     ap.add_argument("--seconds", type=float, default=5, help="length of each load run")
-    ap.add_argument("--repeat", type=int, default=3, help="load runs on each side (alternating); medians are shown")
+    ap.add_argument("--repeat", type=int, default=5, help="load runs on each side (alternating); medians are shown")
     ap.add_argument("--frontends", type=int, default=64,
                     help="connected-but-idle front-ends for the second idle measurement (0: skip)")
     ap.add_argument("--load", choices=["auto", "bench", "vmm", "none"], default="auto",
