@@ -187,15 +187,21 @@ static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
     return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
 }
 
-/* Make the used entries visible and signal the driver if it wants it. */
-static void publish_used(struct vd_queue *q)
+/* Make the used entries visible (a driver that polls sees them at once). */
+static inline void expose_used(struct vd_queue *q)
 {
-    uint16_t old = rd16(q->used + USED_IDX);
+    __atomic_thread_fence(__ATOMIC_RELEASE); /* ring entries before idx */
+    wr16(q->used + USED_IDX, q->used_idx);
+}
+
+/* End of a batch that began at used index `old`: make its entries visible
+ * and signal the driver once if it wants it for any of them. */
+static void publish_used(struct vd_queue *q, uint16_t old)
+{
     uint16_t now = q->used_idx;
     if (old == now)
         return;
-    __atomic_thread_fence(__ATOMIC_RELEASE); /* ring entries before idx */
-    wr16(q->used + USED_IDX, now);
+    expose_used(q);
     __atomic_thread_fence(__ATOMIC_SEQ_CST); /* idx before reading the driver's suppression state */
     int notify;
     if (q->event_idx) {
@@ -291,7 +297,7 @@ void vd_queue_push(struct vd_queue *q, uint16_t head, uint32_t len)
 
 void vd_queue_flush(struct vd_queue *q)
 {
-    publish_used(q);
+    publish_used(q, rd16(q->used + USED_IDX));
 }
 
 /* Ask for a kick when the driver adds buffers; returns 1 if some arrived
@@ -310,6 +316,7 @@ int vd_queue_process(struct vd_queue *q, int quiet)
     int ret = VD_IDLE;
 
     read_fresh_used(q);
+    uint16_t batch_start = q->used_idx;
     for (;;) {
         notify_enable(q, 0);
         for (;;) {
@@ -340,7 +347,9 @@ int vd_queue_process(struct vd_queue *q, int quiet)
                 q->st.out_bytes += req.out_bytes;
                 q->st.in_bytes += len;
                 if (++since_publish >= VD_USED_BATCH) {
-                    publish_used(q);
+                    /* Completions visible early (the driver may refill the
+                     * ring while we work), one signal at the end. */
+                    expose_used(q);
                     since_publish = 0;
                 }
             }
@@ -355,6 +364,6 @@ int vd_queue_process(struct vd_queue *q, int quiet)
             break;
     }
 out:
-    publish_used(q);
+    publish_used(q, batch_start);
     return ret;
 }
