@@ -6,12 +6,16 @@
  * control plane (Python, via cffi, GIL released) takes the same lock to
  * change a queue, so a queue is never reconfigured mid-batch.
  *
+ * A queue that used up its budget (VD_BUDGET requests) with more waiting
+ * goes on the worker's again list: it is served again after the queues that
+ * epoll reports, without a kick.
+ *
  * Busy polling (a device's poll_us): sleeping in epoll and being woken by a
  * kick costs the driver a notification (a VM exit) and us a wake-up per
  * batch.  So a queue of such a device that ran empty keeps notifications
- * disabled and goes on the worker's spin list; each round re-checks its
- * avail ring until poll_us passed without a request, then notifications
- * are enabled again (re-checked once more, against the lost wake-up) and the
+ * disabled and goes on the again list too; each round re-checks its avail
+ * ring until poll_us passed without a request, then notifications are
+ * enabled again (re-checked once more, against the lost wake-up) and the
  * queue waits for kicks as usual.  While the list is not empty the worker
  * does not block in epoll, so its other queues and engine_sync are still
  * served; an idle device costs nothing once its window is over.
@@ -39,7 +43,8 @@ struct vd_worker {
     pthread_cond_t cond;
     uint64_t sync_req, sync_done;  /* quiescence handshake, see vd_engine_sync */
     struct vd_queue *polled;       /* queues without a kick fd */
-    struct vd_queue *spinning;     /* queues in a busy-poll window; the worker's own, no lock */
+    struct vd_queue *again;        /* queues to look at without a kick (out of budget, or in a
+                                      poll window); the worker's own, no lock */
 };
 
 struct vd_engine {
@@ -150,63 +155,77 @@ static int process_guarded(struct vd_queue *q)
     return vd_run_guarded(q, process, q);
 }
 
-/* Open (or extend) q's poll window; q->lock held, called by q's worker. */
-static void spin_arm(struct vd_queue *q)
+/* Put q on its worker's again list (q->lock held, called by q's worker),
+ * opening or extending its poll window if it has one. */
+static void come_back(struct vd_queue *q)
 {
     q->spin_until = now_ns() + q->dev->poll_ns;
-    if (!q->spinning) {
-        q->spinning = 1;
-        q->spin_next = q->worker->spinning;
-        q->worker->spinning = q;
+    if (!q->again) {
+        q->again = 1;
+        q->again_next = q->worker->again;
+        q->worker->again = q;
     }
 }
 
-struct spin_arg {
+struct again_arg {
     struct vd_queue *q;
     uint64_t now;
 };
 
-/* One look at a queue in its poll window (q->lock held, guarded).  Returns 1
- * to keep polling it, 0 when it waits for kicks again. */
-static int spin_once(void *arg)
+/* Look at a queue on the again list (q->lock held, guarded).  Returns 1 to
+ * keep it there, 0 when it waits for kicks again. */
+static int look_again(void *arg)
 {
-    struct spin_arg *a = arg;
+    struct again_arg *a = arg;
     struct vd_queue *q = a->q;
     if (!vd_queue_has_avail(q)) {
         if (a->now < q->spin_until)
             return 1;
-        /* Window over: enable notifications; requests that came in
-         * meanwhile are served below and open a new window. */
+        /* Window over (or none): enable notifications; requests that came
+         * in meanwhile are served below (and open a new window). */
         if (!vd_queue_want_kick(q))
             return 0;
     }
-    vd_queue_process(q, 1);
-    q->spin_until = now_ns() + q->dev->poll_ns;
-    return !q->broken;
+    int r = vd_queue_process(q, spins(q));
+    if (r == VD_QUIET)
+        q->spin_until = now_ns() + q->dev->poll_ns;
+    return r != VD_IDLE && !q->broken;
 }
 
-/* Every queue in a poll window, once. */
-static void spin_round(struct vd_worker *w)
+/* Every queue on the again list, once. */
+static void again_round(struct vd_worker *w, uint64_t now)
 {
-    uint64_t now = now_ns();
-    struct vd_queue **pp = &w->spinning;
+    struct vd_queue **pp = &w->again;
     while (*pp) {
         struct vd_queue *q = *pp;
         pthread_mutex_lock(&q->lock);
         /* A stopped queue is only dropped: its rings may be gone. */
-        int keep = q->started && q->enabled && !q->broken && spins(q);
+        int keep = q->started && q->enabled && !q->broken && !q->rx && !q->polled;
         if (keep) {
-            struct spin_arg a = {q, now};
-            keep = vd_run_guarded(q, spin_once, &a);
+            struct again_arg a = {q, now};
+            keep = vd_run_guarded(q, look_again, &a);
         }
         if (keep) {
-            pp = &q->spin_next;
+            pp = &q->again_next;
         } else {
-            q->spinning = 0;
-            *pp = q->spin_next;
-            q->spin_next = NULL;
+            q->again = 0;
+            *pp = q->again_next;
+            q->again_next = NULL;
         }
         pthread_mutex_unlock(&q->lock);
+    }
+}
+
+/* Go round the again list for a short slice before the next epoll_wait(0),
+ * a syscall, looks at the kicks of the other queues and at sync requests. */
+static void again_slice(struct vd_worker *w)
+{
+    uint64_t now = now_ns(), end = now + VD_SPIN_SLICE_NS;
+    while (w->again) {
+        again_round(w, now);
+        now = now_ns();
+        if (now >= end)
+            break;
     }
 }
 
@@ -222,21 +241,14 @@ static int service(struct vd_queue *q, int kicked)
     }
     int rx_kick = 0;
     if (q->started && q->enabled && !q->broken) {
-        if (q->rx)
+        if (q->rx) {
             rx_kick = 1;
-        else if (spins(q)) {
-            if (process_guarded(q) != VD_IDLE) /* ran empty or out of budget: the spin list comes back */
-                spin_arm(q);
         } else {
-            more = process_guarded(q) == VD_MORE;
-        }
-    }
-    if (more && q->kick_fd >= 0) {
-        /* Out of budget with requests waiting: re-kick ourselves.  epoll then
-         * reports this queue after the others that are already ready.  (A
-         * polled queue is looked at again on the next round.) */
-        uint64_t one = 1;
-        if (write(q->kick_fd, &one, sizeof(one)) < 0) {
+            int r = process_guarded(q);
+            if (q->polled)
+                more = r == VD_MORE; /* looked at every round anyway */
+            else if (r != VD_IDLE)
+                come_back(q); /* out of budget, or empty in a poll window */
         }
     }
     pthread_mutex_unlock(&q->lock);
@@ -269,7 +281,7 @@ static void *worker_main(void *arg)
         uint64_t seen = w->sync_req;
         int stop = w->stop;
         /* A sync request still unanswered: finish this round without sleeping. */
-        int timeout = seen != w->sync_done || busy || w->spinning ? 0 : w->polled ? 1 : -1;
+        int timeout = seen != w->sync_done || busy || w->again ? 0 : w->polled ? 1 : -1;
         pthread_mutex_unlock(&w->lock);
         if (stop)
             break;
@@ -290,7 +302,7 @@ static void *worker_main(void *arg)
         busy = 0;
         for (; p; p = p->poll_next)
             busy |= service(p, 0);
-        spin_round(w);
+        again_slice(w);
         pthread_mutex_lock(&w->lock);
         w->sync_done = seen;
         pthread_cond_broadcast(&w->cond);

@@ -25,8 +25,9 @@
 #define VD_MAX_REGIONS 509
 #define VD_MAX_QUEUES 64
 #define VD_ERRMSG 256
-#define VD_USED_BATCH 64           /* publish used idx at least this often */
+#define VD_USED_BATCH 64           /* make used entries visible at least this often (one signal per batch) */
 #define VD_BUDGET 64               /* requests per turn before the worker serves its other queues */
+#define VD_SPIN_SLICE_NS 20000     /* with queues to look at again: this long between epoll_waits */
 
 /* ---------------------------------------------------------------- memory */
 
@@ -118,10 +119,10 @@ struct vd_queue {
     struct vd_queue_stats st;
     struct iovec iov[VD_MAX_IOV];
     struct vd_queue *poll_next;
-    /* busy polling (engine.c), touched only by the owning worker */
-    int spinning;           /* on the worker's spin list: notifications left disabled */
-    uint64_t spin_until;    /* CLOCK_MONOTONIC ns: then ask for kicks again */
-    struct vd_queue *spin_next;
+    /* the worker's again list (engine.c), touched only by the owning worker */
+    int again;              /* on it: notifications left disabled */
+    uint64_t spin_until;    /* end of the poll window (CLOCK_MONOTONIC ns): then ask for kicks */
+    struct vd_queue *again_next;
 };
 
 struct vd_device {
