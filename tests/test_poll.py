@@ -231,6 +231,24 @@ def test_a_ring_broken_during_the_window_is_reported(vd, guest):
     assert BlkDriver(q).read(0, 512)[0] == BLK_S_OK
 
 
+def test_memory_cut_off_during_the_window_breaks_only_that_queue(vd, guest):
+    """The worker polling the ring touches pages the front-end truncated:
+    SIGBUS, caught, the queue is broken.  Twice, so the guard still works
+    after it caught one (the signal mask is not saved or restored)."""
+    for _ in range(2):
+        g = guest("long")
+        q = g.queue(0)
+        assert BlkDriver(q).read(0, 512)[0] == BLK_S_OK
+        mark = vd.log_mark()
+        os.ftruncate(g.mem.fd, 0)  # from here on the test must not touch g.mem
+        wait_broken(q)
+        vd.wait_log(mark, r"long: .*faulted \(SIGBUS\)")
+        assert g.status() & STATUS_NEEDS_RESET
+        g.close()
+    q = guest("plain").queue(0)  # the worker is fine
+    assert BlkDriver(q).read(0, 512)[0] == BLK_S_OK
+
+
 def test_daemon_stops_promptly_during_a_window(vhostd_factory):
     vd = vhostd_factory([{"name": "d", "poll_us": LONG_US}], daemon={"workers": 1})
     g = vd.connect("d")

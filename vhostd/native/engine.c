@@ -92,12 +92,15 @@ static void install_sigbus(void)
 }
 
 /* Run fn(arg) on q's behalf; a SIGBUS inside breaks q instead of the daemon.
- * Guards nest: the innermost one catches, then the outer one is back. */
+ * Guards nest: the innermost one catches, then the outer one is back.  The
+ * signal mask is not saved (a syscall each time, and this runs for every
+ * batch): the handler runs with SA_NODEFER and an empty sa_mask, so jumping
+ * out of it leaves the mask as it was. */
 int vd_run_guarded(struct vd_queue *q, int (*fn)(void *), void *arg)
 {
     sigjmp_buf jb;
     sigjmp_buf *outer = guard_jb;
-    if (sigsetjmp(jb, 1)) {
+    if (sigsetjmp(jb, 0)) {
         guard_jb = outer;
         vd_queue_fail(q, "queue %d: guest memory access faulted (SIGBUS): the front-end shrank shared memory",
                       q->index);
