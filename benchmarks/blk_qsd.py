@@ -9,7 +9,7 @@ time, alternating between the two back-ends so drift hits both alike.
 Reported per workload: IOPS, latency p50/p99 and the back-end's CPU seconds
 per million I/Os (its utime+stime across the run, all threads).
 
-    python3 benchmarks/blk_qsd.py [--seconds 10] [--qsd-aio threads|io_uring|native]
+    python3 benchmarks/blk_qsd.py [--seconds 10] [--qsd-aio threads|io_uring|native] [--poll-us 32]
 """
 
 from __future__ import annotations
@@ -43,13 +43,14 @@ def fill_image(path: str) -> None:
             f.write(chunk)
 
 
-def start_vhostd(tmp: str, img: str) -> tuple[object, dict]:
+def start_vhostd(tmp: str, img: str, poll_us: int) -> tuple[object, dict]:
     cfg = os.path.join(tmp, "vhostd.yaml")
     socks = {"file": os.path.join(tmp, "vd-file.sock"), "null": os.path.join(tmp, "vd-null.sock")}
     with open(cfg, "w") as f:
         f.write("daemon: {workers: 1, log_level: warning}\ndevices:\n"
-                f"  - {{name: file0, type: blk, socket: {socks['file']}, path: {img}}}\n"
-                f"  - {{name: null0, type: blk, socket: {socks['null']}, backend: null, size: {IMAGE_SIZE}}}\n")
+                f"  - {{name: file0, type: blk, socket: {socks['file']}, path: {img}, poll_us: {poll_us}}}\n"
+                f"  - {{name: null0, type: blk, socket: {socks['null']}, backend: null, size: {IMAGE_SIZE}, "
+                f"poll_us: {poll_us}}}\n")
     p = pinned(vhostd_cmd(cfg), BACKEND_CPU, os.path.join(tmp, "vhostd.log"))
     wait_listening(socks.values(), p)
     return p, socks
@@ -81,6 +82,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--qsd-aio", default="io_uring", choices=["threads", "io_uring", "native"],
                     help="qsd's file AIO engine (default io_uring, its fastest here on tmpfs)")
+    ap.add_argument("--poll-us", type=int, default=32,
+                    help="vhostd's poll_us (default 32: qsd's own default adaptive polling, poll-max-ns, is 32 us)")
     ap.add_argument("--only", help="run only workloads whose label contains this")
     ap.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/blk_qsd.json")
     args = ap.parse_args()
@@ -88,7 +91,7 @@ def main() -> int:
     img_v, img_q = os.path.join(tmp, "vhostd.img"), os.path.join(tmp, "qsd.img")
     fill_image(img_v)
     shutil.copyfile(img_v, img_q)
-    vd, vsocks = start_vhostd(tmp, img_v)
+    vd, vsocks = start_vhostd(tmp, img_v, args.poll_us)
     qsd, qsocks = start_qsd(tmp, img_q, args.qsd_aio)
     rows = []
     print(f"{'workload':<22} {'vhostd IOPS':>12} {'qsd IOPS':>10} {'ratio':>6}   "
@@ -108,7 +111,7 @@ def main() -> int:
         stop(vd)
         stop(qsd)
     if not args.no_save and not args.only:
-        cmd = f"python3 benchmarks/blk_qsd.py --seconds {args.seconds:g} --qsd-aio {args.qsd_aio}"
+        cmd = f"python3 benchmarks/blk_qsd.py --seconds {args.seconds:g} --qsd-aio {args.qsd_aio} --poll-us {args.poll_us}"
         print("saved", save_results("blk_qsd", cmd, rows))
     shutil.rmtree(tmp, ignore_errors=True)
     return 0

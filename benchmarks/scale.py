@@ -261,7 +261,7 @@ def run_load(kind: str, sock: str, seconds: float, work: str) -> int:
         cmd = [sys.executable, "-m", "vhostd", "bench", "blk", "--socket", sock, "--rw", "randread",
                "--bs", "4096", "--iodepth", "32", "--seconds", f"{seconds:g}"]
         return _run_counting(cmd, "IOPS", seconds)
-    # guest-drivers blkbench in vhostd's VMM, as benchmarks/blk_vmm.sh
+    # guest-drivers blkbench in vhostd's VMM, as benchmarks/blk_vmm.py
     return run_vm("blkbench", f"rw=randread bs=4096 iodepth=32 seconds={seconds:g}", "blk", sock, "IOPS", seconds,
                   work)
 
