@@ -85,6 +85,8 @@ class Vhostd(DaemonProcess):
         for d in devices:
             d.setdefault("type", "blk")
             d.setdefault("socket", os.path.join(sockdir, d["name"] + ".sock"))
+            if d["type"] != "blk" or d.get("backend") == "null":
+                continue
             d.setdefault("path", d["name"] + ".img")
             if not (Path(workdir) / d["path"]).exists():
                 d.setdefault("size", "4M")

@@ -1046,6 +1046,8 @@ def test_full_example_loads(tmp_path):
     assert load_config(tmp_path / "config" / "example-full.yaml") == dataclasses.replace(
         cfg,
         path=str(tmp_path / "config" / "example-full.yaml"),
+        daemon=dataclasses.replace(cfg.daemon, control_socket=cfg.daemon.control_socket.replace(str(REPO),
+                                                                                                str(tmp_path))),
         devices=tuple(
             dataclasses.replace(
                 d,
@@ -1371,3 +1373,51 @@ def test_vms_must_be_a_list_and_devices_stay_required_without_vms(tmp_path):
     assert p.message == "must be a list of VMs (each starting with '- name: ...'), got a mapping"
     p = only_problem(write(tmp_path, "vms: []\n"))
     assert p.message == "missing required key 'devices' (the list of devices to serve)"
+
+
+# --------------------------------------------------------------------------
+# access control and the daemon's service keys
+# --------------------------------------------------------------------------
+
+
+def load(tmp_path, text):
+    return load_config(write(tmp_path, text))
+
+
+def load_errors(tmp_path, text):
+    return [str(p) for p in problems(write(tmp_path, text))]
+
+
+def test_access_keys_resolve_names_and_numbers(tmp_path):
+    cfg = load(tmp_path, """
+        daemon: {control_socket: ctl.sock, user: nobody, group: 65534, log_format: journal}
+        devices:
+          - {name: d0, type: blk, socket: d0.sock, path: d0.img, size: 1M, socket_owner: root,
+             socket_group: 0, allow_uids: [root, 65534], allow_gids: [nogroup]}
+    """)
+    assert cfg.daemon.control_socket == str(tmp_path / "ctl.sock")
+    assert (cfg.daemon.user, cfg.daemon.group, cfg.daemon.log_format) == (65534, 65534, "journal")
+    dev = cfg.devices[0]
+    assert (dev.socket_owner, dev.socket_group, dev.allow_uids, dev.allow_gids) == (0, 0, (0, 65534), (65534,))
+
+
+@pytest.mark.parametrize("snippet,where,message", [
+    ("daemon: {user: no-such-user-here}", "daemon.user", "no user named 'no-such-user-here'"),
+    ("daemon: {group: no-such-group}", "daemon.group", "no group named 'no-such-group'"),
+    ("daemon: {log_format: xml}", "daemon.log_format", "must be one of auto, journal, text"),
+    ("daemon: {control_socket: [1]}", "daemon.control_socket", "must be"),
+])
+def test_bad_daemon_service_keys(tmp_path, snippet, where, message):
+    errors = load_errors(tmp_path, snippet + "\ndevices:\n  - {name: d0, type: blk, socket: d0.sock, path: d0.img, size: 1M}\n")
+    assert any(f":1: {where}: " in e and message in e for e in errors), errors
+
+
+def test_bad_allow_list_names_the_device_key(tmp_path):
+    errors = load_errors(tmp_path, """
+        devices:
+          - {name: d0, type: blk, socket: d0.sock, path: d0.img, size: 1M,
+             allow_uids: root}
+          - {name: d1, type: blk, socket: d1.sock, path: d1.img, size: 1M, allow_gids: [nosuchgroupx]}
+    """)
+    assert any(":3: devices[0].allow_uids: must be a list of user names or uids" in e for e in errors), errors
+    assert any(":4: devices[1].allow_gids: no group named 'nosuchgroupx'" in e for e in errors), errors

@@ -1,4 +1,4 @@
-"""Command line: `vhostd serve`, `vhostd check`, `vhostd vm run` and `vhostd bench blk`."""
+"""Command line: `vhostd serve|check|status|reload`, `vhostd vm run` and `vhostd bench blk`."""
 
 from __future__ import annotations
 
@@ -13,12 +13,19 @@ from vhostd import __version__
 DEFAULT_CONFIG = "config/vhostd.yaml"
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, log_format: str = "text") -> None:
+    """One line per event on stderr; under systemd (or log_format: journal)
+    with `<N>` priority prefixes and no timestamps, as the journal wants."""
+    from vhostd.systemd import JournalFormatter, stderr_is_journal
+
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "journal" or (log_format == "auto" and stderr_is_journal()):
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
 def _load(path: str):
@@ -44,7 +51,7 @@ def cmd_serve(args) -> int:
     config = _load(args.config)
     if config is None:
         return 1
-    _setup_logging(args.log_level or config.daemon.log_level)
+    _setup_logging(args.log_level or config.daemon.log_level, config.daemon.log_format)
     from vhostd.daemon import serve
 
     try:
@@ -117,6 +124,84 @@ def cmd_vm_run(args) -> int:
     return vm.exit_status & 0xFF
 
 
+def _control_path(args) -> str | None:
+    if args.control:
+        return args.control
+    config = _load(args.config)
+    if config is None:
+        return None
+    if not config.daemon.control_socket:
+        print(f"{args.config}: no daemon.control_socket is set; set one (and restart vhostd) or pass --control",
+              file=sys.stderr)
+        return None
+    return config.daemon.control_socket
+
+
+def _ask(args, cmd: str) -> dict | None:
+    from vhostd.control import request
+
+    path = _control_path(args)
+    if path is None:
+        return None
+    try:
+        return request(path, cmd)
+    except (OSError, ValueError) as exc:
+        print(f"vhostd {cmd}: cannot reach the daemon at {path}: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_status(args) -> int:
+    import json
+
+    reply = _ask(args, "status")
+    if reply is None:
+        return 1
+    if args.json:
+        print(json.dumps(reply, indent=1))
+        return 0 if reply.get("ok") else 1
+    if not reply.get("ok"):
+        print(f"vhostd status: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print(f"vhostd pid {reply['pid']}, config {reply['config']}, {len(reply['devices'])} device(s)")
+    for d in reply["devices"]:
+        peer = d["peer"]
+        state = f"connected (pid {peer['pid']} uid {peer['uid']})" if peer else "not connected"
+        if d["needs_reset"]:
+            state += ", NEEDS_RESET"
+        print(f"\n{d['name']}  {d['type']}  {d['socket']}  {state}  sessions={d['sessions']}")
+        print(f"  features {d['features']:#x}: {' '.join(d['feature_names']) or '-'}")
+        for q in d["queues"]:
+            qs = "broken" if q["broken"] else "started" if q["started"] else "stopped"
+            qs += "" if q["enabled"] else ",disabled"
+            print(f"  queue {q['index']}: {qs} size={q['size']} avail={q['last_avail']} used={q['used_idx']} "
+                  f"requests={q['requests']} kicks={q['kicks']} notifies={q['notifies']} "
+                  f"bytes_out={q['bytes_out']} bytes_in={q['bytes_in']}")
+        for i, counters in enumerate(d["counters"]):
+            print(f"  {'pair' if d['type'] == 'net' else 'queue'} {i} counters: "
+                  + " ".join(f"{k}={v}" for k, v in counters.items()))
+    return 0
+
+
+def cmd_reload(args) -> int:
+    reply = _ask(args, "reload")
+    if reply is None:
+        return 1
+    if "errors" in reply:
+        print("vhostd reload: refused; the running devices are unchanged:", file=sys.stderr)
+        for line in reply["errors"]:
+            print(line, file=sys.stderr)
+        return 1
+    if "error" in reply:
+        print(f"vhostd reload: {reply['error']}", file=sys.stderr)
+        return 1
+    for key in ("started", "stopped", "restarted", "kept"):
+        if reply.get(key):
+            print(f"{key}: {', '.join(reply[key])}")
+    for name, why in reply.get("failed", {}).items():
+        print(f"failed: {name}: {why}", file=sys.stderr)
+    return 0 if reply.get("ok") else 1
+
+
 def cmd_bench_blk(args) -> int:
     """Drive a vhost-user-blk back-end; print one line with IOPS= (or JSON)."""
     import json
@@ -153,6 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="validate a config file and exit")
     p.add_argument("--config", "-c", default=DEFAULT_CONFIG)
     p.set_defaults(func=cmd_check)
+
+    for name, func, text in (("status", cmd_status, "show every device of the running daemon"),
+                             ("reload", cmd_reload, "make the running daemon re-read its config")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help="find the control socket in this config")
+        p.add_argument("--control", help="the daemon's control socket (instead of --config)")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="print everything as JSON")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("vm", help="the built-in VMM")
     vm_sub = p.add_subparsers(dest="vm_command", required=True)

@@ -17,7 +17,9 @@ check hook, and registering it in ``DEVICE_TYPES``.
 from __future__ import annotations
 
 import difflib
+import grp
 import os
+import pwd
 import re
 import stat
 from dataclasses import dataclass, field
@@ -101,6 +103,13 @@ class ConfigError(Exception):
 class DaemonConfig:
     workers: int = 0  # 0 = pick automatically
     log_level: str = "info"
+    log_format: str = "auto"  # one of LOG_FORMATS; auto = journal when stderr is the journal
+    control_socket: str | None = None  # `vhostd status` / `vhostd reload` talk to the daemon here
+    user: int | None = None  # uid to drop to once every socket, image and TAP is open
+    group: int | None = None  # gid to drop to (default: the user's primary group)
+
+
+LOG_FORMATS = ("auto", "journal", "text")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,6 +129,10 @@ class BlkDeviceConfig:
     direct: bool = False  # open the image with O_DIRECT
     poll_us: int = 0  # busy-poll window of a queue that ran empty, in microseconds (0 = off)
     socket_mode: int | None = None  # chmod() the socket to this, e.g. 0o660
+    socket_owner: int | None = None  # chown() the socket to this uid
+    socket_group: int | None = None  # ... and this gid
+    allow_uids: tuple[int, ...] | None = None  # peers allowed by SO_PEERCRED uid (None = anyone)
+    allow_gids: tuple[int, ...] | None = None  # ... or by gid
     line: int = field(default=0, compare=False)  # where the device starts in the YAML (0 = unknown)
 
 
@@ -147,6 +160,10 @@ class NetDeviceConfig:
     queue_size: int = 256
     offloads: bool = True  # offer checksum/TSO/UFO offloads to the guest
     socket_mode: int | None = None
+    socket_owner: int | None = None  # chown() the socket to this uid
+    socket_group: int | None = None  # ... and this gid
+    allow_uids: tuple[int, ...] | None = None  # peers allowed by SO_PEERCRED uid (None = anyone)
+    allow_gids: tuple[int, ...] | None = None  # ... or by gid
     line: int = field(default=0, compare=False)
 
 
@@ -402,6 +419,36 @@ def _serial(node: Node, ctx: _Context) -> str:
 _MODE_RE = re.compile(r"(?:0o?)?([0-7]{1,4})", re.IGNORECASE)
 
 
+def _user(node: Node, ctx: _Context) -> int:
+    """A user name or a numeric uid; names are looked up now, so a typo is a config error."""
+    if _is(node, "int"):
+        return _int_range(0, 2**32 - 2)(node, ctx)
+    name = _string(node, "a user name or a numeric uid")
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise _Invalid(f"no user named {name!r} on this system") from None
+
+
+def _group(node: Node, ctx: _Context) -> int:
+    if _is(node, "int"):
+        return _int_range(0, 2**32 - 2)(node, ctx)
+    name = _string(node, "a group name or a numeric gid")
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise _Invalid(f"no group named {name!r} on this system") from None
+
+
+def _id_list(one: Callable[[Node, _Context], int], what: str) -> Callable[[Node, _Context], tuple[int, ...]]:
+    def parse(node: Node, ctx: _Context) -> tuple[int, ...]:
+        if not isinstance(node, SequenceNode):
+            raise _Invalid(f"must be a list of {what}, e.g. [qemu, 107], got {_describe(node)}")
+        return tuple(one(item, ctx) for item in node.value)
+
+    return parse
+
+
 def _mode(node: Node, ctx: _Context) -> int:
     """A file mode, always read as octal like chmod: 0660, "0660", 660, 0o660."""
     what = "an octal file mode from 0000 to 0777, like 0660"
@@ -453,6 +500,10 @@ class DeviceType:
 _DAEMON_KEYS: dict[str, Key] = {
     "workers": Key(_int_range(0, MAX_WORKERS), 0),
     "log_level": Key(_choice(LOG_LEVELS), "info"),
+    "log_format": Key(_choice(LOG_FORMATS), "auto"),
+    "control_socket": Key(_socket_path, None),
+    "user": Key(_user, None),
+    "group": Key(_group, None),
 }
 
 # "type" is handled before the table (it selects the table), but it is listed
@@ -462,6 +513,10 @@ _COMMON_DEVICE_KEYS: dict[str, Key] = {
     "type": Key(lambda node, ctx: node.value, help="the device type, e.g. 'blk'"),
     "socket": Key(_socket_path, help="the vhost-user socket path vhostd listens on"),
     "socket_mode": Key(_mode, None),
+    "socket_owner": Key(_user, None),
+    "socket_group": Key(_group, None),
+    "allow_uids": Key(_id_list(_user, "user names or uids"), None),
+    "allow_gids": Key(_id_list(_group, "group names or gids"), None),
 }
 
 def _blk_backend(node: Node, ctx: _Context) -> str:

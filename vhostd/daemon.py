@@ -4,16 +4,20 @@ engine for the data plane, a DeviceServer per configured device."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
+import pwd
 import resource
 import signal
 
-from vhostd.config import Config
+from vhostd import systemd
+from vhostd.config import Config, ConfigError, load_config
 from vhostd.dataplane import Engine
 from vhostd.devices import Switches, create_device
 from vhostd.devices.net import NetDevice, close_taps
 from vhostd.handler import DeviceHandler
-from vhostd.server import DeviceServer
+from vhostd.server import Access, DeviceServer
 
 log = logging.getLogger("vhostd")
 
@@ -62,8 +66,10 @@ class Daemon:
         self.loop = loop
         self.engine = Engine(config.daemon.workers)
         self.servers: dict[str, DeviceServer] = {}
+        self.configs: dict[str, object] = {}  # the config each running device was started from
         self.switches = Switches()
         self._stopped = asyncio.Event()
+        self.control = None  # vhostd.control.ControlServer when daemon.control_socket is set
 
     def start(self) -> None:
         """Start every device; if one fails, undo the others and raise."""
@@ -81,7 +87,8 @@ class Daemon:
         try:
             handler = DeviceHandler(device, self.engine, logging.LoggerAdapter(log, {}))
             device.attach(handler.rings)
-            server = DeviceServer(device, handler, cfg.socket, self.loop, cfg.socket_mode)
+            server = DeviceServer(device, handler, cfg.socket, self.loop, cfg.socket_mode,
+                                  access=Access.from_config(cfg), on_session=self._sessions_changed)
             handler.log = server.log
             server.start()
         except BaseException:
@@ -91,6 +98,93 @@ class Daemon:
             device.close()
             raise
         self.servers[cfg.name] = server
+        self.configs[cfg.name] = cfg
+
+    def _stop_device(self, name: str, taps: list[int] | None = None) -> None:
+        """Close the device's session and socket and free it.  TAP fds go to
+        `taps` when given (closing many together is much faster)."""
+        server = self.servers.pop(name)
+        self.configs.pop(name, None)
+        server.stop()
+        server.device.detach()  # back-end threads and switch ports go before the rings
+        server.handler.close()
+        if isinstance(server.device, NetDevice):
+            fds = server.device.take_tap_fds()
+            if taps is None:
+                close_taps(fds)
+            else:
+                taps += fds
+        server.device.close()
+
+    # ------------------------------------------------------------ reload
+
+    def reload(self) -> dict:
+        """Re-read the config file and apply the difference: start added
+        devices, stop removed ones, restart changed ones; leave the others
+        (and their front-ends) alone.  A config that does not validate
+        changes nothing.  Returns what happened, for `vhostd reload`."""
+        systemd.notify_reloading()
+        try:
+            try:
+                new = load_config(self.config.path)
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    log.error("reload refused: %s", problem)
+                log.error("reload refused: %d problem(s) in %s; the running devices are unchanged",
+                          len(exc.problems), self.config.path)
+                return {"ok": False, "errors": [str(p) for p in exc.problems]}
+            return self._apply(new)
+        finally:
+            systemd.notify_ready(self.status_line())
+
+    def _apply(self, new: Config) -> dict:
+        old_d, new_d = self.config.daemon, new.daemon
+        for key in ("workers", "control_socket", "user", "group"):
+            if getattr(old_d, key) != getattr(new_d, key):
+                log.warning("reload: daemon.%s changed; this needs a restart and is ignored until then", key)
+        if old_d.log_level != new_d.log_level:
+            logging.getLogger().setLevel(new_d.log_level.upper())
+            log.info("reload: log level is now %s", new_d.log_level)
+        wanted = {cfg.name: cfg for cfg in new.devices}
+        outcome = {"ok": True, "started": [], "stopped": [], "restarted": [], "kept": [], "failed": {}}
+        taps: list[int] = []
+        for name in list(self.servers):
+            if name not in wanted:
+                self._stop_device(name, taps)
+                outcome["stopped"].append(name)
+            elif not _same_device(self.configs[name], wanted[name]):
+                self._stop_device(name, taps)
+                outcome["restarted"].append(name)
+            else:
+                outcome["kept"].append(name)
+        close_taps(taps)
+        for name, cfg in wanted.items():
+            if name in self.servers:
+                continue
+            try:
+                self._start_device(cfg)
+            except (OSError, ValueError, MemoryError) as exc:
+                log.error("%s: cannot start: %s", name, exc)
+                outcome["failed"][name] = str(exc)
+                if name in outcome["restarted"]:
+                    outcome["restarted"].remove(name)
+                continue
+            if name not in outcome["restarted"]:
+                outcome["started"].append(name)
+        # Keys that need a restart keep their running value.
+        self.config = dataclasses.replace(new, daemon=dataclasses.replace(
+            new_d, **{k: getattr(old_d, k) for k in ("workers", "control_socket", "user", "group")}))
+        outcome["ok"] = not outcome["failed"]
+        log.info("reload: %d kept, %d started, %d stopped, %d restarted, %d failed",
+                 *(len(outcome[k]) for k in ("kept", "started", "stopped", "restarted", "failed")))
+        return outcome
+
+    def status_line(self) -> str:
+        connected = sum(1 for s in self.servers.values() if s.connection is not None)
+        return f"serving {len(self.servers)} device(s), {connected} connected"
+
+    def _sessions_changed(self) -> None:
+        systemd.notify_status(self.status_line())
 
     def stop(self) -> None:
         self._stopped.set()
@@ -106,29 +200,68 @@ class Daemon:
         await self._stopped.wait()
 
     def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
         taps: list[int] = []
-        for server in self.servers.values():
-            server.stop()
-            server.device.detach()  # back-end threads and switch ports go before the rings
-            server.handler.close()
-            if isinstance(server.device, NetDevice):
-                taps += server.device.take_tap_fds()  # closed together below: much faster
-            server.device.close()
-        self.servers.clear()
+        for name in list(self.servers):
+            self._stop_device(name, taps)
         close_taps(taps)
         self.engine.close()
+
+
+def _same_device(old, new) -> bool:
+    """Whether a running device can stay as it is.  `size` of a file image
+    only matters when the image is created, so it is not a change."""
+    if getattr(old, "backend", None) == "file" and getattr(new, "backend", None) == "file":
+        new = dataclasses.replace(new, size=old.size)
+    return old == new
+
+
+def drop_privileges(uid: int | None, gid: int | None) -> None:
+    """Become uid/gid once everything privileged is open: supplementary
+    groups first, then the gid, then the uid (after setuid the others are
+    no longer allowed)."""
+    if uid is None and gid is None:
+        return
+    if os.geteuid() != 0:
+        raise PermissionError("daemon.user/daemon.group need vhostd to be started as root")
+    if gid is None:
+        gid = pwd.getpwuid(uid).pw_gid
+    os.setgroups([gid])
+    os.setgid(gid)
+    if uid is not None:
+        os.setuid(uid)
+    log.info("dropped privileges to uid %d gid %d", os.getuid(), os.getgid())
+
+
+async def _watchdog(interval: float) -> None:
+    # Pinged from the loop itself: a wedged loop stops the pings, which is the point.
+    while True:
+        systemd.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
 
 
 async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     raise_open_file_limit(fds_needed(config))
     daemon = Daemon(config, loop)
-    daemon.start()
+    # Before the sockets appear: a signal sent as soon as they exist must
+    # find its handler (the loop runs the handlers at the next await).
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)
     loop.add_signal_handler(signal.SIGUSR1, daemon.log_stats)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
+    daemon.start()
     vms = []
+    watchdog = None
     try:
+        if config.daemon.control_socket:
+            from vhostd.control import ControlServer
+
+            daemon.control = ControlServer(daemon, config.daemon.control_socket)
+            await daemon.control.start()
+        drop_privileges(config.daemon.user, config.daemon.group)
         autostart = [vm for vm in config.vms if vm.autostart]
         if autostart:
             # The built-in VMM: each VM runs on its own threads and connects
@@ -136,9 +269,15 @@ async def serve(config: Config) -> int:
             from vhostd.vmm import start_vms
 
             vms = start_vms(autostart, log=log)
+        systemd.notify_ready(daemon.status_line())
+        if (interval := systemd.watchdog_interval()) is not None:
+            watchdog = loop.create_task(_watchdog(interval))
         await daemon.wait()
         log.info("stopping")
+        systemd.notify_stopping()
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         if vms:
             from vhostd.vmm import stop_vms
 

@@ -14,6 +14,9 @@ import logging
 import os
 import socket
 import stat
+import struct
+from dataclasses import dataclass
+from typing import Callable
 
 from vhostd.devices.base import Device
 from vhostd.handler import DeviceHandler
@@ -23,6 +26,30 @@ from vhostd.protocol.constants import MAX_FDS_PER_MESSAGE
 
 MAX_PENDING_OUTPUT = 64 * 1024  # a front-end that does not read its replies is dropped
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may own the socket file and who may connect (SO_PEERCRED)."""
+
+    owner: int | None = None
+    group: int | None = None
+    allow_uids: tuple[int, ...] | None = None
+    allow_gids: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_config(cls, cfg) -> "Access":
+        return cls(cfg.socket_owner, cfg.socket_group, cfg.allow_uids, cfg.allow_gids)
+
+    def allows(self, uid: int, gid: int) -> bool:
+        if self.allow_uids is None and self.allow_gids is None:
+            return True
+        return uid in (self.allow_uids or ()) or gid in (self.allow_gids or ())
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a unix socket."""
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
 
 
 class DeviceLog(logging.LoggerAdapter):
@@ -137,7 +164,11 @@ class DeviceServer:
     """Listens on a device's socket and serves one front-end at a time."""
 
     def __init__(self, device: Device, handler: DeviceHandler, socket_path: str, loop: asyncio.AbstractEventLoop,
-                 socket_mode: int | None = None) -> None:
+                 socket_mode: int | None = None, access: Access = Access(),
+                 on_session: Callable[[], None] | None = None) -> None:
+        self.access = access
+        self.on_session = on_session
+        self.peer: tuple[int, int, int] | None = None  # (pid, uid, gid) of the connected front-end
         self.device = device
         self.handler = handler
         self.socket_path = socket_path
@@ -154,6 +185,10 @@ class DeviceServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             sock.bind(self.socket_path)
+            # Ownership and mode before listen(): no window for the wrong peers.
+            if self.access.owner is not None or self.access.group is not None:
+                os.chown(self.socket_path, -1 if self.access.owner is None else self.access.owner,
+                         -1 if self.access.group is None else self.access.group)
             if self.socket_mode is not None:
                 os.chmod(self.socket_path, self.socket_mode)
             sock.listen(4)
@@ -173,19 +208,35 @@ class DeviceServer:
         except OSError as exc:
             self.log.error("accept failed: %s", exc)
             return
+        try:
+            pid, uid, gid = peer_credentials(conn)
+        except OSError as exc:
+            self.log.error("refused a front-end: cannot read its credentials: %s", exc)
+            conn.close()
+            return
+        if not self.access.allows(uid, gid):
+            self.log.warning("refused front-end pid %d uid %d gid %d: not in allow_uids/allow_gids", pid, uid, gid)
+            conn.close()
+            return
         if self.connection is not None:
             # One front-end owns a device; a second would fight over its rings.
-            self.log.warning("refused a second front-end while one is connected")
+            self.log.warning("refused a second front-end (pid %d uid %d) while one is connected", pid, uid)
             conn.close()
             return
         conn.setblocking(False)
         self.sessions += 1
-        self.log.info("front-end connected (session %d)", self.sessions)
+        self.peer = (pid, uid, gid)
+        self.log.info("front-end connected (session %d, pid %d uid %d gid %d)", self.sessions, pid, uid, gid)
         self.connection = Connection(self, conn)
+        if self.on_session:
+            self.on_session()
 
     def connection_closed(self, conn: Connection) -> None:
         if self.connection is conn:
             self.connection = None
+            self.peer = None
+            if self.on_session:
+                self.on_session()
 
     def stop(self) -> None:
         if self.connection is not None:

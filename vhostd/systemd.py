@@ -1,0 +1,103 @@
+"""systemd integration without libsystemd: the sd_notify datagram protocol
+and the journal's log format.
+
+sd_notify: one datagram of newline-separated KEY=VALUE lines to the
+AF_UNIX socket named by $NOTIFY_SOCKET (a leading '@' names an abstract
+socket).  With the variable unset every call is a no-op, so the daemon runs
+the same outside systemd.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+log = logging.getLogger("vhostd")
+
+
+def _address() -> str | bytes | None:
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return None
+    if addr.startswith("@"):
+        return b"\0" + os.fsencode(addr[1:])
+    return addr
+
+
+def notify(*lines: str) -> bool:
+    """Send the lines as one notification; True if it was sent."""
+    addr = _address()
+    if addr is None:
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto("\n".join(lines).encode(), addr)
+        return True
+    except OSError as exc:
+        log.debug("sd_notify to %r failed: %s", os.environ.get("NOTIFY_SOCKET"), exc)
+        return False
+
+
+def notify_ready(status: str | None = None) -> None:
+    notify("READY=1", *([f"STATUS={status}"] if status else []))
+
+
+def notify_status(status: str) -> None:
+    notify(f"STATUS={status}")
+
+
+def notify_reloading() -> None:
+    # MONOTONIC_USEC lets systemd (>= 253, Type=notify-reload) match the
+    # READY=1 that ends this reload; older versions ignore it.
+    notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
+           "STATUS=reloading the configuration")
+
+
+def notify_stopping() -> None:
+    notify("STOPPING=1", "STATUS=stopping")
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of WatchdogSec), or None when
+    systemd does not watch this process."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        value = int(usec)
+    except ValueError:
+        return None
+    return value / 2e6 if value > 0 else None
+
+
+def stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM=dev:inode of the stream it connected to
+    stderr; if stderr is still that stream, the journal reads our lines."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in value.split(":"))
+        st = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+# sd-daemon(3) priority prefixes, which the journal turns into the entry's priority.
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+
+class JournalFormatter(logging.Formatter):
+    """`<N>logger: message`, no timestamp (the journal adds its own).  Every
+    line of a multi-line record (a traceback) carries the prefix, so none
+    of it lands at the wrong priority."""
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
+        text = super().format(record)
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines() or [""])
