@@ -10,7 +10,6 @@ import tempfile
 import time
 
 import pytest
-import yaml
 
 from conftest import BLK_S_OK, Guest, Vhostd, blk_roundtrip, eventfd_take, readable, wait_until
 from virtio_driver import (
@@ -505,8 +504,7 @@ NULL_SIZE = 1 << 40  # 1 TiB of nothing
 
 @pytest.fixture(scope="module")
 def null_vd(tmp_path_factory):
-    """A daemon serving null disks (no 'path': written by hand, the Vhostd
-    helper gives every device an image)."""
+    """A daemon serving null disks (the Vhostd helper gives them no image)."""
     sock = tempfile.mkdtemp(prefix="vd-", dir="/tmp")
     wd = tmp_path_factory.mktemp("vhostd-null")
     devices = [
@@ -514,9 +512,6 @@ def null_vd(tmp_path_factory):
         {"name": "nullro", "backend": "null", "size": "1M", "readonly": True},
     ]
     vd = Vhostd(wd, sock, devices)
-    for d in devices:
-        del d["path"]
-    vd.config_path.write_text(yaml.safe_dump({"devices": devices}, sort_keys=False))
     vd.start()
     try:
         yield vd

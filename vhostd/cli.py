@@ -51,6 +51,9 @@ def cmd_serve(args) -> int:
     config = _load(args.config)
     if config is None:
         return 1
+    if (config.daemon.user is not None or config.daemon.group is not None) and os.geteuid() != 0:
+        print(f"{args.config}: daemon.user/daemon.group need vhostd to be started as root", file=sys.stderr)
+        return 1
     _setup_logging(args.log_level or config.daemon.log_level, config.daemon.log_format)
     from vhostd.daemon import serve
 

@@ -203,6 +203,8 @@ class Daemon:
         if self.control is not None:
             self.control.close()
             self.control = None
+        for server in self.servers.values():  # first: no new front-ends anywhere
+            server.stop_accepting()
         taps: list[int] = []
         for name in list(self.servers):
             self._stop_device(name, taps)

@@ -238,9 +238,9 @@ class DeviceServer:
             if self.on_session:
                 self.on_session()
 
-    def stop(self) -> None:
-        if self.connection is not None:
-            self.connection.close("daemon stopping")
+    def stop_accepting(self) -> None:
+        """Close the listening socket (and remove its file); a connected
+        front-end stays until stop()."""
         if self._listener is not None:
             self.loop.remove_reader(self._listener.fileno())
             self._listener.close()
@@ -249,6 +249,13 @@ class DeviceServer:
                 os.unlink(self.socket_path)
             except FileNotFoundError:
                 pass
+
+    def stop(self) -> None:
+        self.stop_accepting()
+        if self.connection is not None:
+            # Closing the session stops the rings after the workers finished
+            # what they were doing: every request taken gets its used entry.
+            self.connection.close("daemon stopping")
         self.loop.remove_reader(self.handler.event_fd)
 
 

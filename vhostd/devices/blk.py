@@ -111,7 +111,7 @@ class BlkDevice(Device):
         if self._blk == ffi.NULL:
             self._close_fd()
             raise MemoryError("cannot allocate the blk device")
-        self.handler = lib.vd_blk_handle
+        self.handler = ffi.addressof(lib, "vd_blk_handle")
         self.ctx = ffi.cast("void *", self._blk)
 
     def features(self) -> int:

@@ -197,7 +197,7 @@ class NetDevice(Device):
             self._close_taps()
             raise MemoryError("cannot allocate the net device")
         lib.vd_net_set_mtu(self._net, self.mtu)
-        self.handler = lib.vd_net_handle
+        self.handler = ffi.addressof(lib, "vd_net_handle")
         self.ctx = ffi.cast("void *", self._net)
 
     def features(self) -> int:
@@ -272,7 +272,7 @@ class NetDevice(Device):
     def attach(self, rings) -> None:
         """Start serving: rx queues are device-driven, the back-end starts."""
         rx_mask = sum(1 << (2 * i) for i in range(self.pairs))
-        lib.vd_device_set_rx_queues(rings.ptr, rx_mask, lib.vd_net_rx_kick)
+        lib.vd_device_set_rx_queues(rings.ptr, rx_mask, ffi.addressof(lib, "vd_net_rx_kick"))
         rc = lib.vd_net_start(self._net, rings.ptr)
         if rc < 0:
             raise OSError(-rc, f"cannot start the net back-end: {os.strerror(-rc)}")
