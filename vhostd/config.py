@@ -107,6 +107,7 @@ class DaemonConfig:
     control_socket: str | None = None  # `vhostd status` / `vhostd reload` talk to the daemon here
     user: int | None = None  # uid to drop to once every socket, image and TAP is open
     group: int | None = None  # gid to drop to (default: the user's primary group)
+    metrics: tuple[str, int] | None = None  # (host, port) of the Prometheus endpoint; None = off
 
 
 LOG_FORMATS = ("auto", "journal", "text")
@@ -449,6 +450,18 @@ def _id_list(one: Callable[[Node, _Context], int], what: str) -> Callable[[Node,
     return parse
 
 
+_ADDRESS_RE = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})")
+
+
+def _address(node: Node, ctx: _Context) -> tuple[str, int]:
+    """host:port or [v6-address]:port, e.g. 127.0.0.1:9110."""
+    what = "an address like 127.0.0.1:9110 or [::1]:9110"
+    m = _ADDRESS_RE.fullmatch(_string(node, what).strip())
+    if not m or not 1 <= int(m.group(3)) <= 65535:
+        raise _Invalid(f"must be {what}, got {_describe(node)}")
+    return (m.group(1) or m.group(2), int(m.group(3)))
+
+
 def _mode(node: Node, ctx: _Context) -> int:
     """A file mode, always read as octal like chmod: 0660, "0660", 660, 0o660."""
     what = "an octal file mode from 0000 to 0777, like 0660"
@@ -504,6 +517,7 @@ _DAEMON_KEYS: dict[str, Key] = {
     "control_socket": Key(_socket_path, None),
     "user": Key(_user, None),
     "group": Key(_group, None),
+    "metrics": Key(_address, None),
 }
 
 # "type" is handled before the table (it selects the table), but it is listed

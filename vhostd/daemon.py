@@ -70,6 +70,7 @@ class Daemon:
         self.switches = Switches()
         self._stopped = asyncio.Event()
         self.control = None  # vhostd.control.ControlServer when daemon.control_socket is set
+        self.metrics = None  # vhostd.metrics.MetricsServer when daemon.metrics is set
 
     def start(self) -> None:
         """Start every device; if one fails, undo the others and raise."""
@@ -90,6 +91,8 @@ class Daemon:
             server = DeviceServer(device, handler, cfg.socket, self.loop, cfg.socket_mode,
                                   access=Access.from_config(cfg), on_session=self._sessions_changed)
             handler.log = server.log
+            if self.config.daemon.metrics:
+                handler.rings.set_timing(True)  # latency histograms only when someone reads them
             server.start()
         except BaseException:
             device.detach()
@@ -139,7 +142,7 @@ class Daemon:
 
     def _apply(self, new: Config) -> dict:
         old_d, new_d = self.config.daemon, new.daemon
-        for key in ("workers", "control_socket", "user", "group"):
+        for key in ("workers", "control_socket", "user", "group", "metrics"):
             if getattr(old_d, key) != getattr(new_d, key):
                 log.warning("reload: daemon.%s changed; this needs a restart and is ignored until then", key)
         if old_d.log_level != new_d.log_level:
@@ -173,7 +176,7 @@ class Daemon:
                 outcome["started"].append(name)
         # Keys that need a restart keep their running value.
         self.config = dataclasses.replace(new, daemon=dataclasses.replace(
-            new_d, **{k: getattr(old_d, k) for k in ("workers", "control_socket", "user", "group")}))
+            new_d, **{k: getattr(old_d, k) for k in ("workers", "control_socket", "user", "group", "metrics")}))
         outcome["ok"] = not outcome["failed"]
         log.info("reload: %d kept, %d started, %d stopped, %d restarted, %d failed",
                  *(len(outcome[k]) for k in ("kept", "started", "stopped", "restarted", "failed")))
@@ -200,6 +203,9 @@ class Daemon:
         await self._stopped.wait()
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self.control is not None:
             self.control.close()
             self.control = None
@@ -263,6 +269,10 @@ async def serve(config: Config) -> int:
 
             daemon.control = ControlServer(daemon, config.daemon.control_socket)
             await daemon.control.start()
+        if config.daemon.metrics:
+            from vhostd.metrics import MetricsServer
+
+            daemon.metrics = MetricsServer(daemon, config.daemon.metrics, loop)
         drop_privileges(config.daemon.user, config.daemon.group)
         autostart = [vm for vm in config.vms if vm.autostart]
         if autostart:

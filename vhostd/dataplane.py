@@ -167,6 +167,17 @@ class Rings:
             out.append((q, ffi.string(buf).decode(errors="replace")))
         return out
 
+    def set_timing(self, on: bool) -> None:
+        lib.vd_device_set_timing(self._ptr, int(on))
+
+    def latency(self, index: int) -> tuple[list[int], int]:
+        """(counts per bucket, total ns): bucket k counts requests under
+        2**k microseconds, the last one everything slower."""
+        buckets = ffi.new("uint64_t[]", lib.VD_LAT_BUCKETS)
+        total = ffi.new("uint64_t *")
+        lib.vd_queue_get_latency(self._ptr, index, buckets, total)
+        return list(buckets), total[0]
+
     def queue_info(self, index: int) -> QueueInfo:
         info = ffi.new("struct vd_queue_info *")
         lib.vd_queue_get_stats(self._ptr, index, info)

@@ -781,6 +781,23 @@ int vd_device_take_error(vd_device *d, char *buf, size_t len)
     return -1;
 }
 
+void vd_device_set_timing(vd_device *d, int on)
+{
+    __atomic_store_n(&d->timing, on, __ATOMIC_RELAXED);
+}
+
+int vd_queue_get_latency(vd_device *d, int i, uint64_t *buckets, uint64_t *sum_ns)
+{
+    struct vd_queue *q = queue(d, i);
+    if (!q)
+        return -EINVAL;
+    pthread_mutex_lock(&q->lock);
+    memcpy(buckets, q->st.lat, sizeof(q->st.lat));
+    *sum_ns = q->st.lat_sum_ns;
+    pthread_mutex_unlock(&q->lock);
+    return 0;
+}
+
 int vd_queue_get_stats(vd_device *d, int i, struct vd_queue_info *out)
 {
     struct vd_queue *q = queue(d, i);

@@ -87,6 +87,9 @@ struct vring_desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; 
 
 struct vd_queue_stats {
     uint64_t requests, kicks, notifies, out_bytes, in_bytes, chain_errors;
+    /* request latency (taken to completed), only while dev->timing is set:
+     * lat[k] counts requests under 2^k us, the last bucket everything slower */
+    uint64_t lat[VD_LAT_BUCKETS], lat_sum_ns;
 };
 
 struct vd_device;
@@ -137,6 +140,7 @@ struct vd_device {
     int event_fd;           /* written when a queue breaks; the control plane reads errors */
     uint64_t poll_ns;       /* busy-poll window of a queue that ran empty; 0 = off */
     int needs_reset;
+    int timing;             /* measure request latency (metrics on): two clock reads per request */
     struct vd_queue q[];
 };
 

@@ -4,6 +4,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "vd.h"
@@ -309,6 +310,21 @@ int vd_queue_want_kick(struct vd_queue *q)
     return avail_idx(q) != q->last_avail;
 }
 
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void record_latency(struct vd_queue *q, uint64_t ns)
+{
+    uint64_t us = ns / 1000;
+    unsigned k = us ? 64 - __builtin_clzll(us) : 0; /* smallest k with us < 2^k */
+    q->st.lat[k < VD_LAT_BUCKETS ? k : VD_LAT_BUCKETS - 1]++;
+    q->st.lat_sum_ns += ns;
+}
+
 int vd_queue_process(struct vd_queue *q, int quiet)
 {
     struct vd_req req;
@@ -340,9 +356,12 @@ int vd_queue_process(struct vd_queue *q, int quiet)
                 uint16_t head = rd16(q->avail + AVAIL_RING + 2 * (q->last_avail % q->num));
                 if (map_chain(q, head, &req, q->iov, VD_MAX_IOV) < 0)
                     goto out;
+                uint64_t t0 = q->dev->timing ? now_ns() : 0;
                 uint32_t len = q->dev->handle(q->dev->ctx, &req, q->index);
                 q->last_avail++;
                 put_used(q, head, len);
+                if (t0)
+                    record_latency(q, now_ns() - t0);
                 q->st.requests++;
                 q->st.out_bytes += req.out_bytes;
                 q->st.in_bytes += len;

@@ -1,0 +1,112 @@
+"""Prometheus metrics (`daemon: metrics: HOST:PORT`, off by default).
+
+prometheus_client serves HTTP from its own thread; at each scrape the
+collector asks the asyncio loop for a snapshot, because devices belong to
+the loop (a reload may free one while a scrape runs).  Nothing is counted
+in Python: the numbers are the data plane's own counters, and latency
+histograms are switched on in the data plane only while metrics are on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import CollectorRegistry
+
+log = logging.getLogger("vhostd.metrics")
+
+SCRAPE_TIMEOUT = 5.0
+QUEUE_COUNTERS = (("requests", "requests_total", "Requests completed"),
+                  ("kicks", "kicks_total", "Kicks (driver notifications) received"),
+                  ("notifies", "notifies_total", "Interrupts (call eventfd writes) sent"),
+                  ("out_bytes", "queue_read_bytes_total", "Bytes the device read from guest buffers"),
+                  ("in_bytes", "queue_written_bytes_total", "Bytes the device wrote into guest buffers"))
+
+
+def _snapshot(daemon) -> list[dict]:
+    """Runs on the loop: copy out everything a scrape shows."""
+    out = []
+    for name, server in daemon.servers.items():
+        rings = server.handler.rings
+        queues = []
+        for i in range(server.device.num_queues):
+            info = rings.queue_info(i)
+            buckets, total_ns = rings.latency(i)
+            queues.append((info, buckets, total_ns))
+        out.append({"name": name, "type": daemon.configs[name].type, "socket": server.socket_path,
+                    "connected": server.connection is not None, "needs_reset": rings.needs_reset,
+                    "features": server.handler.features, "queues": queues, "counters": server.device.stats()})
+    return out
+
+
+class DaemonCollector:
+    def __init__(self, daemon, loop: asyncio.AbstractEventLoop) -> None:
+        self.daemon = daemon
+        self.loop = loop
+
+    def collect(self):
+        async def snap():
+            return _snapshot(self.daemon)
+
+        try:
+            devices = asyncio.run_coroutine_threadsafe(snap(), self.loop).result(SCRAPE_TIMEOUT)
+        except Exception as exc:  # a scrape must never take the daemon down
+            log.warning("metrics scrape failed: %s", exc)
+            return
+        info = GaugeMetricFamily("vhostd_device_info", "One per device", labels=["device", "type", "socket"])
+        connected = GaugeMetricFamily("vhostd_device_connected", "1 while a front-end is connected",
+                                      labels=["device"])
+        needs_reset = GaugeMetricFamily("vhostd_device_needs_reset", "1 when a queue broke (NEEDS_RESET)",
+                                        labels=["device"])
+        features = GaugeMetricFamily("vhostd_device_features", "Negotiated virtio feature bits", labels=["device"])
+        qc = {key: CounterMetricFamily(f"vhostd_queue_{metric.removesuffix('_total')}", text,
+                                       labels=["device", "queue"]) for key, metric, text in QUEUE_COUNTERS}
+        latency = HistogramMetricFamily("vhostd_request_latency_seconds",
+                                        "Time from taking a request off the ring to its completion",
+                                        labels=["device", "queue"])
+        device_counters: dict[str, CounterMetricFamily] = {}
+        for d in devices:
+            dev = d["name"]
+            info.add_metric([dev, d["type"], d["socket"]], 1)
+            connected.add_metric([dev], int(d["connected"]))
+            needs_reset.add_metric([dev], int(d["needs_reset"]))
+            features.add_metric([dev], d["features"])
+            for q, buckets, total_ns in d["queues"]:
+                labels = [dev, str(q.index)]
+                for key, _, _ in QUEUE_COUNTERS:
+                    qc[key].add_metric(labels, getattr(q, key))
+                cumulative, running = [], 0
+                for k, count in enumerate(buckets):
+                    running += count
+                    bound = "+Inf" if k == len(buckets) - 1 else repr((1 << k) / 1e6)
+                    cumulative.append((bound, running))
+                if running:
+                    latency.add_metric(labels, cumulative, total_ns / 1e9)
+            unit = "pair" if d["type"] == "net" else "queue"
+            for i, counters in enumerate(d["counters"]):
+                for key, value in counters.items():
+                    name = f"vhostd_{d['type']}_{key}"
+                    fam = device_counters.get(name)
+                    if fam is None:
+                        fam = device_counters[name] = CounterMetricFamily(
+                            name, f"{d['type']} {key.replace('_', ' ')} per {unit}", labels=["device", unit])
+                    fam.add_metric([dev, str(i)], value)
+        yield from (info, connected, needs_reset, features, *qc.values(), latency, *device_counters.values())
+
+
+class MetricsServer:
+    def __init__(self, daemon, address: tuple[str, int], loop: asyncio.AbstractEventLoop) -> None:
+        from prometheus_client import start_http_server
+
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(DaemonCollector(daemon, loop))
+        host, port = address
+        self.server, self.thread = start_http_server(port, host, registry=self.registry)
+        self.daemon = daemon
+        log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
