@@ -510,7 +510,7 @@ def test_unknown_request_code(rec, code):
     assert rec.calls == []
 
 
-@pytest.mark.parametrize("req", [R.SET_LOG_BASE, R.SET_LOG_FD, R.IOTLB_MSG, R.GET_INFLIGHT_FD,
+@pytest.mark.parametrize("req", [R.SET_LOG_BASE, R.SET_LOG_FD, R.IOTLB_MSG, R.SET_VRING_ENDIAN,
                                      R.SET_BACKEND_REQ_FD, R.POSTCOPY_ADVISE, R.VRING_KICK])
 def test_known_but_unsupported_requests_are_refused(rec, req):
     request = req

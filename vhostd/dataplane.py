@@ -167,6 +167,10 @@ class Rings:
             out.append((q, ffi.string(buf).decode(errors="replace")))
         return out
 
+    def set_inflight(self, index: int, region) -> None:
+        """region: a cdata pointer into the inflight mapping, or ffi.NULL."""
+        _call(lib.vd_queue_set_inflight, self._ptr, index, region)
+
     def set_timing(self, on: bool) -> None:
         lib.vd_device_set_timing(self._ptr, int(on))
 

@@ -13,6 +13,7 @@ import socket
 
 from vhostd.protocol.codec import (
     ConfigAccess,
+    InflightInfo,
     MemoryRegion,
     Message,
     MessageDecoder,
@@ -197,6 +198,27 @@ class Frontend:
 
     def get_status(self) -> int:
         return unpack_u64(self.request(Request.GET_STATUS))
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, InflightInfo]:
+        """GET_INFLIGHT_FD: the back-end's new inflight area (fd, its description)."""
+        self.send(Request.GET_INFLIGHT_FD, InflightInfo(0, 0, num_queues, queue_size).pack())
+        decoder = MessageDecoder(expect_reply=True)
+        while (msg := decoder.pop()) is None:
+            data, anc, _flags, _ = self.sock.recvmsg(decoder.bytes_needed(), socket.CMSG_SPACE(16))
+            if not data:
+                raise BackendError("back-end closed the connection")
+            fds = []
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds += array.array("i", payload[: len(payload) - len(payload) % 4])
+            decoder.feed(data, fds)
+        if msg.request != Request.GET_INFLIGHT_FD or len(msg.fds) != 1:
+            msg.close_fds()
+            raise BackendError("GET_INFLIGHT_FD answered without an fd")
+        return msg.fds[0], InflightInfo.unpack(msg.payload)
+
+    def set_inflight_fd(self, fd: int, info: InflightInfo) -> None:
+        self.request(Request.SET_INFLIGHT_FD, info.pack(), [fd])
 
     def reset_device(self) -> None:
         self.request(Request.RESET_DEVICE)

@@ -6,9 +6,12 @@ the data plane."""
 from __future__ import annotations
 
 import logging
+import mmap
 import os
+import stat
 
 from vhostd.dataplane import DataPlaneError, Engine, Rings
+from vhostd.native import ffi, lib
 from vhostd.devices.base import Device
 from vhostd.protocol.backend import RequestError
 from vhostd.protocol.codec import MemoryRegion, VringAddr
@@ -64,6 +67,7 @@ class DeviceHandler:
         self.status = 0
         self.features = 0
         self.event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._inflight = None  # (mmap, cdata) of the inflight area while a front-end set one
         self.rings = Rings(engine, device.num_queues, device.max_queue_size, device.handler, device.ctx,
                            self.event_fd, device.poll_us)
 
@@ -177,6 +181,56 @@ class DeviceHandler:
     def get_status(self) -> int:
         return self.status | (STATUS_NEEDS_RESET if self.rings.needs_reset else 0)
 
+    # ------------------------------------------------------------ inflight tracking
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, int]:
+        size = lib.vd_inflight_queue_bytes(queue_size) * num_queues
+        fd = os.memfd_create(f"vhostd-inflight-{self.device.name}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            self._map_inflight(fd, size, 0, num_queues, queue_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.log.info("inflight tracking: new area of %d bytes for %d queue(s) of %d", size, num_queues, queue_size)
+        return fd, size
+
+    def set_inflight_fd(self, fd: int, info) -> None:
+        try:
+            self._map_inflight(fd, info.mmap_size, info.mmap_offset, info.num_queues, info.queue_size)
+        finally:
+            os.close(fd)
+        self.log.info("inflight tracking: %d queue(s) of %d from the front-end's area", info.num_queues,
+                      info.queue_size)
+
+    def _map_inflight(self, fd: int, size: int, offset: int, num_queues: int, queue_size: int) -> None:
+        per = lib.vd_inflight_queue_bytes(queue_size)
+        if queue_size > self.device.max_queue_size:
+            raise RequestError(f"inflight queue size {queue_size} exceeds this device's {self.device.max_queue_size}")
+        if size < per * num_queues or size > 64 << 20:
+            raise RequestError(f"inflight area of {size} bytes; {num_queues} queue(s) of {queue_size} need {per * num_queues}")
+        if offset % mmap.PAGESIZE:
+            raise RequestError(f"inflight mmap offset {offset:#x} is not page aligned")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or offset + size > st.st_size:
+            raise RequestError(f"inflight fd is not a memory file of at least {offset + size} bytes")
+        self._unmap_inflight()
+        area = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        base = ffi.from_buffer(area)
+        self._inflight = (area, base)
+        for i in range(num_queues):
+            self._dp(self.rings.set_inflight, i, ffi.cast("uint8_t *", base) + i * per)
+
+    def _unmap_inflight(self) -> None:
+        if self._inflight is None:
+            return
+        for i in range(self.device.num_queues):
+            self.rings.set_inflight(i, ffi.NULL)
+        area, base = self._inflight
+        self._inflight = None
+        ffi.release(base)
+        area.close()
+
     def reset(self) -> None:
         self.rings.reset()
         self.device.reset()
@@ -188,4 +242,5 @@ class DeviceHandler:
 
     def disconnected(self) -> None:
         self.reset()
+        self._unmap_inflight()
         self.rings.clear_memory()

@@ -101,7 +101,10 @@ class Connection:
             while (msg := self.decoder.pop()) is not None:
                 self.log.debug("<- %s flags=%#x size=%d fds=%d", msg.name, msg.flags, len(msg.payload), len(msg.fds))
                 for reply in self.protocol.handle(msg):
-                    self._send(reply.encode())
+                    if reply.fds:
+                        self._send_with_fds(reply)
+                    else:
+                        self._send(reply.encode())
                 if self.closed:
                     return
         except (BlockingIOError, InterruptedError):
@@ -129,6 +132,21 @@ class Connection:
                 self.server.loop.add_writer(self.sock.fileno(), self._on_writable)
         if len(self._out) > MAX_PENDING_OUTPUT:
             raise ProtocolError("front-end is not reading its replies")
+
+    def _send_with_fds(self, reply) -> None:
+        """A reply carrying fds (GET_INFLIGHT_FD) goes out whole at once:
+        the fds must travel with its first byte."""
+        try:
+            if self._out:
+                raise ProtocolError("front-end is not reading its replies")
+            data = reply.encode()
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", reply.fds).tobytes())]
+            sent = self.sock.sendmsg([data], anc)
+            if sent < len(data):
+                self._out += data[sent:]
+                self.server.loop.add_writer(self.sock.fileno(), self._on_writable)
+        finally:
+            reply.close_fds()
 
     def _on_writable(self) -> None:
         try:

@@ -19,6 +19,7 @@ import struct
 
 from vhostd.devices.base import Device
 from vhostd.native import ffi, lib
+from vhostd.protocol.constants import ProtocolFeature
 from vhostd.virtio import RING_FEATURES, bit
 
 log = logging.getLogger("vhostd.blk")
@@ -140,6 +141,12 @@ class BlkDevice(Device):
             MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG,
             1,
         )
+
+    def extra_protocol_features(self) -> int:
+        # Inflight tracking lets a restarted vhostd redo the requests it took
+        # and never finished (QEMU's reconnect=1): no write the guest saw
+        # completed is lost, none it is waiting for is forgotten.
+        return bit(ProtocolFeature.INFLIGHT_SHMFD)
 
     def write_config(self, offset: int, data: bytes) -> None:
         # Only `writeback` is writable and only with CONFIG_WCE, which we do not offer.

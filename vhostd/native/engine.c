@@ -475,6 +475,8 @@ static int queue_start(struct vd_queue *q, char *err, size_t errlen)
         q->event_idx = !!(q->dev->features & (1ull << VIRTIO_RING_F_EVENT_IDX));
         q->indirect = !!(q->dev->features & (1ull << VIRTIO_RING_F_INDIRECT_DESC));
         q->fresh = 1;
+        q->inflight_recover = q->inflight != NULL;
+        q->nresubmit = q->resubmit_pos = 0;
         q->signalled_valid = 0;
         q->broken = 0;
         q->started = 1;
@@ -779,6 +781,21 @@ int vd_device_take_error(vd_device *d, char *buf, size_t len)
             return i;
     }
     return -1;
+}
+
+int vd_queue_set_inflight(vd_device *d, int i, void *region, char *err, size_t errlen)
+{
+    struct vd_queue *q = queue(d, i);
+    if (!q) {
+        snprintf(err, errlen, "queue %d does not exist", i);
+        return -EINVAL;
+    }
+    pthread_mutex_lock(&q->lock);
+    q->inflight = region;
+    q->inflight_recover = region != NULL;
+    q->nresubmit = q->resubmit_pos = 0;
+    pthread_mutex_unlock(&q->lock);
+    return 0;
 }
 
 void vd_device_set_timing(vd_device *d, int on)

@@ -120,6 +120,15 @@ struct vd_queue {
     char errmsg[VD_ERRMSG];
     int error_pending;      /* errmsg not yet collected by the control plane */
     struct vd_queue_stats st;
+    /* VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD: this queue's region of the
+     * front-end's inflight memfd (NULL = untracked).  Every request taken is
+     * marked there until its completion is visible, so a restarted back-end
+     * can redo what a crash left unfinished. */
+    uint8_t *inflight;
+    int inflight_recover;   /* look at the region before serving (set at start) */
+    uint64_t inflight_counter;
+    uint16_t resubmit[VD_MAX_QUEUE_SIZE]; /* heads to redo first, oldest first */
+    int nresubmit, resubmit_pos;
     struct iovec iov[VD_MAX_IOV];
     struct vd_queue *poll_next;
     /* the worker's again list (engine.c), touched only by the owning worker */

@@ -325,6 +325,122 @@ static void record_latency(struct vd_queue *q, uint64_t ns)
     q->st.lat_sum_ns += ns;
 }
 
+/* ---- inflight tracking (vhost-user "Inflight I/O tracking", split rings).
+ * Region layout: u64 features, u16 version, u16 desc_num, u16 last_batch_head,
+ * u16 used_idx, then desc_num entries of {u8 inflight, u8 pad[5], u16 next,
+ * u64 counter}.  The region lives in a memfd the front-end keeps across our
+ * restarts; what is read back from it is checked like everything else. */
+#define IF_VERSION 8
+#define IF_DESC_NUM 10
+#define IF_LAST_BATCH_HEAD 12
+#define IF_USED_IDX 14
+#define IF_DESC 16
+#define IF_ENTRY 16
+
+uint64_t vd_inflight_queue_bytes(uint32_t queue_size)
+{
+    return (IF_DESC + (uint64_t)IF_ENTRY * queue_size + 63) & ~63ull;
+}
+
+static inline uint8_t *if_desc(struct vd_queue *q, uint16_t head)
+{
+    return q->inflight + IF_DESC + IF_ENTRY * head;
+}
+
+static void inflight_begin(struct vd_queue *q, uint16_t head)
+{
+    uint64_t c = ++q->inflight_counter;
+    memcpy(if_desc(q, head) + 8, &c, 8);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    if_desc(q, head)[0] = 1;
+}
+
+/* After put_used: make this completion visible on its own, then forget it.
+ * A crash between the two is repaired by recovery through last_batch_head. */
+static void inflight_end(struct vd_queue *q, uint16_t head)
+{
+    wr16(q->inflight + IF_LAST_BATCH_HEAD, head);
+    expose_used(q);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if_desc(q, head)[0] = 0;
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    wr16(q->inflight + IF_USED_IDX, q->used_idx);
+}
+
+/* Queue start with a region: set it up if fresh, else find what a crashed
+ * back-end left unfinished and line it up to be redone, oldest first. */
+static int inflight_recover(struct vd_queue *q)
+{
+    uint16_t version = rd16(q->inflight + IF_VERSION), num = rd16(q->inflight + IF_DESC_NUM);
+    q->nresubmit = q->resubmit_pos = 0;
+    if (version == 0 && num == 0) {
+        wr16(q->inflight + IF_DESC_NUM, (uint16_t)q->num);
+        wr16(q->inflight + IF_USED_IDX, q->used_idx);
+        wr16(q->inflight + IF_VERSION, 1);
+        return 0;
+    }
+    if (version != 1 || num != q->num) {
+        vd_queue_fail(q, "queue %d: inflight region has version %u for %u descriptors; the ring has %u",
+                      q->index, version, num, q->num);
+        return -1;
+    }
+    if (rd16(q->inflight + IF_USED_IDX) != q->used_idx) {
+        /* Died after making a completion visible, before forgetting it. */
+        uint16_t last = rd16(q->inflight + IF_LAST_BATCH_HEAD);
+        if (last >= q->num) {
+            vd_queue_fail(q, "queue %d: inflight last_batch_head %u is beyond the ring size %u", q->index, last,
+                          q->num);
+            return -1;
+        }
+        if_desc(q, last)[0] = 0;
+        wr16(q->inflight + IF_USED_IDX, q->used_idx);
+    }
+    uint64_t counters[VD_MAX_QUEUE_SIZE];
+    uint64_t top = 0;
+    int n = 0;
+    for (uint32_t head = 0; head < q->num; head++) {
+        if (!if_desc(q, head)[0])
+            continue;
+        uint64_t c;
+        memcpy(&c, if_desc(q, head) + 8, 8);
+        int j = n++; /* insertion by counter: n <= 1024 and this runs once per start */
+        while (j > 0 && counters[j - 1] > c) {
+            counters[j] = counters[j - 1];
+            q->resubmit[j] = q->resubmit[j - 1];
+            j--;
+        }
+        counters[j] = c;
+        q->resubmit[j] = (uint16_t)head;
+        if (c > top)
+            top = c;
+    }
+    q->nresubmit = n;
+    q->inflight_counter = top;
+    /* Every request taken is completed (counted in used idx) or in flight. */
+    q->last_avail = (uint16_t)(q->used_idx + n);
+    return 0;
+}
+
+/* Take, handle and complete one chain.  -1: the queue broke. */
+static int serve_one(struct vd_queue *q, uint16_t head, struct vd_req *req, int fresh_take)
+{
+    if (map_chain(q, head, req, q->iov, VD_MAX_IOV) < 0)
+        return -1;
+    if (q->inflight && fresh_take)
+        inflight_begin(q, head);
+    uint64_t t0 = q->dev->timing ? now_ns() : 0;
+    uint32_t len = q->dev->handle(q->dev->ctx, req, q->index);
+    put_used(q, head, len);
+    if (q->inflight)
+        inflight_end(q, head);
+    if (t0)
+        record_latency(q, now_ns() - t0);
+    q->st.requests++;
+    q->st.out_bytes += req->out_bytes;
+    q->st.in_bytes += len;
+    return 0;
+}
+
 int vd_queue_process(struct vd_queue *q, int quiet)
 {
     struct vd_req req;
@@ -333,6 +449,17 @@ int vd_queue_process(struct vd_queue *q, int quiet)
 
     read_fresh_used(q);
     uint16_t batch_start = q->used_idx;
+    if (q->inflight_recover) {
+        q->inflight_recover = 0;
+        if (inflight_recover(q) < 0)
+            goto out;
+    }
+    /* Requests a crashed predecessor took and never completed come first. */
+    while (q->resubmit_pos < q->nresubmit && budget) {
+        if (serve_one(q, q->resubmit[q->resubmit_pos++], &req, 0) < 0)
+            goto out;
+        budget--;
+    }
     for (;;) {
         notify_enable(q, 0);
         for (;;) {
@@ -354,17 +481,9 @@ int vd_queue_process(struct vd_queue *q, int quiet)
             __atomic_thread_fence(__ATOMIC_ACQUIRE); /* idx before ring entries */
             for (; pending && budget; pending--, budget--) {
                 uint16_t head = rd16(q->avail + AVAIL_RING + 2 * (q->last_avail % q->num));
-                if (map_chain(q, head, &req, q->iov, VD_MAX_IOV) < 0)
+                if (serve_one(q, head, &req, 1) < 0)
                     goto out;
-                uint64_t t0 = q->dev->timing ? now_ns() : 0;
-                uint32_t len = q->dev->handle(q->dev->ctx, &req, q->index);
                 q->last_avail++;
-                put_used(q, head, len);
-                if (t0)
-                    record_latency(q, now_ns() - t0);
-                q->st.requests++;
-                q->st.out_bytes += req.out_bytes;
-                q->st.in_bytes += len;
                 if (++since_publish >= VD_USED_BATCH) {
                     /* Completions visible early (the driver may refill the
                      * ring while we work), one signal at the end. */

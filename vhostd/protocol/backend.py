@@ -20,6 +20,7 @@ from typing import Protocol
 
 from vhostd.protocol.codec import (
     ConfigAccess,
+    InflightInfo,
     MemoryRegion,
     Message,
     PayloadError,
@@ -75,6 +76,10 @@ class RequestHandler(Protocol):
     def send_rarp(self, mac: bytes) -> None: ...
     def set_status(self, status: int) -> None: ...
     def get_status(self) -> int: ...
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, int]:
+        """A new zeroed inflight area: (fd to send, its size).  The fd is
+        the protocol's to send and close."""
+    def set_inflight_fd(self, fd: int, info: InflightInfo) -> None: ...
     def reset(self) -> None:
         """RESET_DEVICE: stop and forget all rings and features; keep memory."""
     def disconnected(self) -> None:
@@ -86,7 +91,8 @@ def _bit(feature: int) -> int:
 
 
 # Requests that carry exactly one fd (unless the NOFD bit says otherwise).
-_ONE_FD = {Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR, Request.ADD_MEM_REG}
+_ONE_FD = {Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR, Request.ADD_MEM_REG,
+           Request.SET_INFLIGHT_FD}
 # Requests allowed to carry an fd we ignore (spec: REM_MEM_REG "MAY accept").
 _TOLERATED_FD = {Request.REM_MEM_REG}
 
@@ -103,6 +109,8 @@ _NEEDS = {
     Request.GET_STATUS: ProtocolFeature.STATUS,
     Request.NET_SET_MTU: ProtocolFeature.MTU,
     Request.SEND_RARP: ProtocolFeature.RARP,
+    Request.GET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
+    Request.SET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
 }
 
 
@@ -140,6 +148,8 @@ class BackendProtocol:
             Request.GET_STATUS: self._get_status,
             Request.NET_SET_MTU: self._net_set_mtu,
             Request.SEND_RARP: self._send_rarp,
+            Request.GET_INFLIGHT_FD: self._get_inflight_fd,
+            Request.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
 
     # ------------------------------------------------------------ public
@@ -168,6 +178,8 @@ class BackendProtocol:
             msg.close_fds()
             raise
         msg.close_fds()  # anything the handler did not take
+        if isinstance(explicit, Message):  # a reply that carries fds
+            return [explicit]
         if explicit is not None:
             return [msg.reply(explicit)]
         if msg.need_reply and self.has_protocol_feature(ProtocolFeature.REPLY_ACK):
@@ -360,6 +372,30 @@ class BackendProtocol:
         if len(msg.payload) < 8:
             raise PayloadError(f"u64 payload must be 8 bytes, got {len(msg.payload)}")
         self.handler.send_rarp(bytes(msg.payload[:6]))
+
+    # ------------------------------------------------------------ inflight tracking
+
+    def _inflight_info(self, msg: Message) -> InflightInfo:
+        info = InflightInfo.unpack(msg.payload)
+        if not 1 <= info.num_queues <= self.handler.num_queues():
+            raise RequestError(f"inflight area for {info.num_queues} queues; the device has "
+                               f"{self.handler.num_queues()}")
+        if not 1 <= info.queue_size <= 32768 or info.queue_size & (info.queue_size - 1):
+            raise RequestError(f"inflight queue size {info.queue_size} is not a power of two up to 32768")
+        return info
+
+    def _get_inflight_fd(self, msg: Message) -> Message:
+        info = self._inflight_info(msg)
+        fd, size = self.handler.get_inflight_fd(info.num_queues, info.queue_size)
+        reply = msg.reply(InflightInfo(size, 0, info.num_queues, info.queue_size).pack())
+        reply.fds = [fd]
+        return reply
+
+    def _set_inflight_fd(self, msg: Message) -> None:
+        if len(msg.fds) != 1:
+            raise RequestError(f"expects exactly one file descriptor, got {len(msg.fds)}")
+        info = self._inflight_info(msg)
+        self.handler.set_inflight_fd(msg.take_fd(), info)
 
     def _get_status(self, msg: Message) -> bytes:
         return pack_u64(self.handler.get_status())

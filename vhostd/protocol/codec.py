@@ -187,6 +187,26 @@ def unpack_u64(payload: bytes) -> int:
 
 
 @dataclass(frozen=True)
+class InflightInfo:
+    """GET_INFLIGHT_FD / SET_INFLIGHT_FD payload."""
+
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+    _S = struct.Struct("<QQHH")  # 20 bytes of fields; C front-ends send sizeof() = 24 with padding
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> InflightInfo:
+        if len(payload) not in (20, 24):
+            raise PayloadError(f"inflight payload must be 20 or 24 bytes, got {len(payload)}")
+        return cls(*cls._S.unpack(payload[:20]))
+
+    def pack(self) -> bytes:
+        return self._S.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size) + bytes(4)
+
+
+@dataclass(frozen=True)
 class VringState:
     index: int
     num: int
