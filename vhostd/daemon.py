@@ -10,6 +10,7 @@ import os
 import pwd
 import resource
 import signal
+import threading
 
 from vhostd import systemd
 from vhostd.config import Config, ConfigError, load_config
@@ -243,6 +244,15 @@ def drop_privileges(uid: int | None, gid: int | None) -> None:
     log.info("dropped privileges to uid %d gid %d", os.getuid(), os.getgid())
 
 
+STOP_TIMEOUT = 10.0  # seconds from SIGTERM to exit, at most
+
+
+def _give_up_stopping() -> None:
+    log.error("shutdown did not finish within %g s; exiting anyway", STOP_TIMEOUT)
+    logging.shutdown()
+    os._exit(1)
+
+
 async def _watchdog(interval: float) -> None:
     # Pinged from the loop itself: a wedged loop stops the pings, which is the point.
     while True:
@@ -287,6 +297,11 @@ async def serve(config: Config) -> int:
         await daemon.wait()
         log.info("stopping")
         systemd.notify_stopping()
+        # Shutdown is bounded: a worker stuck in a hung disk must not keep
+        # the service from stopping (systemd's TimeoutStopSec is longer).
+        deadline = threading.Timer(STOP_TIMEOUT, _give_up_stopping)
+        deadline.daemon = True
+        deadline.start()
     finally:
         if watchdog is not None:
             watchdog.cancel()
