@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import CollectorRegistry
@@ -104,6 +105,10 @@ class MetricsServer:
         self.registry.register(DaemonCollector(daemon, loop))
         host, port = address
         self.server, self.thread = start_http_server(port, host, registry=self.registry)
+        # socketserver prints a traceback to stderr for every client that hangs
+        # up early; one debug line is enough.
+        self.server.handle_error = lambda request, client: log.debug("metrics client %s: %s", client,
+                                                                     sys.exc_info()[1])
         self.daemon = daemon
         log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port)
 
