@@ -420,25 +420,23 @@ def _serial(node: Node, ctx: _Context) -> str:
 _MODE_RE = re.compile(r"(?:0o?)?([0-7]{1,4})", re.IGNORECASE)
 
 
-def _user(node: Node, ctx: _Context) -> int:
-    """A user name or a numeric uid; names are looked up now, so a typo is a config error."""
-    if _is(node, "int"):
-        return _int_range(0, 2**32 - 2)(node, ctx)
-    name = _string(node, "a user name or a numeric uid")
-    try:
-        return pwd.getpwnam(name).pw_uid
-    except KeyError:
-        raise _Invalid(f"no user named {name!r} on this system") from None
+def _account(kind: str, lookup: Callable[[str], int]) -> Callable[[Node, _Context], int]:
+    """A user or group: a name (looked up now, so a typo is a config error) or a number."""
+
+    def parse(node: Node, ctx: _Context) -> int:
+        if _is(node, "int"):
+            return _int_range(0, 2**32 - 2)(node, ctx)
+        name = _string(node, f"a {kind} name or a numeric {kind[0]}id")
+        try:
+            return lookup(name)
+        except KeyError:
+            raise _Invalid(f"no {kind} named {name!r} on this system") from None
+
+    return parse
 
 
-def _group(node: Node, ctx: _Context) -> int:
-    if _is(node, "int"):
-        return _int_range(0, 2**32 - 2)(node, ctx)
-    name = _string(node, "a group name or a numeric gid")
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise _Invalid(f"no group named {name!r} on this system") from None
+_user = _account("user", lambda name: pwd.getpwnam(name).pw_uid)
+_group = _account("group", lambda name: grp.getgrnam(name).gr_gid)
 
 
 def _id_list(one: Callable[[Node, _Context], int], what: str) -> Callable[[Node, _Context], tuple[int, ...]]:
