@@ -49,13 +49,13 @@ class Area:
         os.close(self.fd)
 
 
-def session(vd, guest: Guest | None, area: Area | None):
+def session(vd, guest: Guest | None, area: Area | None, qsize: int = QSIZE):
     """A (re)connecting front-end the way QEMU does it: GET_INFLIGHT_FD on
     first start, SET_INFLIGHT_FD every time, then the rings."""
     g = Guest(vd, "d0") if guest is None else guest
     if area is None:
-        fd, info = g.fe.get_inflight_fd(1, QSIZE)
-        assert info.mmap_size == lib.vd_inflight_queue_bytes(QSIZE) and info.num_queues == 1
+        fd, info = g.fe.get_inflight_fd(1, qsize)
+        assert info.mmap_size == lib.vd_inflight_queue_bytes(qsize) and info.num_queues == 1
         area = Area(fd, info)
     g.fe.set_inflight_fd(area.fd, area.info)
     return g, area
@@ -178,3 +178,27 @@ def test_hostile_areas(vhostd_factory):
     g2.close()
     area.close()
     vd.assert_alive()
+
+
+def test_more_unfinished_requests_than_one_turn(vhostd_factory):
+    """80 requests to redo: more than a worker serves in one turn (64)."""
+    vd = vhostd_factory([{"name": "d0", "size": "4M"}])
+    g, area = session(vd, None, None, qsize=256)
+    q = g.queue(0, size=256, arena=4 << 20)
+    done = write_chain(q, 0, 1, True)
+    assert q.wait_used(1)[0].head == done
+    pending = []
+    for i in range(80):  # 3 descriptors each: 240 of 256
+        pending.append(write_chain(q, 8 * (i + 1), 0x20 + i, False))
+    for n, head in enumerate(pending):
+        area.mark(head, counter=10 + n)
+    g2 = reconnect(vd, g)
+    session(vd, g2, area)
+    saved, q.avail_idx = q.avail_idx, 1
+    q.attach(g2.fe, 0)
+    q.avail_idx = saved
+    assert [u.head for u in q.wait_used(80)] == pending
+    for i in range(80):
+        assert vd.read_image("d0", 8 * (i + 1) * 512, 4096) == bytes([0x20 + i]) * 4096
+    g2.close()
+    area.close()

@@ -281,7 +281,8 @@ int vd_queue_pop(struct vd_queue *q, struct vd_req *req, struct iovec *iov, int 
 int vd_queue_has_avail(struct vd_queue *q)
 {
     read_fresh_used(q);
-    return avail_idx(q) != q->last_avail;
+    /* requests left to redo after a restart count as available work */
+    return avail_idx(q) != q->last_avail || q->resubmit_pos < q->nresubmit;
 }
 
 void vd_queue_unpop(struct vd_queue *q, int n)
@@ -455,7 +456,11 @@ int vd_queue_process(struct vd_queue *q, int quiet)
             goto out;
     }
     /* Requests a crashed predecessor took and never completed come first. */
-    while (q->resubmit_pos < q->nresubmit && budget) {
+    while (q->resubmit_pos < q->nresubmit) {
+        if (!budget) {
+            ret = VD_MORE; /* more to redo: come back, as for a full ring */
+            goto out;
+        }
         if (serve_one(q, q->resubmit[q->resubmit_pos++], &req, 0) < 0)
             goto out;
         budget--;
