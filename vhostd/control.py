@@ -64,9 +64,9 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        from vhostd.server import _remove_stale_socket
+        from vhostd.server import remove_stale_socket
 
-        _remove_stale_socket(self.path)
+        remove_stale_socket(self.path)
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:

@@ -215,7 +215,10 @@ class DeviceHandler:
         if not stat.S_ISREG(st.st_mode) or offset + size > st.st_size:
             raise RequestError(f"inflight fd is not a memory file of at least {offset + size} bytes")
         self._unmap_inflight()
-        area = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        try:
+            area = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        except (OSError, ValueError) as exc:
+            raise RequestError(f"cannot map the inflight area: {exc}") from None
         base = ffi.from_buffer(area)
         self._inflight = (area, base)
         for i in range(num_queues):

@@ -198,7 +198,7 @@ class DeviceServer:
         self._listener: socket.socket | None = None
 
     def start(self) -> None:
-        _remove_stale_socket(self.socket_path)
+        remove_stale_socket(self.socket_path)
         os.makedirs(os.path.dirname(self.socket_path) or ".", exist_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
@@ -277,7 +277,7 @@ class DeviceServer:
         self.loop.remove_reader(self.handler.event_fd)
 
 
-def _remove_stale_socket(path: str) -> None:
+def remove_stale_socket(path: str) -> None:
     """A socket file left by a previous run is removed; anything else is not ours."""
     try:
         st = os.lstat(path)
