@@ -26,16 +26,21 @@ def pinned(cmd: list[str], cpu: str, log: str, **kw) -> subprocess.Popen:
                             stdin=subprocess.DEVNULL, cwd=ROOT, **kw)
 
 
-def listening(paths: set[str]) -> set[str]:
+def listening(paths: set[str], table: str = "/proc/net/unix") -> set[str]:
     """Which of the unix socket paths something listens on (one read of
-    /proc/net/unix; connecting would use up a one-front-end back-end)."""
+    the table, however many paths; connecting would use up a one-front-end
+    back-end).  table: another namespace's, e.g. /proc/PID/net/unix."""
     found = set()
-    with open("/proc/net/unix") as f:
-        next(f)
-        for line in f:
-            parts = line.rstrip("\n").split(None, 7)
-            if len(parts) >= 8 and int(parts[3], 16) & 0x10000 and parts[7] in paths:
-                found.add(parts[7])
+    try:
+        with open(table) as f:
+            next(f)
+            for line in f:
+                parts = line.rstrip("\n").split(None, 7)
+                # Num RefCount Protocol Flags Type St Inode Path; Flags has __SO_ACCEPTCON
+                if len(parts) >= 8 and int(parts[3], 16) & 0x10000 and parts[7] in paths:
+                    found.add(parts[7])
+    except OSError:  # the process owning the table is gone
+        pass
     return found
 
 

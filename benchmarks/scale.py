@@ -46,42 +46,17 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import BACKEND_CPU, LOAD_CPU, ROOT, cpu_seconds, listening  # noqa: E402
+
 sys.path.insert(0, ROOT)
 sys.path.insert(1, os.path.join(ROOT, "tests"))  # the Python driver model (virtio_driver.py)
 
-BACKEND_CPU, LOAD_CPU = "0", "1"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 RSS_TARGET_MB = 300
 IDLE_CPU_TARGET = 1.0  # % of one core
 
 
 # ---------------------------------------------------------------- /proc
-
-
-def listening(paths: set[str], table: str = "/proc/net/unix") -> set[str]:
-    """Which of these unix socket paths something listens on: one read of
-    /proc/net/unix per call, however many paths (connecting instead would
-    take a one-front-end device's only session)."""
-    found = set()
-    try:
-        with open(table) as f:
-            next(f)
-            for line in f:
-                parts = line.rstrip("\n").split(None, 7)
-                # Num RefCount Protocol Flags Type St Inode Path; Flags has __SO_ACCEPTCON
-                if len(parts) >= 8 and int(parts[3], 16) & 0x10000 and parts[7] in paths:
-                    found.add(parts[7])
-    except OSError:  # the process is gone
-        pass
-    return found
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (every thread)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def status_field(pid: int | str, key: str) -> int:
