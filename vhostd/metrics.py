@@ -16,30 +16,27 @@ import sys
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
+from vhostd.control import daemon_status
+
 log = logging.getLogger("vhostd.metrics")
 
 SCRAPE_TIMEOUT = 5.0
 QUEUE_COUNTERS = (("requests", "requests_total", "Requests completed"),
                   ("kicks", "kicks_total", "Kicks (driver notifications) received"),
                   ("notifies", "notifies_total", "Interrupts (call eventfd writes) sent"),
-                  ("out_bytes", "queue_read_bytes_total", "Bytes the device read from guest buffers"),
-                  ("in_bytes", "queue_written_bytes_total", "Bytes the device wrote into guest buffers"))
+                  ("bytes_out", "queue_read_bytes_total", "Bytes the device read from guest buffers"),
+                  ("bytes_in", "queue_written_bytes_total", "Bytes the device wrote into guest buffers"))
 
 
 def _snapshot(daemon) -> list[dict]:
-    """Runs on the loop: copy out everything a scrape shows."""
-    out = []
-    for name, server in daemon.servers.items():
-        rings = server.handler.rings
-        queues = []
-        for i in range(server.device.num_queues):
-            info = rings.queue_info(i)
-            buckets, total_ns = rings.latency(i)
-            queues.append((info, buckets, total_ns))
-        out.append({"name": name, "type": daemon.configs[name].type, "socket": server.socket_path,
-                    "connected": server.connection is not None, "needs_reset": rings.needs_reset,
-                    "features": server.handler.features, "queues": queues, "counters": server.device.stats()})
-    return out
+    """Runs on the loop: what `vhostd status` shows, plus each queue's
+    latency histogram (bucket counts, total ns)."""
+    devices = daemon_status(daemon)["devices"]
+    for d in devices:
+        rings = daemon.servers[d["name"]].handler.rings
+        for q in d["queues"]:
+            q["latency"] = rings.latency(q["index"])
+    return devices
 
 
 class DaemonCollector:
@@ -74,10 +71,11 @@ class DaemonCollector:
             connected.add_metric([dev], int(d["connected"]))
             needs_reset.add_metric([dev], int(d["needs_reset"]))
             features.add_metric([dev], d["features"])
-            for q, buckets, total_ns in d["queues"]:
-                labels = [dev, str(q.index)]
+            for q in d["queues"]:
+                buckets, total_ns = q["latency"]
+                labels = [dev, str(q["index"])]
                 for key, _, _ in QUEUE_COUNTERS:
-                    qc[key].add_metric(labels, getattr(q, key))
+                    qc[key].add_metric(labels, q[key])
                 cumulative, running = [], 0
                 for k, count in enumerate(buckets):
                     running += count
