@@ -61,6 +61,10 @@ def raise_open_file_limit(wanted: int) -> int:
     return soft
 
 
+#: daemon keys a reload cannot apply (they keep their running value until a restart)
+RESTART_KEYS = ("workers", "control_socket", "user", "group", "metrics")
+
+
 class Daemon:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
@@ -143,7 +147,7 @@ class Daemon:
 
     def _apply(self, new: Config) -> dict:
         old_d, new_d = self.config.daemon, new.daemon
-        for key in ("workers", "control_socket", "user", "group", "metrics"):
+        for key in RESTART_KEYS:
             if getattr(old_d, key) != getattr(new_d, key):
                 log.warning("reload: daemon.%s changed; this needs a restart and is ignored until then", key)
         if old_d.log_level != new_d.log_level:
@@ -177,7 +181,7 @@ class Daemon:
                 outcome["started"].append(name)
         # Keys that need a restart keep their running value.
         self.config = dataclasses.replace(new, daemon=dataclasses.replace(
-            new_d, **{k: getattr(old_d, k) for k in ("workers", "control_socket", "user", "group", "metrics")}))
+            new_d, **{k: getattr(old_d, k) for k in RESTART_KEYS}))
         outcome["ok"] = not outcome["failed"]
         log.info("reload: %d kept, %d started, %d stopped, %d restarted, %d failed",
                  *(len(outcome[k]) for k in ("kept", "started", "stopped", "restarted", "failed")))
