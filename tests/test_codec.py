@@ -335,6 +335,7 @@ class Recorder:
         self.owned_fds: list[int] = []
         self.refuse: set[str] = set()
         self.status = 0
+        self.pending: dict[int, int] = {}  # requests in flight per ring (vring_pending)
 
     def _rec(self, name, *args):
         self.calls.append((name, *args))
@@ -386,6 +387,12 @@ class Recorder:
 
     def set_vring_base(self, i, b):
         self._rec("set_vring_base", i, b)
+
+    def drain_vring(self, i):
+        self._rec("drain_vring", i)
+
+    def vring_pending(self, i):
+        return self.pending.get(i, 0)
 
     def get_vring_base(self, i):
         self._rec("get_vring_base", i)
@@ -746,7 +753,40 @@ def test_status_and_reset_device(rec):
     (r,) = ask(p, R.GET_STATUS)
     assert unpack_u64(r.payload) == 0xF
     assert ack_value(ask(p, R.RESET_DEVICE)) == 0
-    assert p.acked_features == 0 and rec.names() == ["set_status", "reset"]
+    assert p.acked_features == 0 and rec.names() == ["set_status", "drain_vring", "drain_vring", "reset"]
+
+
+def test_get_vring_base_waits_for_the_requests_in_flight(rec):
+    """With requests of the ring still in flight, GET_VRING_BASE is answered
+    only once they are done: no reply yet, the protocol waits and refuses to
+    take the next message; poll() answers when the ring has drained."""
+    p = proto(rec)
+    rec.pending[1] = 3
+    assert ask(p, R.GET_VRING_BASE, VringState(1, 0).pack(), ack=False) == []
+    assert p.waiting == "GET_VRING_BASE of ring 1"
+    assert rec.names() == ["drain_vring"]
+    assert p.poll() is None
+    with pytest.raises(ProtocolError, match="while GET_VRING_BASE of ring 1 was not answered"):
+        ask(p, R.GET_FEATURES, ack=False)
+    rec.pending[1] = 0
+    (reply,) = p.poll()
+    assert VringState.unpack(reply.payload) == VringState(1, 0x1234)
+    assert p.waiting is None and p.poll() == []
+    assert rec.names() == ["drain_vring", "get_vring_base"]
+
+
+def test_reset_device_waits_for_every_ring_and_a_lost_connection_stops_waiting(rec):
+    p = proto(rec, features=Recorder.FEATURES | (1 << F_PROTOCOL_FEATURES))
+    rec.pending[0] = 1
+    assert ask(p, R.RESET_DEVICE) == []
+    assert p.waiting == "RESET_DEVICE" and "reset" not in rec.names()
+    rec.pending[0] = 0
+    (ack,) = p.poll()
+    assert unpack_u64(ack.payload) == 0 and rec.names()[-1] == "reset" and p.acked_features == 0
+    rec.pending[1] = 5
+    ask(p, R.RESET_DEVICE, ack=False)
+    p.connection_lost()
+    assert p.waiting is None and rec.names()[-1] == "disconnected"
 
 
 def test_reset_owner_disables_every_ring(rec):

@@ -42,7 +42,16 @@ class ManyVhostd(Vhostd):
         DaemonProcess.__init__(self, workdir, devices, daemon, prefix)
 
     def threads(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/task"))
+        """vhostd's own threads: io_uring's kernel workers (iou-wrk-*, made
+        on demand and gone when idle) are the kernel's, not ours."""
+        n = 0
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/comm") as f:
+                    n += not f.read().startswith("iou-")
+            except FileNotFoundError:
+                pass
+        return n
 
     def listening(self) -> set[str]:
         """Socket paths the daemon listens on, from its own network

@@ -173,12 +173,14 @@ def cmd_status(args) -> int:
             state += ", NEEDS_RESET"
         print(f"\n{d['name']}  {d['type']}  {d['socket']}  {state}  sessions={d['sessions']}")
         print(f"  features {d['features']:#x}: {' '.join(d['feature_names']) or '-'}")
+        if "aio" in d:
+            print(f"  aio {d['aio']}" + (f" ({d['aio_note']})" if d.get("aio_note") else ""))
         for q in d["queues"]:
             qs = "broken" if q["broken"] else "started" if q["started"] else "stopped"
             qs += "" if q["enabled"] else ",disabled"
             print(f"  queue {q['index']}: {qs} size={q['size']} avail={q['last_avail']} used={q['used_idx']} "
                   f"requests={q['requests']} kicks={q['kicks']} notifies={q['notifies']} "
-                  f"bytes_out={q['bytes_out']} bytes_in={q['bytes_in']}")
+                  f"bytes_out={q['bytes_out']} bytes_in={q['bytes_in']} pending={q['pending']}")
         for i, counters in enumerate(d["counters"]):
             print(f"  {'pair' if d['type'] == 'net' else 'queue'} {i} counters: "
                   + " ".join(f"{k}={v}" for k, v in counters.items()))

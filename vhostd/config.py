@@ -128,6 +128,7 @@ class BlkDeviceConfig:
     discard: bool = True
     write_zeroes: bool = True
     direct: bool = False  # open the image with O_DIRECT
+    aio: str = "auto"  # one of BLK_AIO: where the image's I/O runs
     poll_us: int = 0  # busy-poll window of a queue that ran empty, in microseconds (0 = off)
     socket_mode: int | None = None  # chmod() the socket to this, e.g. 0o660
     socket_owner: int | None = None  # chown() the socket to this uid
@@ -141,6 +142,8 @@ class BlkDeviceConfig:
 #: null-co driver (requests succeed without moving data), to measure the
 #: protocol and ring overhead alone.
 BLK_BACKENDS = ("file", "null")
+#: auto: io_uring (images on memory file systems inline); io_uring; threads: a thread pool.
+BLK_AIO = ("auto", "io_uring", "threads")
 MAX_POLL_US = 1_000_000
 
 NET_BACKENDS = ("tap", "switch", "loopback")
@@ -550,6 +553,7 @@ _BLK_KEYS: dict[str, Key] = {
     "discard": Key(_bool, True),
     "write_zeroes": Key(_bool, True),
     "direct": Key(_bool, False),
+    "aio": Key(_choice(BLK_AIO), "auto"),
     "poll_us": Key(_int_range(0, MAX_POLL_US), 0),
 }
 
@@ -817,6 +821,8 @@ def _finish_blk(dev: _DeviceDraft, ctx: _Context) -> None:
                 dev.report(ctx, "path", "'path' only applies to backend file; a null disk has no image")
             if dev.values.get("direct") is True:
                 dev.report(ctx, "direct", "'direct' only applies to backend file; a null disk has no image")
+            if "aio" in dev.nodes:
+                dev.report(ctx, "aio", "'aio' only applies to backend file; a null disk does no I/O")
             if dev.values.get("size") is None and "size" not in dev.bad:
                 dev.report(ctx, "size", "missing key 'size' (backend null needs it: the disk's capacity)",
                            node=dev.nodes.get("backend"))

@@ -32,7 +32,8 @@ def device_status(name: str, server, cfg) -> dict:
         q = handler.rings.queue_info(i)
         queues.append({"index": i, "size": q.num, "started": q.started, "enabled": q.enabled, "broken": q.broken,
                        "last_avail": q.last_avail, "used_idx": q.used_idx, "requests": q.requests,
-                       "kicks": q.kicks, "notifies": q.notifies, "bytes_out": q.out_bytes, "bytes_in": q.in_bytes})
+                       "kicks": q.kicks, "notifies": q.notifies, "bytes_out": q.out_bytes, "bytes_in": q.in_bytes,
+                       "pending": q.pending})
     peer = None
     if server.peer is not None:
         peer = dict(zip(("pid", "uid", "gid"), server.peer))
@@ -47,6 +48,7 @@ def device_status(name: str, server, cfg) -> dict:
         "feature_names": feature_names(handler.features, cfg.type),
         "status": handler.status,
         "needs_reset": handler.rings.needs_reset,
+        **server.device.describe(),
         "queues": queues,
         "counters": server.device.stats(),
     }

@@ -11,6 +11,7 @@ import pwd
 import resource
 import signal
 import threading
+import time
 
 from vhostd import systemd
 from vhostd.config import Config, ConfigError, load_config
@@ -86,6 +87,10 @@ class Daemon:
             self.close()
             raise
         log.info("serving %d device(s) with %d data plane worker(s)", len(self.servers), self.engine.workers)
+        uring, why = self.engine.uring()
+        if not uring and any(getattr(s.device, "engine", None) not in (None, "none", "inline")
+                             for s in self.servers.values()):
+            log.warning("io_uring is unavailable (%s): disk I/O runs on a thread pool", why)
 
     def _start_device(self, cfg) -> None:
         device = create_device(cfg, self.switches)
@@ -207,6 +212,25 @@ class Daemon:
     async def wait(self) -> None:
         await self._stopped.wait()
 
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking requests and wait (at most timeout s) until those in
+        flight are done and visible to the guests, so that nothing is left
+        half-done when the sessions close.  What a guest queued and we did
+        not take stays in its ring for the next vhostd.  True if all drained."""
+        rings = [s.handler.rings for s in self.servers.values() if s.connection is not None]
+        for r in rings:
+            for i in range(r.num_queues):
+                r.drain(i)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = sum(r.pending(i) for r in rings for i in range(r.num_queues))
+            if not left:
+                return True
+            if time.monotonic() >= deadline:
+                log.warning("stopping with %d request(s) still in flight (their disks do not answer)", left)
+                return False
+            await asyncio.sleep(0.005)
+
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
@@ -301,11 +325,12 @@ async def serve(config: Config) -> int:
         await daemon.wait()
         log.info("stopping")
         systemd.notify_stopping()
-        # Shutdown is bounded: a worker stuck in a hung disk must not keep
-        # the service from stopping (systemd's TimeoutStopSec is longer).
+        # Shutdown is bounded: a hung disk must not keep the service from
+        # stopping (systemd's TimeoutStopSec is longer).
         deadline = threading.Timer(STOP_TIMEOUT, _give_up_stopping)
         deadline.daemon = True
         deadline.start()
+        await daemon.drain(STOP_TIMEOUT / 2)
     finally:
         if watchdog is not None:
             watchdog.cancel()

@@ -42,6 +42,7 @@ class QueueInfo:
     notifies: int
     out_bytes: int
     in_bytes: int
+    pending: int  # requests submitted and not yet completed
 
 
 class Engine:
@@ -60,6 +61,12 @@ class Engine:
             lib.vd_engine_free(self._ptr)
             self._ptr = None
 
+    def uring(self) -> tuple[bool, str]:
+        """Whether the workers have io_uring rings, and if not, why."""
+        why = ffi.new("char[]", ERRLEN)
+        ok = bool(lib.vd_engine_uring(self.ptr, why, ERRLEN))
+        return ok, ffi.string(why).decode(errors="replace")
+
     @property
     def ptr(self):
         if self._ptr is None:
@@ -70,21 +77,25 @@ class Engine:
 class Rings:
     """Memory table and virtqueues of one device, served by the engine.
 
-    `handler` is a C request handler (function pointer) and `ctx` its
-    argument; `event_fd` becomes readable when a queue breaks (call
-    `take_errors`).  With `poll_us` a queue that ran empty is busy-polled
-    that long before it waits for a kick again (see engine.c).
+    The device model gives the C request handler and its context (see
+    Device.native); `event_fd` becomes readable when a queue breaks (call
+    `take_errors`) or a draining queue has nothing pending any more.  With
+    `poll_us` a queue that ran empty is busy-polled that long before it
+    waits for a kick again (see engine.c).
     """
 
-    def __init__(self, engine: Engine, num_queues: int, max_queue_size: int, handler, ctx, event_fd: int,
-                 poll_us: int = 0) -> None:
-        self.num_queues = num_queues
+    def __init__(self, engine: Engine, device, event_fd: int) -> None:
+        self.num_queues = device.num_queues
         self._engine = engine
-        self._ptr = lib.vd_device_new(engine.ptr, num_queues, max_queue_size, handler, ctx, event_fd)
+        handler, ctx, req_priv, release = device.native()
+        self._ptr = lib.vd_device_new(engine.ptr, device.num_queues, device.max_queue_size, handler, ctx,
+                                      req_priv, release, event_fd)
         if self._ptr == ffi.NULL:
-            raise DataPlaneError(f"cannot create a device with {num_queues} queues")
-        if poll_us:
-            lib.vd_device_set_poll(self._ptr, poll_us)
+            if release != ffi.NULL:
+                release(ctx)  # the reference native() gave is not taken
+            raise DataPlaneError(f"cannot create a device with {device.num_queues} queues")
+        if device.poll_us:
+            lib.vd_device_set_poll(self._ptr, device.poll_us)
 
     def close(self) -> None:
         if self._ptr is not None:
@@ -131,8 +142,19 @@ class Rings:
     def set_base(self, index: int, base: int) -> None:
         _call(lib.vd_queue_set_base, self._ptr, index, base)
 
+    def drain(self, index: int) -> int:
+        """Take no new requests on the queue; returns how many are still
+        pending (event_fd is written when that reaches 0)."""
+        pending = ffi.new("uint32_t *")
+        _call(lib.vd_queue_drain, self._ptr, index, pending)
+        return pending[0]
+
+    def pending(self, index: int) -> int:
+        return lib.vd_queue_pending(self._ptr, index)
+
     def get_base(self, index: int) -> int:
-        """Stop the queue and return where the device got to in the avail ring."""
+        """Stop the queue and return where the device got to in the avail
+        ring (drain it first: requests still pending are orphaned)."""
         base = ffi.new("uint16_t *")
         _call(lib.vd_queue_get_base, self._ptr, index, base)
         return base[0]
@@ -188,4 +210,5 @@ class Rings:
         return QueueInfo(
             index, info.num, bool(info.started), bool(info.enabled), bool(info.broken), bool(info.polled),
             info.last_avail, info.used_idx, info.requests, info.kicks, info.notifies, info.out_bytes, info.in_bytes,
+            info.pending,
         )

@@ -68,15 +68,15 @@ class DeviceHandler:
         self.features = 0
         self.event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._inflight = None  # (mmap, cdata) of the inflight area while a front-end set one
-        self.rings = Rings(engine, device.num_queues, device.max_queue_size, device.handler, device.ctx,
-                           self.event_fd, device.poll_us)
+        self.rings = Rings(engine, device, self.event_fd)
 
     def close(self) -> None:
         self.rings.close()
         _close(self.event_fd)
 
     def report_errors(self) -> None:
-        """Log each broken queue once (called when event_fd is readable)."""
+        """Log each broken queue once (called when event_fd is readable,
+        which it also becomes when a draining queue has nothing pending)."""
         try:
             os.eventfd_read(self.event_fd)
         except BlockingIOError:
@@ -133,6 +133,12 @@ class DeviceHandler:
 
     def set_vring_base(self, index: int, base: int) -> None:
         self._dp(self.rings.set_base, index, base)
+
+    def drain_vring(self, index: int) -> None:
+        self._dp(self.rings.drain, index)
+
+    def vring_pending(self, index: int) -> int:
+        return self.rings.pending(index)
 
     def get_vring_base(self, index: int) -> int:
         return self._dp(self.rings.get_base, index)

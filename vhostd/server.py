@@ -15,6 +15,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,6 +26,9 @@ from vhostd.protocol.codec import MessageDecoder, ProtocolError
 from vhostd.protocol.constants import MAX_FDS_PER_MESSAGE
 
 MAX_PENDING_OUTPUT = 64 * 1024  # a front-end that does not read its replies is dropped
+WAIT_CHECK = 1.0  # s: while an answer waits for the device, look this often besides its event fd
+WAIT_WARN = 5.0  # s: then say so in the log, and every WAIT_WARN_AGAIN after that
+WAIT_WARN_AGAIN = 30.0
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 
 
@@ -83,6 +87,9 @@ class Connection:
         self.protocol = BackendProtocol(server.handler, server.log)
         self._out = bytearray()
         self.closed = False
+        self._wait_timer: asyncio.TimerHandle | None = None
+        self._wait_since = 0.0
+        self._wait_warned = 0.0
         loop = server.loop
         loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -100,12 +107,11 @@ class Connection:
             self.decoder.feed(data, fds)
             while (msg := self.decoder.pop()) is not None:
                 self.log.debug("<- %s flags=%#x size=%d fds=%d", msg.name, msg.flags, len(msg.payload), len(msg.fds))
-                for reply in self.protocol.handle(msg):
-                    if reply.fds:
-                        self._send_with_fds(reply)
-                    else:
-                        self._send(reply.encode())
+                self._send_all(self.protocol.handle(msg))
                 if self.closed:
+                    return
+                if self.protocol.waiting:
+                    self._wait_for_device()
                     return
         except (BlockingIOError, InterruptedError):
             return
@@ -118,6 +124,85 @@ class Connection:
         except Exception:  # a bug must cost this connection, never the daemon
             self.log.exception("closing connection after an internal error")
             self.close("internal error")
+
+    def _send_all(self, replies) -> None:
+        for reply in replies:
+            if reply.fds:
+                self._send_with_fds(reply)
+            else:
+                self._send(reply.encode())
+
+    # ------------------------------------------------------------ answers that wait for the device
+    # GET_VRING_BASE and RESET_DEVICE are answered once the requests in flight
+    # are done, which may take as long as a disk does.  Meanwhile the loop
+    # goes on serving everything else; this front-end's next message is read
+    # after the answer (only an EOF is noticed before).
+
+    def _wait_for_device(self) -> None:
+        fd = self.sock.fileno()
+        loop = self.server.loop
+        loop.remove_reader(fd)
+        loop.add_reader(fd, self._on_readable_while_waiting)
+        self._wait_since = self._wait_warned = time.monotonic()
+        self._wait_timer = loop.call_later(WAIT_CHECK, self._wait_tick)
+
+    def _wait_tick(self) -> None:
+        self._wait_timer = None
+        self.resume()
+        if self.closed or not self.protocol.waiting:
+            return
+        now = time.monotonic()
+        since = now - self._wait_since
+        if now - self._wait_warned >= (WAIT_WARN if self._wait_warned == self._wait_since else WAIT_WARN_AGAIN):
+            self._wait_warned = now
+            self.log.warning("%s waits for the device's requests in flight (%.0f s so far)",
+                             self.protocol.waiting, since)
+        self._wait_timer = self.server.loop.call_later(WAIT_CHECK, self._wait_tick)
+
+    def _on_readable_while_waiting(self) -> None:
+        try:
+            data = self.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.log.error("closing connection: socket error: %s", exc)
+            self.close("socket error")
+            return
+        if not data:
+            self.close("front-end disconnected")
+            return
+        self.server.loop.remove_reader(self.sock.fileno())  # read after the answer
+
+    def resume(self) -> None:
+        """The device may have progressed: send the waiting answer if it is ready."""
+        if self.closed or not self.protocol.waiting:
+            return
+        try:
+            replies = self.protocol.poll()
+            if replies is None:
+                return
+            if self._wait_timer is not None:
+                self._wait_timer.cancel()
+                self._wait_timer = None
+            waited = time.monotonic() - self._wait_since
+            if waited >= WAIT_WARN:
+                self.log.info("answered after waiting %.1f s for the device", waited)
+            self._send_all(replies)
+        except ProtocolError as exc:
+            self.log.error("closing connection: %s", exc)
+            self.close("protocol error")
+            return
+        except OSError as exc:
+            self.log.error("closing connection: socket error: %s", exc)
+            self.close("socket error")
+            return
+        except Exception:  # a bug must cost this connection, never the daemon
+            self.log.exception("closing connection after an internal error")
+            self.close("internal error")
+            return
+        fd = self.sock.fileno()
+        self.server.loop.remove_reader(fd)
+        self.server.loop.add_reader(fd, self._on_readable)
 
     def _send(self, data: bytes) -> None:
         if self._out:
@@ -166,6 +251,9 @@ class Connection:
             return
         self.closed = True
         loop = self.server.loop
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._wait_timer = None
         loop.remove_reader(self.sock.fileno())
         loop.remove_writer(self.sock.fileno())
         self.decoder.close()
@@ -215,8 +303,14 @@ class DeviceServer:
             raise
         self._listener = sock
         self.loop.add_reader(sock.fileno(), self._on_accept)
-        self.loop.add_reader(self.handler.event_fd, self.handler.report_errors)
+        self.loop.add_reader(self.handler.event_fd, self._on_device_event)
         self.log.info("listening on %s", self.socket_path)
+
+    def _on_device_event(self) -> None:
+        """A queue broke, or one that drains has nothing pending any more."""
+        self.handler.report_errors()
+        if self.connection is not None:
+            self.connection.resume()
 
     def _on_accept(self) -> None:
         try:

@@ -7,10 +7,10 @@ class Device:
     """What the vhost-user glue needs from a device model.
 
     A subclass sets name, num_queues, max_queue_size, handler (a C function
-    pointer: uint32_t (*)(void *ctx, struct vd_req *, int queue)) and ctx
-    (its first argument), and implements features() and config_space().
-    poll_us (default 0, off) is how long the data plane busy-polls a queue
-    that ran empty before it waits for a kick again.
+    pointer: int (*)(void *ctx, struct vd_req *)) and ctx (its first
+    argument), and implements features() and config_space().  poll_us
+    (default 0, off) is how long the data plane busy-polls a queue that ran
+    empty before it waits for a kick again.
     """
 
     name: str
@@ -19,6 +19,15 @@ class Device:
     handler: Any
     ctx: Any
     poll_us: int = 0
+
+    def native(self) -> tuple[Any, Any, int, Any]:
+        """What the data plane needs to create the device's queues: (handler,
+        ctx, bytes of device state per request, release).  With a release
+        function the data plane takes a reference to ctx and drops it once
+        none of the device's I/O is pending any more."""
+        from vhostd.native import ffi
+
+        return self.handler, self.ctx, 0, ffi.NULL
 
     def features(self) -> int:
         """Device feature bits, ring/transport bits included."""
@@ -58,6 +67,10 @@ class Device:
 
     def detach(self) -> None:
         """Stop back-end work that touches the rings (before they are freed)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Device-specific facts for `vhostd status` (e.g. blk's I/O engine)."""
+        return {}
 
     def stats(self) -> list[dict[str, int]]:
         """Per-queue device counters."""

@@ -23,15 +23,22 @@ struct vd_queue_info {
     int started, enabled, broken, polled;
     uint16_t last_avail, used_idx;
     uint64_t requests, kicks, notifies, out_bytes, in_bytes;
+    uint32_t pending;         /* requests submitted and not yet completed */
 };
 
 vd_engine *vd_engine_new(int nworkers);
 void vd_engine_free(vd_engine *e);
+/* 1 if every worker has an io_uring ring; else 0 and why. */
+int vd_engine_uring(vd_engine *e, char *why, size_t len);
 
 /* A device: nqueues virtqueues served by the engine's workers; each request
- * goes to handle(ctx, req, queue). */
+ * goes to handle(ctx, req), which returns VD_REQ_DONE, VD_REQ_PENDING or
+ * VD_REQ_RETRY (vd.h).  Each request carries req_priv bytes for the device.
+ * With release, the device takes over one reference to ctx and drops it
+ * with release(ctx) once it is freed and none of its I/O is pending. */
 vd_device *vd_device_new(vd_engine *e, int nqueues, uint32_t max_queue_size,
-                         uint32_t (*handle)(void *ctx, struct vd_req *req, int queue), void *ctx, int event_fd);
+                         int (*handle)(void *ctx, struct vd_req *req), void *ctx, size_t req_priv,
+                         void (*release)(void *ctx), int event_fd);
 void vd_device_free(vd_device *d);
 void vd_device_reset(vd_device *d);
 void vd_device_clear_memory(vd_device *d);
@@ -51,6 +58,12 @@ int vd_mem_remove_region(vd_device *d, const struct vd_region_desc *region, char
 int vd_queue_set_num(vd_device *d, int i, uint32_t num, char *err, size_t errlen);
 int vd_queue_set_addr(vd_device *d, int i, uint64_t desc, uint64_t used, uint64_t avail, char *err, size_t errlen);
 int vd_queue_set_base(vd_device *d, int i, uint16_t base, char *err, size_t errlen);
+/* GET_VRING_BASE in two steps, so that the control plane never waits for a
+ * disk: drain (take nothing new; pending = requests still in flight; the
+ * device's event fd is written when they are done), then get_base (stops
+ * the queue; whatever is still pending then is orphaned). */
+int vd_queue_drain(vd_device *d, int i, uint32_t *pending, char *err, size_t errlen);
+uint32_t vd_queue_pending(vd_device *d, int i);
 int vd_queue_get_base(vd_device *d, int i, uint16_t *base, char *err, size_t errlen);
 int vd_queue_set_kick(vd_device *d, int i, int fd, char *err, size_t errlen);
 int vd_queue_set_call(vd_device *d, int i, int fd, char *err, size_t errlen);
@@ -67,9 +80,21 @@ int vd_queue_set_inflight(vd_device *d, int i, void *region, char *err, size_t e
 int vd_queue_get_latency(vd_device *d, int i, uint64_t *buckets, uint64_t *sum_ns);
 int vd_queue_get_stats(vd_device *d, int i, struct vd_queue_info *out);
 
+/* What the I/O engine needs to know about an image (aio.c). */
+struct vd_file_info {
+    int64_t fs_type;              /* statfs f_type of the file system holding it */
+    int is_blockdev;
+    uint32_t dio_mem_align, dio_offset_align; /* O_DIRECT alignment (statx); 0 if unknown */
+    uint32_t logical_block;       /* block devices: the logical block size */
+};
+int vd_file_probe(int fd, struct vd_file_info *out);
+/* Whether io_uring works here (probed once); why it does not otherwise. */
+int vd_uring_available(char *why, size_t whylen);
+
 /* virtio-blk (blk.c) */
+enum { VD_BLK_INLINE = 0, VD_BLK_URING = 1, VD_BLK_THREADS = 2 }; /* where its I/O runs */
 struct vd_blk_params {
-    int fd;                   /* the image; -1: a null disk (no data kept) */
+    int fd;                   /* the image, owned from now on; -1: a null disk (no data kept) */
     uint64_t capacity;        /* in 512-byte sectors */
     int readonly;
     int is_blockdev;
@@ -77,13 +102,20 @@ struct vd_blk_params {
     uint32_t max_discard_sectors, max_discard_seg;
     uint32_t max_write_zeroes_sectors, max_write_zeroes_seg;
     char serial[20];
+    int engine;               /* VD_BLK_* */
+    int punt;                 /* io_uring: always hand the I/O to kernel workers (the file system may block) */
+    int direct;               /* fd has O_DIRECT: buffers must be aligned, else they are bounced */
+    uint32_t dio_mem_align, dio_len_align;
 };
 struct vd_blk_stats {
     uint64_t reads, writes, flushes, discards, write_zeroes, get_ids, read_bytes, write_bytes, errors, unsupported;
+    uint64_t bounced;         /* requests that went through a bounce buffer */
 };
 vd_blk *vd_blk_new(const struct vd_blk_params *p, int nqueues);
-void vd_blk_free(vd_blk *b);
-uint32_t vd_blk_handle(void *ctx, struct vd_req *req, int queue);
+vd_blk *vd_blk_ref(vd_blk *b);
+void vd_blk_unref(void *b);
+size_t vd_blk_req_size(void);
+int vd_blk_handle(void *ctx, struct vd_req *req);
 void vd_blk_get_stats(vd_blk *b, int queue, struct vd_blk_stats *out);
 
 /* virtio-net (net.c) */
@@ -108,7 +140,7 @@ void vd_net_reset(vd_net *n);
 void vd_net_set_mtu(vd_net *n, uint32_t mtu);
 void vd_net_get_mac(vd_net *n, uint8_t *mac);
 uint32_t vd_net_hdr_len(vd_net *n);
-uint32_t vd_net_handle(void *ctx, struct vd_req *req, int queue);
+int vd_net_handle(void *ctx, struct vd_req *req);
 void vd_net_rx_kick(void *ctx, int queue);
 int vd_net_inject(vd_net *n, const void *frame, size_t len);
 void vd_net_get_stats(vd_net *n, int qp, struct vd_net_stats *out);

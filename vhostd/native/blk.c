@@ -1,8 +1,19 @@
 /* virtio-blk device logic (virtio 1.2 section 5.2).
  *
- * Sees one request at a time as iovecs (vd_req); knows nothing of rings or
- * of vhost-user.  Data moves with preadv/pwritev straight between the image
- * and guest memory (no bounce buffer).
+ * Sees requests (vd_req: iovecs over guest memory) and an I/O submission
+ * interface (aio.h); knows nothing of rings or of vhost-user.
+ *
+ * A request is a small state machine over one I/O at a time: a read or
+ * write (resumed after a short transfer, in bounce-buffer chunks when the
+ * guest's buffers do not meet O_DIRECT's alignment), a flush, or one
+ * fallocate per discard/write-zeroes segment.  The engine decides where the
+ * I/O runs:
+ *   inline    here and now (images on memory file systems: a read there is
+ *             a memory copy that cannot hang, and io_uring only adds cost)
+ *   io_uring  the worker's ring; the request completes when the I/O does
+ *   threads   the thread pool, where io_uring is unavailable
+ * Data moves straight between the image and guest memory unless a bounce
+ * buffer is needed.
  *
  * Without an image (fd < 0) the device is a null disk: requests are checked
  * as usual and then succeed without touching data (reads leave the guest's
@@ -37,12 +48,48 @@
 #define SECTOR 512ull
 #define HDR_LEN 16
 #define ID_LEN 20
+#define BOUNCE_CHUNK (1u << 20)   /* a misaligned transfer goes through the bounce buffer this much at a time */
+#define POOL_SHARE 16             /* thread-pool threads one disk may occupy */
+#define MAX_RETRIES 64            /* EAGAIN/EINTR from an I/O, then it is an error */
 
 struct vd_blk {
     struct vd_blk_params p;
     int nqueues;
+    int refs;                 /* the control plane's, and its data plane device's */
+    struct vd_iolimit lim;    /* our share of the thread pool */
     struct vd_blk_stats st[];
 };
+
+struct seg {
+    uint64_t sector;
+    uint32_t num_sectors;
+    uint32_t flags;
+};
+
+/* What a request remembers between its I/Os (vd_req_priv). */
+struct blk_req {
+    struct vd_io io;          /* the one in flight; first, see blk_io_done */
+    vd_blk *b;
+    uint8_t *status;          /* the guest's status byte */
+    uint8_t type, result;
+    uint8_t zero_only;        /* this segment must read back as zeroes */
+    uint8_t punched;          /* ... and ZERO_RANGE was refused: punching a hole instead */
+    uint16_t retries;
+    struct iovec *data;       /* the data buffers (guest memory), advanced as transfers progress */
+    int ndata;
+    uint64_t off, len, done;  /* image offset and length of the transfer, bytes done */
+    void *bounce;             /* aligned copy of guest data for O_DIRECT, BOUNCE_CHUNK at most */
+    size_t bounce_cap;
+    struct iovec biov;
+    struct seg *segs;         /* discard / write-zeroes segments, copied out of the request */
+    uint32_t nseg, seg;
+    uint32_t id_len;          /* GET_ID: bytes written */
+};
+
+size_t vd_blk_req_size(void)
+{
+    return sizeof(struct blk_req);
+}
 
 vd_blk *vd_blk_new(const struct vd_blk_params *p, int nqueues)
 {
@@ -53,38 +100,36 @@ vd_blk *vd_blk_new(const struct vd_blk_params *p, int nqueues)
         return NULL;
     b->p = *p;
     b->nqueues = nqueues;
+    b->refs = 1;
+    b->lim.cap = POOL_SHARE;
+    if (b->p.dio_mem_align < 1)
+        b->p.dio_mem_align = 1;
+    if (b->p.dio_len_align < 1)
+        b->p.dio_len_align = 1;
     return b;
 }
 
-void vd_blk_free(vd_blk *b)
+vd_blk *vd_blk_ref(vd_blk *b)
 {
-    free(b);
+    __atomic_add_fetch(&b->refs, 1, __ATOMIC_RELAXED);
+    return b;
+}
+
+/* The last reference closes the image: by then no I/O of ours uses it. */
+void vd_blk_unref(void *ctx)
+{
+    vd_blk *b = ctx;
+    if (__atomic_sub_fetch(&b->refs, 1, __ATOMIC_ACQ_REL) == 0) {
+        if (b->p.fd >= 0)
+            close(b->p.fd);
+        free(b);
+    }
 }
 
 void vd_blk_get_stats(vd_blk *b, int queue, struct vd_blk_stats *out)
 {
     if (queue >= 0 && queue < b->nqueues)
         *out = b->st[queue];
-}
-
-/* Full-length positional I/O over an iovec array (short transfers resumed). */
-static int rw_all(int fd, struct iovec *iov, int n, uint64_t off, uint64_t len, int write)
-{
-    while (len) {
-        int cnt = n < IOV_MAX ? n : IOV_MAX;
-        ssize_t r = write ? pwritev(fd, iov, cnt, (off_t)off) : preadv(fd, iov, cnt, (off_t)off);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (r == 0)
-            return -EIO; /* image shrank under us */
-        off += r;
-        len -= r;
-        n = vd_iov_skip_front(&iov, n, r);
-    }
-    return 0;
 }
 
 static int has_image(const vd_blk *b)
@@ -98,132 +143,319 @@ static int in_range(const vd_blk *b, uint64_t sector, uint64_t bytes)
     return sector <= b->p.capacity && sectors <= b->p.capacity - sector;
 }
 
-struct seg {
-    uint64_t sector;
-    uint32_t num_sectors;
-    uint32_t flags;
-};
+/* ---------------------------------------------------------------- the I/O of each step */
 
-static int punch(const vd_blk *b, uint64_t off, uint64_t len, int zero_only)
+/* O_DIRECT needs every buffer aligned (address and length); guests may not. */
+static int needs_bounce(const vd_blk *b, const struct iovec *iov, int n)
 {
-    if (b->p.is_blockdev) {
-        uint64_t range[2] = {off, len};
-        return ioctl(b->p.fd, zero_only ? BLKZEROOUT : BLKDISCARD, range) < 0 ? -errno : 0;
-    }
-    int mode = zero_only ? FALLOC_FL_ZERO_RANGE : (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE);
-    if (fallocate(b->p.fd, mode, (off_t)off, (off_t)len) == 0)
+    if (!b->p.direct)
         return 0;
-    if (zero_only && (errno == EOPNOTSUPP || errno == EINVAL)) /* e.g. tmpfs: punching also zeroes */
-        return fallocate(b->p.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) < 0 ? -errno : 0;
-    return -errno;
+    uint64_t ma = b->p.dio_mem_align, la = b->p.dio_len_align;
+    for (int i = 0; i < n; i++)
+        if ((uintptr_t)iov[i].iov_base % ma || iov[i].iov_len % la)
+            return 1;
+    return 0;
 }
 
-static uint8_t discard_or_zero(vd_blk *b, struct vd_blk_stats *st, struct iovec *data, int ndata, uint64_t len,
-                               int zeroes)
+static void prep_rw(struct blk_req *br)
 {
+    struct vd_io *io = &br->io;
+    io->op = br->type == VIRTIO_BLK_T_OUT ? VD_IO_WRITEV : VD_IO_READV;
+    io->off = br->off + br->done;
+    if (br->bounce) {
+        uint64_t chunk = br->len - br->done;
+        if (chunk > br->bounce_cap)
+            chunk = br->bounce_cap;
+        if (br->type == VIRTIO_BLK_T_OUT)
+            vd_iov_read(br->data, br->ndata, br->done, br->bounce, chunk);
+        br->biov = (struct iovec){br->bounce, chunk};
+        io->iov = &br->biov;
+        io->niov = 1;
+    } else {
+        io->iov = br->data; /* at most IOV_MAX of them go at once: a short transfer */
+        io->niov = br->ndata;
+    }
+}
+
+static int64_t blkdev_ioctl(struct vd_io *io)
+{
+    uint64_t range[2] = {io->off, io->len};
+    return ioctl(io->fd, io->mode ? BLKZEROOUT : BLKDISCARD, range) < 0 ? -errno : 0;
+}
+
+static void prep_segment(const vd_blk *b, struct blk_req *br)
+{
+    struct vd_io *io = &br->io;
+    const struct seg *s = &br->segs[br->seg];
+    io->off = s->sector * SECTOR;
+    io->len = (uint64_t)s->num_sectors * SECTOR;
+    /* write-zeroes with UNMAP may deallocate: a punched hole reads as zeroes. */
+    br->zero_only = br->type == VIRTIO_BLK_T_WRITE_ZEROES && !(s->flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+    br->punched = 0;
+    if (b->p.is_blockdev) {
+        io->op = VD_IO_CALL; /* no io_uring opcode for these: the pool runs the ioctl */
+        io->call = blkdev_ioctl;
+        io->mode = br->zero_only;
+    } else {
+        io->op = VD_IO_FALLOCATE;
+        io->mode = br->zero_only ? FALLOC_FL_ZERO_RANGE : (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE);
+    }
+}
+
+/* Skip segments with nothing to do; 0 when none is left. */
+static int next_segment(const vd_blk *b, struct blk_req *br)
+{
+    while (br->seg < br->nseg && !br->segs[br->seg].num_sectors)
+        br->seg++;
+    if (br->seg == br->nseg)
+        return 0;
+    prep_segment(b, br);
+    return 1;
+}
+
+/* One I/O of the request finished with res.  Returns 1 with the next I/O
+ * prepared in br->io, or 0 when the request is over (br->result set). */
+static int advance(vd_blk *b, struct vd_req *req, struct blk_req *br, int64_t res)
+{
+    if (!vd_req_live(req)) {
+        br->result = VIRTIO_BLK_S_IOERR; /* nobody waits for the rest */
+        return 0;
+    }
+    if ((res == -EAGAIN || res == -EINTR) && br->retries++ < MAX_RETRIES)
+        return 1; /* the same I/O again */
+    switch (br->type) {
+    case VIRTIO_BLK_T_IN:
+    case VIRTIO_BLK_T_OUT:
+        if (res <= 0) { /* 0: the image shrank under us */
+            br->result = VIRTIO_BLK_S_IOERR;
+            return 0;
+        }
+        if (br->bounce) {
+            if (br->type == VIRTIO_BLK_T_IN)
+                vd_iov_write(br->data, br->ndata, br->done, br->bounce, (uint64_t)res);
+        } else {
+            br->ndata = vd_iov_skip_front(&br->data, br->ndata, (uint64_t)res);
+        }
+        br->done += (uint64_t)res;
+        if (br->done >= br->len)
+            return 0;
+        prep_rw(br);
+        return 1;
+    case VIRTIO_BLK_T_FLUSH:
+        if (res < 0)
+            br->result = VIRTIO_BLK_S_IOERR;
+        return 0;
+    default: /* discard, write-zeroes */
+        if (res < 0 && br->zero_only && !br->punched && !b->p.is_blockdev && (res == -EOPNOTSUPP || res == -EINVAL)) {
+            /* e.g. tmpfs has no ZERO_RANGE: a punched hole reads as zeroes too */
+            br->punched = 1;
+            br->io.mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+            return 1;
+        }
+        if (res < 0) {
+            br->result = VIRTIO_BLK_S_IOERR;
+            return 0;
+        }
+        br->seg++;
+        return next_segment(b, br);
+    }
+}
+
+/* The request is over: count it, write the status, say how much was written. */
+static void conclude(vd_blk *b, struct vd_req *req, struct blk_req *br)
+{
+    struct vd_blk_stats *st = &b->st[req->queue];
+    uint32_t used = 1;
+    if (br->result == VIRTIO_BLK_S_OK) {
+        switch (br->type) {
+        case VIRTIO_BLK_T_IN:
+            st->reads++;
+            st->read_bytes += br->len;
+            used += (uint32_t)br->len;
+            break;
+        case VIRTIO_BLK_T_OUT:
+            st->writes++;
+            st->write_bytes += br->len;
+            break;
+        case VIRTIO_BLK_T_FLUSH:
+            st->flushes++;
+            break;
+        case VIRTIO_BLK_T_GET_ID:
+            st->get_ids++;
+            used += br->id_len;
+            break;
+        case VIRTIO_BLK_T_DISCARD:
+            st->discards++;
+            break;
+        case VIRTIO_BLK_T_WRITE_ZEROES:
+            st->write_zeroes++;
+            break;
+        }
+    } else if (br->result == VIRTIO_BLK_S_IOERR) {
+        st->errors++;
+    } else {
+        st->unsupported++;
+    }
+    if (br->bounce)
+        st->bounced++;
+    if (vd_req_live(req))
+        *br->status = br->result;
+    req->used_len = used;
+}
+
+/* An I/O finished (on the request's worker): on to the next one, or done.
+ * Submitting is the last thing it does (see vd_reqs_io_done). */
+static void blk_io_done(struct vd_io *io, int64_t res)
+{
+    struct blk_req *br = (struct blk_req *)io; /* io is its first member */
+    struct vd_req *req = io->req;
+    if (advance(br->b, req, br, res)) {
+        vd_aio_submit(req->aio, io);
+        return;
+    }
+    conclude(br->b, req, br);
+    vd_req_complete(req);
+}
+
+/* ---------------------------------------------------------------- requests */
+
+/* Copy the segments out of the request and check them all before any I/O. */
+static uint8_t take_segments(vd_blk *b, struct vd_req *req, struct blk_req *br, struct iovec *data, int ndata,
+                             uint64_t len, int *retry)
+{
+    int zeroes = br->type == VIRTIO_BLK_T_WRITE_ZEROES;
     uint32_t max_seg = zeroes ? b->p.max_write_zeroes_seg : b->p.max_discard_seg;
     uint32_t max_sectors = zeroes ? b->p.max_write_zeroes_sectors : b->p.max_discard_sectors;
     if (b->p.readonly || !(zeroes ? b->p.write_zeroes : b->p.discard))
         return b->p.readonly ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_UNSUPP;
     if (len == 0 || len % sizeof(struct seg) || len / sizeof(struct seg) > max_seg)
         return VIRTIO_BLK_S_UNSUPP;
-    for (uint64_t i = 0; i < len / sizeof(struct seg); i++) {
-        struct seg s;
-        vd_iov_read(data, ndata, i * sizeof(s), &s, sizeof(s));
-        if (s.flags & ~(uint32_t)VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP || (!zeroes && s.flags))
+    void *buf;
+    int rc = vd_req_buf(req, len, 8, &buf);
+    if (rc == VD_REQ_RETRY) {
+        *retry = 1;
+        return VIRTIO_BLK_S_OK;
+    }
+    if (rc < 0)
+        return VIRTIO_BLK_S_IOERR;
+    br->segs = buf;
+    br->nseg = (uint32_t)(len / sizeof(struct seg));
+    vd_iov_read(data, ndata, 0, br->segs, len);
+    for (uint32_t i = 0; i < br->nseg; i++) {
+        const struct seg *s = &br->segs[i];
+        if (s->flags & ~(uint32_t)VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP || (!zeroes && s->flags))
             return VIRTIO_BLK_S_UNSUPP;
-        if (s.num_sectors > max_sectors || !in_range(b, s.sector, s.num_sectors * SECTOR))
-            return VIRTIO_BLK_S_IOERR;
-        if (!s.num_sectors)
-            continue;
-        /* write-zeroes with UNMAP may deallocate: a punched hole reads as zeroes. */
-        int zero_only = zeroes && !(s.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
-        if (has_image(b) && punch(b, s.sector * SECTOR, s.num_sectors * SECTOR, zero_only) < 0)
+        if (s->num_sectors > max_sectors || !in_range(b, s->sector, s->num_sectors * SECTOR))
             return VIRTIO_BLK_S_IOERR;
     }
-    if (zeroes)
-        st->write_zeroes++;
-    else
-        st->discards++;
     return VIRTIO_BLK_S_OK;
 }
 
-uint32_t vd_blk_handle(void *ctx, struct vd_req *req, int queue)
+int vd_blk_handle(void *ctx, struct vd_req *req)
 {
     vd_blk *b = ctx;
-    struct vd_blk_stats *st = &b->st[queue];
+    struct blk_req *br = vd_req_priv(req);
     struct {
         uint32_t type, reserved;
         uint64_t sector;
     } hdr;
 
     if (req->in_bytes < 1) {
-        st->errors++; /* nowhere to put a status: the driver gets nothing */
-        return 0;
+        b->st[req->queue].errors++; /* nowhere to put a status: the driver gets nothing */
+        req->used_len = 0;
+        return VD_REQ_DONE;
     }
+    memset(br, 0, sizeof(*br));
+    br->b = b;
     /* The status byte is the last writable byte; data is what lies between. */
     struct iovec *out = req->iov, *in = req->iov + req->nout;
     struct iovec *last = &in[req->nin - 1]; /* in_bytes >= 1 means at least one writable iovec */
-    uint8_t *status = (uint8_t *)last->iov_base + last->iov_len - 1;
+    br->status = (uint8_t *)last->iov_base + last->iov_len - 1;
     int nin = vd_iov_trim_back(in, req->nin, 1);
     uint64_t in_data = req->in_bytes - 1;
-    uint32_t used = 1;
-    uint8_t s = VIRTIO_BLK_S_OK;
+    br->result = VIRTIO_BLK_S_OK;
 
     if (req->out_bytes < HDR_LEN) {
-        st->errors++;
-        *status = VIRTIO_BLK_S_IOERR;
-        return 1;
+        br->result = VIRTIO_BLK_S_IOERR;
+        goto done;
     }
     vd_iov_read(out, req->nout, 0, &hdr, HDR_LEN);
     int nout = vd_iov_skip_front(&out, req->nout, HDR_LEN);
     uint64_t out_data = req->out_bytes - HDR_LEN;
+    br->type = hdr.type > 0xff ? 0xff : (uint8_t)hdr.type;
+
+    struct vd_io *io = &br->io;
+    io->fd = b->p.fd;
+    io->req = req;
+    io->lim = &b->lim;
+    io->punt = (uint8_t)b->p.punt;
+    io->threads = b->p.engine == VD_BLK_THREADS;
+    io->done = blk_io_done;
 
     switch (hdr.type) {
     case VIRTIO_BLK_T_IN:
-        if (in_data % SECTOR || !in_range(b, hdr.sector, in_data) ||
-            (has_image(b) && rw_all(b->p.fd, in, nin, hdr.sector * SECTOR, in_data, 0) < 0)) {
-            s = VIRTIO_BLK_S_IOERR;
-            break;
+    case VIRTIO_BLK_T_OUT: {
+        int write = hdr.type == VIRTIO_BLK_T_OUT;
+        uint64_t len = write ? out_data : in_data;
+        if ((write && b->p.readonly) || len % SECTOR || !in_range(b, hdr.sector, len) ||
+            (b->p.direct && (hdr.sector * SECTOR % b->p.dio_len_align || len % b->p.dio_len_align))) {
+            br->result = VIRTIO_BLK_S_IOERR;
+            goto done;
         }
-        st->reads++;
-        st->read_bytes += in_data;
-        used += in_data;
-        break;
-    case VIRTIO_BLK_T_OUT:
-        if (b->p.readonly || out_data % SECTOR || !in_range(b, hdr.sector, out_data) ||
-            (has_image(b) && rw_all(b->p.fd, out, nout, hdr.sector * SECTOR, out_data, 1) < 0)) {
-            s = VIRTIO_BLK_S_IOERR;
-            break;
+        br->data = write ? out : in;
+        br->ndata = write ? nout : nin;
+        br->off = hdr.sector * SECTOR;
+        br->len = len;
+        if (!has_image(b) || !len)
+            goto done;
+        if (needs_bounce(b, br->data, br->ndata)) {
+            size_t cap = len < BOUNCE_CHUNK ? len : BOUNCE_CHUNK;
+            int rc = vd_req_buf(req, cap, b->p.dio_mem_align, &br->bounce);
+            if (rc == VD_REQ_RETRY)
+                return VD_REQ_RETRY;
+            if (rc < 0) {
+                br->result = VIRTIO_BLK_S_IOERR;
+                goto done;
+            }
+            br->bounce_cap = cap;
         }
-        st->writes++;
-        st->write_bytes += out_data;
+        prep_rw(br);
         break;
+    }
     case VIRTIO_BLK_T_FLUSH:
-        if (has_image(b) && fdatasync(b->p.fd) < 0)
-            s = VIRTIO_BLK_S_IOERR;
-        st->flushes++;
+        if (!has_image(b))
+            goto done;
+        io->op = VD_IO_FDATASYNC;
         break;
     case VIRTIO_BLK_T_GET_ID: {
         char id[ID_LEN];
         memcpy(id, b->p.serial, ID_LEN);
-        uint64_t n = in_data < ID_LEN ? in_data : ID_LEN;
-        used += vd_iov_write(in, nin, 0, id, n);
-        st->get_ids++;
-        break;
+        br->id_len = (uint32_t)vd_iov_write(in, nin, 0, id, in_data < ID_LEN ? in_data : ID_LEN);
+        goto done;
     }
     case VIRTIO_BLK_T_DISCARD:
-    case VIRTIO_BLK_T_WRITE_ZEROES:
-        s = discard_or_zero(b, st, out, nout, out_data, hdr.type == VIRTIO_BLK_T_WRITE_ZEROES);
-        break;
-    default:
-        s = VIRTIO_BLK_S_UNSUPP;
+    case VIRTIO_BLK_T_WRITE_ZEROES: {
+        int retry = 0;
+        br->result = take_segments(b, req, br, out, nout, out_data, &retry);
+        if (retry)
+            return VD_REQ_RETRY;
+        if (br->result != VIRTIO_BLK_S_OK || !has_image(b) || !next_segment(b, br))
+            goto done;
         break;
     }
-    if (s == VIRTIO_BLK_S_IOERR)
-        st->errors++;
-    else if (s == VIRTIO_BLK_S_UNSUPP)
-        st->unsupported++;
-    *status = s;
-    return used;
+    default:
+        br->result = VIRTIO_BLK_S_UNSUPP;
+        goto done;
+    }
+
+    if (b->p.engine == VD_BLK_INLINE) {
+        while (advance(b, req, br, vd_io_run(io))) {
+        }
+        goto done;
+    }
+    vd_aio_submit(req->aio, io);
+    return VD_REQ_PENDING;
+done:
+    conclude(b, req, br);
+    return VD_REQ_DONE;
 }

@@ -1,5 +1,8 @@
 """cffi build script for the native data plane (module `vhostd._native`).
 
+Compiles with io_uring support when liburing's headers are installed
+(Debian: liburing-dev).
+
 Run at install time through setup.py's cffi_modules; `python -m
 vhostd.native.build` builds it in place for development.  VHOSTD_SANITIZE=1
 adds AddressSanitizer + UBSan for the sanitizer test job.
@@ -11,7 +14,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["memory.c", "iov.c", "vring.c", "engine.c", "blk.c", "net.c"]
+SOURCES = ["memory.c", "iov.c", "vring.c", "inflight.c", "request.c", "aio.c", "engine.c", "blk.c", "net.c"]
 
 
 def _cdef_text() -> str:
@@ -20,9 +23,20 @@ def _cdef_text() -> str:
     return "\n".join(line for line in lines if not line.lstrip().startswith("#"))
 
 
+def _have_liburing() -> bool:
+    """liburing is optional: without it (or with VHOSTD_NO_URING=1) blk I/O
+    runs on the thread pool, and the daemon says so when it starts."""
+    if os.environ.get("VHOSTD_NO_URING"):
+        return False
+    return any(Path(d, "liburing.h").exists() for d in ("/usr/include", "/usr/local/include"))
+
+
 def _flags() -> tuple[list[str], list[str]]:
     cflags = ["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"]
     ldflags = ["-pthread"]
+    if _have_liburing():
+        cflags.append("-DVD_HAVE_URING")
+        ldflags.append("-luring")
     if os.environ.get("VHOSTD_SANITIZE"):
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
         cflags = [f for f in cflags if f != "-O2"] + ["-O1"] + san

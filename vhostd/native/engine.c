@@ -1,10 +1,17 @@
 /* Worker threads and the queue lifecycle the control plane drives.
  *
  * A fixed pool of workers each waits in epoll on the kick eventfds of the
- * queues assigned to it (round robin).  A kick makes the owning worker take
- * the queue lock and drain the ring; no Python runs on this path.  The
- * control plane (Python, via cffi, GIL released) takes the same lock to
- * change a queue, so a queue is never reconfigured mid-batch.
+ * queues assigned to it (round robin) and on its I/O completions.  A kick
+ * makes the owning worker take the queue lock and take requests off the
+ * ring; requests whose I/O is pending are completed later by the same
+ * worker when their I/O finishes (aio.c), and their used entries go out in
+ * one batch per round.  No Python runs on this path.  The control plane
+ * (Python, via cffi, GIL released) takes the same lock to change a queue,
+ * so a queue is never reconfigured mid-batch; no lock is held while I/O is
+ * in flight, so the control plane never waits for a disk.
+ *
+ * A round: kicked queues, then I/O (submit what the round prepared, reap
+ * completions, publish them), then polled queues and the again list.
  *
  * A queue that used up its budget (VD_BUDGET requests) with more waiting
  * goes on the worker's again list: it is served again after the queues that
@@ -17,8 +24,9 @@
  * ring until poll_us passed without a request, then notifications are
  * enabled again (re-checked once more, against the lost wake-up) and the
  * queue waits for kicks as usual.  While the list is not empty the worker
- * does not block in epoll, so its other queues and engine_sync are still
- * served; an idle device costs nothing once its window is over.
+ * does not block in epoll, so its other queues, its I/O completions and
+ * engine_sync are still served; an idle device costs nothing once its
+ * window is over.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -39,6 +47,11 @@ struct vd_worker {
     int epfd;
     int wake_fd;
     int stop;
+    struct vd_engine *engine;
+    struct vd_aio aio;             /* the worker's own; set up on its thread */
+    int ready;                     /* aio set up (under lock) */
+    int io_retry;                  /* the kernel refused a submission: try again without sleeping */
+    struct vd_queue *dirty;        /* queues with completions to publish; the worker's own */
     pthread_mutex_t lock;          /* protects the fields below */
     pthread_cond_t cond;
     uint64_t sync_req, sync_done;  /* quiescence handshake, see vd_engine_sync */
@@ -50,6 +63,8 @@ struct vd_worker {
 struct vd_engine {
     int nworkers;
     unsigned next;
+    struct vd_threads *pool;       /* shared by the workers (aio.c) */
+    char uring_why[128];           /* why io_uring is not used, if it is not */
     struct vd_worker w[];
 };
 
@@ -134,13 +149,6 @@ int vd_try_guarded(int (*fn)(void *), void *arg, void **addr)
 
 /* ---------------------------------------------------------------- workers */
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 /* Whether a queue that runs empty is busy-polled.  Queues without a kick fd
  * are looked at every round anyway, rx queues are driven by their device. */
 static int spins(const struct vd_queue *q)
@@ -162,11 +170,96 @@ static int process_guarded(struct vd_queue *q)
  * opening or extending its poll window if it has one. */
 static void come_back(struct vd_queue *q)
 {
-    q->spin_until = now_ns() + q->dev->poll_ns;
+    q->spin_until = vd_now_ns() + q->dev->poll_ns;
     if (!q->again) {
         q->again = 1;
         q->again_next = q->worker->again;
         q->worker->again = q;
+    }
+}
+
+/* ---- I/O completions */
+
+static void device_destroy(struct vd_device *d);
+
+/* The device's last orphan finished (no queue lock held): its queues may
+ * take requests again, or, if it was freed meanwhile, it goes now. */
+static void orphans_gone(struct vd_device *d)
+{
+    pthread_mutex_lock(&d->life);
+    int left = __atomic_sub_fetch(&d->orphans, 1, __ATOMIC_RELAXED);
+    int dying = d->dying;
+    if (!left && !dying)
+        for (int i = 0; i < d->nqueues; i++)
+            vd_queue_poke(d, i);
+    pthread_mutex_unlock(&d->life);
+    if (!left && dying)
+        device_destroy(d);
+}
+
+struct reap {
+    struct vd_worker *w;
+    struct vd_queue *held; /* consecutive completions of one queue share its lock */
+};
+
+static void reap_unlock(struct reap *r)
+{
+    if (r->held) {
+        pthread_mutex_unlock(&r->held->lock);
+        r->held = NULL;
+    }
+}
+
+static void on_io_done(struct vd_io *io, int64_t res, void *arg)
+{
+    struct reap *r = arg;
+    struct vd_queue *q = vd_req_queue(io->req);
+    if (q != r->held) {
+        reap_unlock(r);
+        pthread_mutex_lock(&q->lock);
+        r->held = q;
+    }
+    if (vd_reqs_io_done(io, res)) {
+        reap_unlock(r);
+        orphans_gone(q->dev);
+        return;
+    }
+    if (q->dirty == 1) {
+        q->dirty = 2; /* on the list */
+        q->dirty_next = r->w->dirty;
+        r->w->dirty = q;
+    }
+    if (q->resume) {
+        q->resume = 0;
+        come_back(q);
+    }
+}
+
+static int publish(void *q)
+{
+    struct vd_queue *queue = q;
+    vd_ring_publish_used(queue, queue->dirty_from);
+    return 0;
+}
+
+/* Submit what this round prepared, reap what finished, and make the
+ * completions visible (one signal per queue). */
+static void io_round(struct vd_worker *w)
+{
+    w->io_retry = vd_aio_flush(&w->aio);
+    struct reap r = {w, NULL};
+    if (vd_aio_reap(&w->aio, on_io_done, &r))
+        w->io_retry |= vd_aio_flush(&w->aio); /* completions may have submitted the next step */
+    reap_unlock(&r);
+    while (w->dirty) {
+        struct vd_queue *q = w->dirty;
+        pthread_mutex_lock(&q->lock);
+        w->dirty = q->dirty_next;
+        q->dirty_next = NULL;
+        if (q->started && !q->broken)
+            vd_run_guarded(q, publish, q);
+        q->dirty = 0;
+        pthread_mutex_unlock(&q->lock);
     }
 }
 
@@ -191,7 +284,7 @@ static int look_again(void *arg)
     }
     int r = vd_queue_process(q, spins(q));
     if (r == VD_QUIET)
-        q->spin_until = now_ns() + q->dev->poll_ns;
+        q->spin_until = vd_now_ns() + q->dev->poll_ns;
     return r != VD_IDLE && !q->broken;
 }
 
@@ -219,14 +312,16 @@ static void again_round(struct vd_worker *w, uint64_t now)
     }
 }
 
-/* Go round the again list for a short slice before the next epoll_wait(0),
- * a syscall, looks at the kicks of the other queues and at sync requests. */
+/* Go round the again list (and the I/O) for a short slice before the next
+ * epoll_wait(0), a syscall, looks at the kicks of the other queues and at
+ * sync requests. */
 static void again_slice(struct vd_worker *w)
 {
-    uint64_t now = now_ns(), end = now + VD_SPIN_SLICE_NS;
+    uint64_t now = vd_now_ns(), end = now + VD_SPIN_SLICE_NS;
     while (w->again) {
         again_round(w, now);
-        now = now_ns();
+        io_round(w);
+        now = vd_now_ns();
         if (now >= end)
             break;
     }
@@ -277,6 +372,18 @@ static void *worker_main(void *arg)
     struct epoll_event ev[64];
 
     vd_block_signals();
+    /* The io_uring ring is made here: its submitter is this thread. */
+    char why[128] = "";
+    vd_aio_init(&w->aio, w->engine->pool, 1, why, sizeof(why));
+    struct epoll_event aev = {.events = EPOLLIN, .data.ptr = &w->aio};
+    if (w->aio.efd >= 0)
+        epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->aio.efd, &aev);
+    pthread_mutex_lock(&w->lock);
+    if (!w->aio.has_uring && !w->engine->uring_why[0])
+        snprintf(w->engine->uring_why, sizeof(w->engine->uring_why), "%s", why);
+    w->ready = 1;
+    pthread_cond_broadcast(&w->cond);
+    pthread_mutex_unlock(&w->lock);
 
     int busy = 0; /* a polled queue has requests left over from the last round */
     for (;;) {
@@ -284,20 +391,25 @@ static void *worker_main(void *arg)
         uint64_t seen = w->sync_req;
         int stop = w->stop;
         /* A sync request still unanswered: finish this round without sleeping. */
-        int timeout = seen != w->sync_done || busy || w->again ? 0 : w->polled ? 1 : -1;
+        int timeout = seen != w->sync_done || busy || w->again || w->io_retry ? 0 : w->polled ? 1 : -1;
         pthread_mutex_unlock(&w->lock);
         if (stop)
             break;
         int n = epoll_wait(w->epfd, ev, 64, timeout);
         for (int i = 0; i < n; i++) {
-            if (ev[i].data.ptr == NULL) {
-                uint64_t v;
+            void *p = ev[i].data.ptr;
+            uint64_t v;
+            if (p == NULL) {
                 if (read(w->wake_fd, &v, sizeof(v)) < 0) {
                 }
-                continue;
+            } else if (p == &w->aio) {
+                if (read(w->aio.efd, &v, sizeof(v)) < 0) { /* then reap: see deliver() in aio.c */
+                }
+            } else {
+                service(p, 1);
             }
-            service(ev[i].data.ptr, 1);
         }
+        io_round(w);
         /* Polled queues: the lock-free peek at w->polled is re-read under lock. */
         pthread_mutex_lock(&w->lock);
         struct vd_queue *p = w->polled;
@@ -306,11 +418,13 @@ static void *worker_main(void *arg)
         for (; p; p = p->poll_next)
             busy |= service(p, 0);
         again_slice(w);
+        io_round(w);
         pthread_mutex_lock(&w->lock);
         w->sync_done = seen;
         pthread_cond_broadcast(&w->cond);
         pthread_mutex_unlock(&w->lock);
     }
+    vd_aio_destroy(&w->aio);
     return NULL;
 }
 
@@ -330,8 +444,14 @@ vd_engine *vd_engine_new(int nworkers)
     if (!e)
         return NULL;
     e->nworkers = nworkers;
+    e->pool = vd_threads_new(VD_POOL_THREADS);
+    if (!e->pool) {
+        free(e);
+        return NULL;
+    }
     for (int i = 0; i < nworkers; i++) {
         struct vd_worker *w = &e->w[i];
+        w->engine = e;
         w->epfd = epoll_create1(EPOLL_CLOEXEC);
         w->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         pthread_mutex_init(&w->lock, NULL);
@@ -343,7 +463,24 @@ vd_engine *vd_engine_new(int nworkers)
         snprintf(name, sizeof(name), "vhostd-w%d", i % 1000);
         pthread_setname_np(w->thread, name);
     }
+    for (int i = 0; i < nworkers; i++) { /* devices may use their I/O contexts from now on */
+        struct vd_worker *w = &e->w[i];
+        pthread_mutex_lock(&w->lock);
+        while (!w->ready)
+            pthread_cond_wait(&w->cond, &w->lock);
+        pthread_mutex_unlock(&w->lock);
+    }
     return e;
+}
+
+int vd_engine_uring(vd_engine *e, char *why, size_t len)
+{
+    for (int i = 0; i < e->nworkers; i++)
+        if (!e->w[i].aio.has_uring) {
+            snprintf(why, len, "%s", e->uring_why[0] ? e->uring_why : "io_uring is unavailable");
+            return 0;
+        }
+    return 1;
 }
 
 void vd_engine_free(vd_engine *e)
@@ -358,6 +495,7 @@ void vd_engine_free(vd_engine *e)
         close(w->epfd);
         close(w->wake_fd);
     }
+    vd_threads_free(e->pool);
     free(e);
 }
 
@@ -381,7 +519,7 @@ static void engine_sync(vd_engine *e)
 /* ---------------------------------------------------------------- devices */
 
 vd_device *vd_device_new(vd_engine *e, int nqueues, uint32_t max_queue_size, vd_handle_fn handle, void *ctx,
-                         int event_fd)
+                         size_t req_priv, void (*release)(void *ctx), int event_fd)
 {
     if (nqueues < 1 || nqueues > VD_MAX_QUEUES)
         return NULL;
@@ -393,7 +531,10 @@ vd_device *vd_device_new(vd_engine *e, int nqueues, uint32_t max_queue_size, vd_
     d->max_queue_size = max_queue_size;
     d->handle = handle;
     d->ctx = ctx;
+    d->req_priv = req_priv;
+    d->release = release;
     d->event_fd = event_fd;
+    pthread_mutex_init(&d->life, NULL);
     for (int i = 0; i < nqueues; i++) {
         struct vd_queue *q = &d->q[i];
         pthread_mutex_init(&q->lock, NULL);
@@ -401,6 +542,7 @@ vd_device *vd_device_new(vd_engine *e, int nqueues, uint32_t max_queue_size, vd_
         q->index = i;
         q->kick_fd = q->call_fd = q->err_fd = -1;
         q->worker = &e->w[e->next++ % e->nworkers];
+        q->aio = &q->worker->aio;
     }
     return d;
 }
@@ -435,7 +577,9 @@ static void queue_detach(struct vd_queue *q)
         poll_list_remove(q);
 }
 
-/* Stop processing: afterwards the worker will not touch the ring. */
+/* Stop processing: afterwards the worker will not touch the ring.  Requests
+ * still pending become orphans (see request.c); callers that must not leave
+ * any drain the queue first (vd_queue_drain). */
 static void queue_stop(struct vd_queue *q)
 {
     queue_detach(q);
@@ -443,6 +587,9 @@ static void queue_stop(struct vd_queue *q)
     q->started = 0;
     q->polled = 0;
     q->desc = q->avail = q->used = NULL;
+    /* Counted before the lock goes: the orphans' completions decrement it. */
+    if (vd_reqs_stop(q))
+        __atomic_add_fetch(&q->dev->orphans, 1, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&q->lock);
 }
 
@@ -471,6 +618,8 @@ static int queue_start(struct vd_queue *q, char *err, size_t errlen)
 {
     pthread_mutex_lock(&q->lock);
     int rc = vd_queue_translate(q, err, errlen);
+    if (rc == 0)
+        rc = vd_reqs_start(q, err, errlen);
     if (rc == 0) {
         q->event_idx = !!(q->dev->features & (1ull << VIRTIO_RING_F_EVENT_IDX));
         q->indirect = !!(q->dev->features & (1ull << VIRTIO_RING_F_INDIRECT_DESC));
@@ -553,6 +702,30 @@ int vd_queue_set_base(vd_device *d, int i, uint16_t base, char *err, size_t errl
     q->last_avail = base;
     q->used_idx = base;
     return 0;
+}
+
+/* GET_VRING_BASE, first half: take no new requests; the control plane
+ * waits (without blocking) until vd_queue_pending is 0, then calls
+ * vd_queue_get_base.  The device's event fd is written when it is. */
+int vd_queue_drain(vd_device *d, int i, uint32_t *pending, char *err, size_t errlen)
+{
+    QUEUE_OR_FAIL(q, d, i);
+    pthread_mutex_lock(&q->lock);
+    q->draining = 1;
+    *pending = vd_reqs_pending(q);
+    pthread_mutex_unlock(&q->lock);
+    return 0;
+}
+
+uint32_t vd_queue_pending(vd_device *d, int i)
+{
+    struct vd_queue *q = queue(d, i);
+    if (!q)
+        return 0;
+    pthread_mutex_lock(&q->lock);
+    uint32_t n = vd_reqs_pending(q);
+    pthread_mutex_unlock(&q->lock);
+    return n;
 }
 
 int vd_queue_get_base(vd_device *d, int i, uint16_t *base, char *err, size_t errlen)
@@ -682,41 +855,45 @@ static void unlock_all_retranslate(vd_device *d)
     }
 }
 
+/* Swap in a new table: queues pause (all locks), re-translate their rings;
+ * pending requests keep the old table until they complete. */
+static void swap_table(vd_device *d, struct vd_mem *fresh)
+{
+    lock_all(d);
+    vd_reqs_mem_swap(d, fresh);
+    unlock_all_retranslate(d);
+}
+
 int vd_mem_set_table(vd_device *d, int n, const struct vd_region_desc *regions, const int *fds, char *err,
                      size_t errlen)
 {
-    struct vd_mem fresh = {0};
-    int rc = 0;
-    for (int i = 0; i < n && rc == 0; i++)
-        rc = vd_mem_add(&fresh, &regions[i], fds[i], err, errlen);
+    struct vd_mem *fresh = NULL;
+    int rc = vd_mem_build(&fresh, n, regions, fds, err, errlen);
     for (int i = 0; i < n; i++)
         close(fds[i]);
-    if (rc) {
-        vd_mem_clear(&fresh);
-        return rc;
-    }
-    lock_all(d);
-    struct vd_mem old = d->mem;
-    d->mem = fresh;
-    unlock_all_retranslate(d);
-    vd_mem_clear(&old);
-    return 0;
+    if (rc == 0)
+        swap_table(d, fresh);
+    return rc;
 }
 
+/* ADD_MEM_REG and REM_MEM_REG come from the control plane one at a time, so
+ * d->mem cannot change between reading it and swapping. */
 int vd_mem_add_region(vd_device *d, const struct vd_region_desc *region, int fd, char *err, size_t errlen)
 {
-    lock_all(d);
-    int rc = vd_mem_add(&d->mem, region, fd, err, errlen);
-    unlock_all_retranslate(d);
+    struct vd_mem *fresh = NULL;
+    int rc = vd_mem_with(&fresh, d->mem, region, fd, err, errlen);
     close(fd);
+    if (rc == 0)
+        swap_table(d, fresh);
     return rc;
 }
 
 int vd_mem_remove_region(vd_device *d, const struct vd_region_desc *region, char *err, size_t errlen)
 {
-    lock_all(d);
-    int rc = vd_mem_remove(&d->mem, region, err, errlen);
-    unlock_all_retranslate(d);
+    struct vd_mem *fresh = NULL;
+    int rc = vd_mem_without(&fresh, d->mem, region, err, errlen);
+    if (rc == 0)
+        swap_table(d, fresh);
     return rc;
 }
 
@@ -745,20 +922,38 @@ void vd_device_reset(vd_device *d)
 
 void vd_device_clear_memory(vd_device *d)
 {
-    lock_all(d);
-    vd_mem_clear(&d->mem);
-    for (int i = 0; i < d->nqueues; i++)
-        pthread_mutex_unlock(&d->q[i].lock);
+    swap_table(d, NULL);
 }
 
+/* The device is gone and none of its I/O is pending: free it and let the
+ * device model go (e.g. close its image). */
+static void device_destroy(struct vd_device *d)
+{
+    for (int i = 0; i < d->nqueues; i++) {
+        vd_reqs_free(&d->q[i]);
+        pthread_mutex_destroy(&d->q[i].lock);
+    }
+    vd_mem_put(d->mem);
+    pthread_mutex_destroy(&d->life);
+    if (d->release)
+        d->release(d->ctx);
+    free(d);
+}
+
+/* With orphans in flight (a disk that hangs) the device lives on until the
+ * last one finishes; the worker reaping it frees it then.  Either way the
+ * caller is done with d and must not touch ctx any more. */
 void vd_device_free(vd_device *d)
 {
     vd_device_reset(d);
     engine_sync(d->engine);
-    vd_mem_clear(&d->mem);
-    for (int i = 0; i < d->nqueues; i++)
-        pthread_mutex_destroy(&d->q[i].lock);
-    free(d);
+    pthread_mutex_lock(&d->life);
+    d->dying = 1;
+    d->event_fd = -1; /* the control plane closes it */
+    int now = d->orphans == 0;
+    pthread_mutex_unlock(&d->life);
+    if (now)
+        device_destroy(d);
 }
 
 int vd_device_needs_reset(vd_device *d)
@@ -833,6 +1028,7 @@ int vd_queue_get_stats(vd_device *d, int i, struct vd_queue_info *out)
     out->notifies = q->st.notifies;
     out->out_bytes = q->st.out_bytes;
     out->in_bytes = q->st.in_bytes;
+    out->pending = vd_reqs_pending(q);
     pthread_mutex_unlock(&q->lock);
     return 0;
 }

@@ -411,7 +411,7 @@ static int deliver(vd_net *n, int qp, const struct frame *f, int locked, void **
     /* not ready: no driver (yet), or the queue broke: a drop like any other */
     int rc = vd_queue_ready(q) ? vd_try_guarded(fill_buffers, &c, &addr) : -1;
     if (rc == VD_FAULTED) {
-        if (vd_mem_owns(&n->dev->mem, addr) || !src_fault)
+        if (vd_mem_owns(n->dev->mem, addr) || !src_fault)
             vd_queue_fail(q, "queue %d: guest memory access faulted (SIGBUS): the front-end shrank shared memory",
                           q->index);
         else
@@ -820,9 +820,8 @@ done:
     return 1;
 }
 
-uint32_t vd_net_handle(void *ctx, struct vd_req *req, int queue)
+static uint32_t handle(vd_net *n, struct vd_req *req, int queue)
 {
-    vd_net *n = ctx;
     if (queue == n->ctrl_queue)
         return ctrl_handle(n, req);
     int qp = queue / 2;
@@ -863,6 +862,13 @@ uint32_t vd_net_handle(void *ctx, struct vd_req *req, int queue)
     __atomic_add_fetch(&st->tx_frames, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&st->tx_bytes, len, __ATOMIC_RELAXED);
     return 0;
+}
+
+/* Every request completes at once: frames are copied or written out here. */
+int vd_net_handle(void *ctx, struct vd_req *req)
+{
+    req->used_len = handle(ctx, req, req->queue);
+    return VD_REQ_DONE;
 }
 
 /* A frame made by the daemon itself (e.g. the RARP announcement after

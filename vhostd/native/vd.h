@@ -1,10 +1,17 @@
 /* vhostd native data plane: shared declarations.
  *
  * Layers (each in its own file):
- *   memory.c  guest memory table: map regions, translate addresses with bounds checks
- *   vring.c   split virtqueue: walk descriptor chains into requests, fill the used ring, notify
- *   engine.c  worker threads (epoll on kick eventfds), queue lifecycle, error reporting
- *   blk.c     virtio-blk request handling; sees vd_req only, never rings or vhost-user
+ *   memory.c   guest memory table: map regions, translate addresses with bounds checks
+ *   vring.c    split virtqueue: walk descriptor chains, read the avail ring, fill the
+ *              used ring, notify
+ *   inflight.c the front-end's inflight area: what was taken and not completed
+ *   request.c  requests: taken from the ring into a pool, handed to the device,
+ *              completed now or later (out of order), released
+ *   aio.c      I/O engines (io_uring per worker, a thread pool); knows no rings
+ *   engine.c   worker threads (epoll on kick eventfds and I/O completions), queue
+ *              lifecycle, error reporting
+ *   blk.c      virtio-blk request handling; sees vd_req only, never rings or vhost-user
+ *   net.c      virtio-net, TAP and the switch
  *
  * Everything the guest or the front-end wrote is treated as hostile: indices, lengths
  * and addresses are checked before use, and guest memory is only read with memcpy
@@ -16,7 +23,9 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <sys/uio.h>
+#include <time.h>
 
+#include "aio.h"
 #include "api.h"
 
 #define VD_MAX_QUEUE_SIZE 1024
@@ -28,25 +37,36 @@
 #define VD_USED_BATCH 64           /* make used entries visible at least this often (one signal per batch) */
 #define VD_BUDGET 64               /* requests per turn before the worker serves its other queues */
 #define VD_SPIN_SLICE_NS 20000     /* with queues to look at again: this long between epoll_waits */
+#define VD_POOL_THREADS 64         /* at most this many threads in the I/O thread pool */
 
-/* ---------------------------------------------------------------- memory */
+/* ---------------------------------------------------------------- memory (memory.c) */
+
+struct vd_mapping;
 
 struct vd_region {
     uint64_t gpa, size, uva;
     uint8_t *host;      /* host address of gpa */
-    void *map;          /* what mmap returned (page aligned) */
-    size_t map_len;
+    struct vd_mapping *m;
 };
 
+/* An immutable snapshot of the memory table; a change builds a new one.
+ * refs: one for the device while it is current, plus the pending requests
+ * mapped against it (they keep its mappings alive, see request.c). */
 struct vd_mem {
-    uint32_t n, cap;
-    struct vd_region *r; /* sorted by gpa, non-overlapping */
+    int refs;
+    uint32_t n;
+    struct vd_region r[]; /* sorted by gpa, non-overlapping */
 };
 
-int vd_mem_add(struct vd_mem *m, const struct vd_region_desc *d, int fd, char *err, size_t errlen);
-int vd_mem_remove(struct vd_mem *m, const struct vd_region_desc *d, char *err, size_t errlen);
-void vd_mem_clear(struct vd_mem *m);
-/* Host pointer for [gpa, gpa+len) if it lies inside one region, else NULL. */
+int vd_mem_build(struct vd_mem **out, int n, const struct vd_region_desc *d, const int *fds, char *err,
+                 size_t errlen);
+int vd_mem_with(struct vd_mem **out, const struct vd_mem *old, const struct vd_region_desc *d, int fd, char *err,
+                size_t errlen);
+int vd_mem_without(struct vd_mem **out, const struct vd_mem *old, const struct vd_region_desc *d, char *err,
+                   size_t errlen);
+void vd_mem_get(struct vd_mem *m, int n);
+void vd_mem_put(struct vd_mem *m);
+/* Host pointer for [gpa, gpa+len) if it lies inside one region, else NULL.  m may be NULL (no table). */
 void *vd_mem_gpa(const struct vd_mem *m, uint64_t gpa, uint64_t len);
 /* Same for a front-end user address (vring addresses are UVAs). */
 void *vd_mem_uva(const struct vd_mem *m, uint64_t uva, uint64_t len);
@@ -57,21 +77,59 @@ int vd_mem_map(const struct vd_mem *m, uint64_t gpa, uint64_t len, struct iovec 
 /* Whether a host address lies inside one of the table's mappings. */
 int vd_mem_owns(const struct vd_mem *m, const void *host);
 
-/* ---------------------------------------------------------------- requests */
+/* ---------------------------------------------------------------- requests (request.c) */
+
+#define VD_REQ_INLINE_IOV 8        /* chains this short need no allocation */
+#define VD_REQ_BUF_LIMIT (16u << 20) /* scratch memory (bounce buffers) a queue's pending requests may hold */
+
+struct vd_reqpool;
 
 /* One descriptor chain, as a device sees it: device-readable bytes first
- * ("out", written by the driver), then device-writable bytes ("in"). */
+ * ("out", written by the driver), then device-writable bytes ("in").  It
+ * lives in its queue's pool, in the slot of its head descriptor, from the
+ * moment it is taken until the device completes it. */
 struct vd_req {
     uint16_t head;
+    uint16_t queue;
     int nout, nin;          /* iov[0..nout) readable, iov[nout..nout+nin) writable */
     uint64_t out_bytes, in_bytes;
     struct iovec *iov;
+    uint32_t used_len;      /* set by the device: bytes written into the writable part */
+    struct vd_aio *aio;     /* where the device submits I/O: the queue's worker */
+    /* the queue layer's own */
+    struct vd_reqpool *pool;
+    struct vd_mem *mem;     /* the table iov points into, while pending */
+    uint64_t t0;            /* taken (CLOCK_MONOTONIC ns), when latency is measured */
+    void *buf;              /* vd_req_buf */
+    size_t buf_len;
+    struct iovec *big_iov;  /* for chains longer than inline_iov, kept for the slot's next use */
+    int big_cap;
+    int pending;
+    struct iovec inline_iov[VD_REQ_INLINE_IOV];
+    _Alignas(16) unsigned char priv[]; /* the device's per-request state (vd_device_new's req_priv bytes) */
 };
 
-/* Device request handler: returns the number of bytes written into the
- * writable part (the used length).  Never fails: bad requests are answered
- * with an error status inside the request. */
-typedef uint32_t (*vd_handle_fn)(void *ctx, struct vd_req *req, int queue);
+/* What a device's handler returns. */
+enum {
+    VD_REQ_DONE = 0,    /* completed now; used_len is set */
+    VD_REQ_PENDING = 1, /* submitted: the device calls vd_req_complete later, on this worker */
+    VD_REQ_RETRY = 2,   /* out of scratch memory: take this request again after a completion */
+};
+typedef int (*vd_handle_fn)(void *ctx, struct vd_req *req);
+
+static inline void *vd_req_priv(struct vd_req *req) { return req->priv; }
+/* From the device's I/O completion (never inside the handler): the request
+ * is finished, used_len set.  The used entry goes out with the worker's next
+ * batch. */
+void vd_req_complete(struct vd_req *req);
+/* Whether the request's queue still runs: when not (front-end gone, queue
+ * reset or broken), the device must not write guest memory any more. */
+int vd_req_live(const struct vd_req *req);
+/* Scratch memory for the request (e.g. an aligned bounce buffer), freed with
+ * it: 0 and *out set; VD_REQ_RETRY when the queue's pending requests hold
+ * VD_REQ_BUF_LIMIT already (return that from the handler: the request is
+ * taken again after one of them completes); -ENOMEM (fail the request). */
+int vd_req_buf(struct vd_req *req, size_t len, size_t align, void **out);
 
 /* ---------------------------------------------------------------- queues */
 
@@ -99,6 +157,7 @@ struct vd_queue {
     pthread_mutex_t lock;
     struct vd_device *dev;
     struct vd_worker *worker;
+    struct vd_aio *aio;     /* its worker's I/O context */
     int index;
     /* set by the control plane */
     uint32_t num;
@@ -109,6 +168,7 @@ struct vd_queue {
     int polled;             /* started without a kick fd: the worker polls it */
     int rx;                 /* device-driven (net rx): kicks call dev->rx_kick, not handle */
     int enabled;
+    int draining;           /* GET_VRING_BASE asked: take nothing new, finish what is pending */
     int event_idx, indirect;
     uint32_t chain_limit;
     /* ring state, owned by the worker while started */
@@ -120,16 +180,23 @@ struct vd_queue {
     char errmsg[VD_ERRMSG];
     int error_pending;      /* errmsg not yet collected by the control plane */
     struct vd_queue_stats st;
-    /* VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD: this queue's region of the
-     * front-end's inflight memfd (NULL = untracked).  Every request taken is
-     * marked there until its completion is visible, so a restarted back-end
-     * can redo what a crash left unfinished. */
+    /* requests (request.c): those taken and not yet completed live in the pool */
+    struct vd_reqpool *pool;
+    uint32_t mem_refs;      /* pending requests mapped against dev->mem */
+    uint64_t buf_bytes;     /* scratch memory the pending requests hold */
+    int starved;            /* a request waits for scratch memory: take it again after a completion */
+    int resume;             /* starved no more: the worker must come back (engine.c) */
+    int dirty;              /* completions not yet published (engine.c publishes them) */
+    uint16_t dirty_from;    /* used index before them */
+    struct vd_queue *dirty_next;
+    /* VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD (inflight.c): this queue's region of
+     * the front-end's inflight memfd (NULL = untracked). */
     uint8_t *inflight;
     int inflight_recover;   /* look at the region before serving (set at start) */
     uint64_t inflight_counter;
     uint16_t resubmit[VD_MAX_QUEUE_SIZE]; /* heads to redo first, oldest first */
     int nresubmit, resubmit_pos;
-    struct iovec iov[VD_MAX_IOV];
+    struct iovec scratch[VD_MAX_IOV]; /* a chain is mapped here first */
     struct vd_queue *poll_next;
     /* the worker's again list (engine.c), touched only by the owning worker */
     int again;              /* on it: notifications left disabled */
@@ -142,43 +209,105 @@ struct vd_device {
     int nqueues;
     uint32_t max_queue_size;
     uint64_t features;
-    struct vd_mem mem;
+    struct vd_mem *mem;     /* current memory table; NULL: none */
     vd_handle_fn handle;
     void (*rx_kick)(void *ctx, int queue); /* device-driven queues: the driver added buffers */
     void *ctx;
-    int event_fd;           /* written when a queue breaks; the control plane reads errors */
+    void (*release)(void *ctx); /* called when the device is gone and no I/O of it is pending */
+    size_t req_priv;        /* bytes of device state per request */
+    int event_fd;           /* written when a queue breaks or drained; the control plane looks */
     uint64_t poll_ns;       /* busy-poll window of a queue that ran empty; 0 = off */
     int needs_reset;
     int timing;             /* measure request latency (metrics on): two clock reads per request */
+    /* Requests still pending when their queue stopped (disconnect, reset)
+     * are orphans: their I/O finishes, nothing is written back.  Until the
+     * last one is done no queue of the device takes new requests (an old
+     * write must not land after a new one) and the device is not freed. */
+    pthread_mutex_t life;
+    int orphans;            /* orphaned pools; read without the lock as a hint */
+    int dying;              /* vd_device_free was called */
     struct vd_queue q[];
 };
 
-/* queue processing (vring.c); called by a worker with q->lock held.  Returns
- * VD_MORE when it stopped after VD_BUDGET requests with more waiting (the
- * caller must come back: notifications are left disabled), VD_IDLE when the
- * ring ran empty and notifications are enabled again, or, with `quiet`,
- * VD_QUIET when the ring ran empty and notifications were left disabled (the
- * caller polls the ring, and re-enables them with vd_queue_want_kick). */
-enum { VD_IDLE = 0, VD_MORE = 1, VD_QUIET = 2 };
-int vd_queue_process(struct vd_queue *q, int quiet);
+static inline uint64_t vd_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
 
-/* Device-driven use (net rx), q->lock held: pop returns 1 with req mapped
- * into iov, 0 when the ring is empty, -1 when the queue broke. */
+static inline uint16_t vd_rd16(const uint8_t *p)
+{
+    uint16_t v;
+    __atomic_load((const uint16_t *)p, &v, __ATOMIC_RELAXED);
+    return v;
+}
+
+static inline void vd_wr16(uint8_t *p, uint16_t v)
+{
+    __atomic_store((uint16_t *)p, &v, __ATOMIC_RELAXED);
+}
+
+/* ---- the ring (vring.c); q->lock held by the caller throughout */
+int vd_queue_translate(struct vd_queue *q, char *err, size_t errlen);
+void vd_queue_fail(struct vd_queue *q, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Walk the chain at head into iov (at most maxiov); -1 after failing the queue. */
+int vd_ring_map_chain(struct vd_queue *q, uint16_t head, struct vd_req *req, struct iovec *iov, int maxiov);
+int vd_ring_pending(struct vd_queue *q);
+uint16_t vd_ring_next_head(const struct vd_queue *q);
+void vd_ring_read_fresh_used(struct vd_queue *q);
+void vd_ring_notify_enable(struct vd_queue *q, int on);
+void vd_ring_put_used(struct vd_queue *q, uint16_t head, uint32_t len);
+void vd_ring_expose_used(struct vd_queue *q);
+/* End of a batch that began at used index old: expose it, signal if wanted. */
+void vd_ring_publish_used(struct vd_queue *q, uint16_t old);
+int vd_queue_want_kick(struct vd_queue *q);
+/* Device-driven use (net rx): pop returns 1 with req mapped into iov, 0 when
+ * the ring is empty, -1 when the queue broke. */
 int vd_queue_ready(struct vd_queue *q);
 int vd_queue_pop(struct vd_queue *q, struct vd_req *req, struct iovec *iov, int maxiov);
 void vd_queue_unpop(struct vd_queue *q, int n);
 int vd_queue_has_avail(struct vd_queue *q);
-
-void vd_block_signals(void); /* engine.c: for every native thread */
-/* engine.c: run fn(arg) so that a SIGBUS on guest memory breaks q, not the daemon */
-int vd_run_guarded(struct vd_queue *q, int (*fn)(void *), void *arg);
-/* engine.c: run fn(arg); a SIGBUS inside returns VD_FAULTED with the address in *addr */
-#define VD_FAULTED (-1000)
-int vd_try_guarded(int (*fn)(void *), void *arg, void **addr);
 void vd_queue_push(struct vd_queue *q, uint16_t head, uint32_t len);
 void vd_queue_flush(struct vd_queue *q);
-int vd_queue_want_kick(struct vd_queue *q);
-void vd_queue_fail(struct vd_queue *q, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-int vd_queue_translate(struct vd_queue *q, char *err, size_t errlen);
+
+/* ---- inflight tracking (inflight.c) */
+void vd_inflight_begin(struct vd_queue *q, uint16_t head);
+void vd_inflight_cancel(struct vd_queue *q, uint16_t head);
+void vd_inflight_end(struct vd_queue *q, uint16_t head);
+int vd_inflight_recover(struct vd_queue *q);
+
+/* ---- serving a queue (request.c), q->lock held.  process returns VD_MORE
+ * when it stopped after VD_BUDGET requests with more waiting (the caller
+ * must come back: notifications are left disabled), VD_IDLE when the ring ran
+ * empty and notifications are enabled again (or the queue may not take
+ * requests now), or, with `quiet`, VD_QUIET when the ring ran empty and
+ * notifications were left disabled (the caller polls the ring, and
+ * re-enables them with vd_queue_want_kick). */
+enum { VD_IDLE = 0, VD_MORE = 1, VD_QUIET = 2 };
+int vd_queue_process(struct vd_queue *q, int quiet);
+/* A pool for q->num requests (queue start). */
+int vd_reqs_start(struct vd_queue *q, char *err, size_t errlen);
+/* The queue stops: its pending requests become orphans (1 returned: the
+ * device has one more orphaned pool). */
+int vd_reqs_stop(struct vd_queue *q);
+uint32_t vd_reqs_pending(const struct vd_queue *q);
+/* The device's memory table changes (every queue lock held). */
+void vd_reqs_mem_swap(struct vd_device *d, struct vd_mem *fresh);
+void vd_reqs_free(struct vd_queue *q);
+/* An I/O of a request finished (engine.c's reap loop, the request's queue
+ * lock held): run the device's completion under a SIGBUS guard.  Returns 1
+ * when it was the last request of an orphaned pool (the pool is freed). */
+struct vd_io;
+int vd_reqs_io_done(struct vd_io *io, int64_t res);
+struct vd_queue *vd_req_queue(const struct vd_req *req);
+
+/* ---- engine.c */
+void vd_block_signals(void); /* for every native thread */
+/* run fn(arg) so that a SIGBUS on guest memory breaks q, not the daemon */
+int vd_run_guarded(struct vd_queue *q, int (*fn)(void *), void *arg);
+/* run fn(arg); a SIGBUS inside returns VD_FAULTED with the address in *addr */
+#define VD_FAULTED (-1000)
+int vd_try_guarded(int (*fn)(void *), void *arg, void **addr);
 
 #endif

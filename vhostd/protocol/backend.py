@@ -11,12 +11,20 @@ protocol.  Errors come in two kinds:
   goes on; otherwise the connection must be dropped (the front-end would
   assume success), so it becomes a `ProtocolError`.
 * `ProtocolError` -- the caller must log it and close the connection.
+
+Some requests must wait for the data plane before they are answered:
+GET_VRING_BASE and RESET_DEVICE finish the requests still in flight on the
+rings first (their I/O may take long, a hung disk forever).  `handle` then
+returns no reply and the protocol is `waiting`; the caller stops feeding it
+messages and calls `poll()` whenever the device may have made progress,
+until `poll()` returns the replies.  Nothing blocks.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 from vhostd.protocol.codec import (
     ConfigAccess,
@@ -65,7 +73,12 @@ class RequestHandler(Protocol):
     def set_vring_num(self, index: int, num: int) -> None: ...
     def set_vring_addr(self, addr: VringAddr) -> None: ...
     def set_vring_base(self, index: int, base: int) -> None: ...
-    def get_vring_base(self, index: int) -> int: ...
+    def drain_vring(self, index: int) -> None:
+        """Take no new requests from the ring; those in flight go on."""
+    def vring_pending(self, index: int) -> int:
+        """Requests of the ring still in flight."""
+    def get_vring_base(self, index: int) -> int:
+        """Stop the ring (drained) and return its next avail index."""
     def set_vring_kick(self, index: int, fd: int | None) -> None: ...
     def set_vring_call(self, index: int, fd: int | None) -> None: ...
     def set_vring_err(self, index: int, fd: int | None) -> None: ...
@@ -88,6 +101,17 @@ class RequestHandler(Protocol):
 
 def _bit(feature: int) -> int:
     return 1 << feature
+
+
+@dataclass
+class _Wait:
+    """A request whose answer waits until ready() is true; then finish()
+    gives what the request's function would have returned."""
+
+    what: str
+    ready: Callable[[], bool]
+    finish: Callable[[], bytes | None]
+    msg: Message | None = None
 
 
 # Requests that carry exactly one fd (unless the NOFD bit says otherwise).
@@ -121,6 +145,7 @@ class BackendProtocol:
         self.acked_features = 0
         self.acked_protocol_features = 0
         self.owner = False
+        self._waiting: _Wait | None = None
         self._dispatch = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -160,11 +185,33 @@ class BackendProtocol:
     def has_protocol_feature(self, feature: ProtocolFeature) -> bool:
         return bool(self.acked_protocol_features & _bit(feature))
 
+    @property
+    def waiting(self) -> str | None:
+        """What the last request waits for before it is answered, or None."""
+        return self._waiting.what if self._waiting else None
+
     def handle(self, msg: Message) -> list[Message]:
         """Apply one request; return the replies.  Raises ProtocolError when
-        the connection has to be closed.  Always consumes msg.fds."""
+        the connection has to be closed.  Always consumes msg.fds.  Must not
+        be called while `waiting`."""
+        if self._waiting:
+            raise ProtocolError(f"{msg.name} arrived while {self._waiting.what} was not answered yet")
+        return self._answer(msg, lambda: self._handle(msg))
+
+    def poll(self) -> list[Message] | None:
+        """While waiting: None if still waiting, else the replies to the
+        request that waited.  [] when nothing waits."""
+        wait = self._waiting
+        if wait is None:
+            return []
+        if not wait.ready():
+            return None
+        self._waiting = None
+        return self._answer(wait.msg, wait.finish)
+
+    def _answer(self, msg: Message, run: Callable[[], object]) -> list[Message]:
         try:
-            explicit = self._handle(msg)
+            explicit = run()
         except RequestError as exc:
             msg.close_fds()
             if msg.need_reply and self.has_protocol_feature(ProtocolFeature.REPLY_ACK):
@@ -178,6 +225,12 @@ class BackendProtocol:
             msg.close_fds()
             raise
         msg.close_fds()  # anything the handler did not take
+        if isinstance(explicit, _Wait):
+            if not explicit.ready():
+                explicit.msg = msg
+                self._waiting = explicit
+                return []
+            return self._answer(msg, explicit.finish)
         if isinstance(explicit, Message):  # a reply that carries fds
             return [explicit]
         if explicit is not None:
@@ -187,7 +240,9 @@ class BackendProtocol:
         return []
 
     def connection_lost(self) -> None:
-        """The front-end went away: drop all per-connection state."""
+        """The front-end went away: drop all per-connection state (requests
+        still in flight finish without writing back, see request.c)."""
+        self._waiting = None
         self.acked_features = 0
         self.acked_protocol_features = 0
         self.owner = False
@@ -309,10 +364,14 @@ class BackendProtocol:
             raise RequestError(f"ring base {st.num} does not fit 16 bits")
         self.handler.set_vring_base(self._ring(st.index), st.num)
 
-    def _get_vring_base(self, msg: Message) -> bytes:
+    def _get_vring_base(self, msg: Message) -> _Wait:
+        # The front-end resumes from the index we return (the destination of
+        # a migration, a reconnect): every request before it must be complete.
         st = VringState.unpack(msg.payload)
         index = self._ring(st.index)
-        return VringState(index, self.handler.get_vring_base(index)).pack()
+        self.handler.drain_vring(index)
+        return _Wait(f"GET_VRING_BASE of ring {index}", lambda: self.handler.vring_pending(index) == 0,
+                     lambda: VringState(index, self.handler.get_vring_base(index)).pack())
 
     def _set_vring_kick(self, msg: Message) -> None:
         self.handler.set_vring_kick(*self._ring_fd(msg))
@@ -351,9 +410,17 @@ class BackendProtocol:
             raise RequestError(f"{access.size} bytes at offset {access.offset} is outside the config space")
         self.handler.set_config(access.offset, access.data, access.flags)
 
-    def _reset_device(self, msg: Message) -> None:
-        self.acked_features = 0
-        self.handler.reset()
+    def _reset_device(self, msg: Message) -> _Wait:
+        # After the reset the guest may reuse any buffer: no I/O may still write into one.
+        rings = range(self.handler.num_queues())
+        for index in rings:
+            self.handler.drain_vring(index)
+
+        def reset() -> None:
+            self.acked_features = 0
+            self.handler.reset()
+
+        return _Wait("RESET_DEVICE", lambda: all(self.handler.vring_pending(i) == 0 for i in rings), reset)
 
     def _set_status(self, msg: Message) -> None:
         status = unpack_u64(msg.payload)
