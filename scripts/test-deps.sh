@@ -31,6 +31,11 @@ PACKAGES=(
     # in every PMD library as a dependency, ~40 s to install.
     dpdk-dev
     iproute2              # ip netns / ip link / ip tuntap for namespaces, TAP, veth
+    # A disk that really hangs (tests/hanging_disk.py): nbdkit's pause filter
+    # behind nbdfuse, which shows an NBD export as a file through FUSE.
+    nbdkit
+    libnbd-bin            # nbdfuse
+    fuse3                 # fusermount3
     ethtool               # offload/queue inspection of TAPs in tests
 )
 

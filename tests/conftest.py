@@ -10,7 +10,7 @@ if _here not in sys.path:
 
 # QEMU guest harness (tests/guest/): fixtures guest_image, qemu_guest,
 # storage_daemon, sock_dir; skips `qemu`-marked tests when QEMU cannot run.
-pytest_plugins = ["guest.fixtures"]
+pytest_plugins = ["guest.fixtures", "hanging_disk"]
 
 
 def pytest_configure(config):
@@ -81,7 +81,8 @@ def fd_is_closed(fd: int) -> bool:
 class Vhostd(DaemonProcess):
     """The real daemon plus what tests need to look inside it from outside."""
 
-    def __init__(self, workdir: Path, sockdir: str, devices: list[dict], daemon: dict | None = None) -> None:
+    def __init__(self, workdir: Path, sockdir: str, devices: list[dict], daemon: dict | None = None,
+                 prefix: list[str] | tuple[str, ...] = ()) -> None:
         for d in devices:
             d.setdefault("type", "blk")
             d.setdefault("socket", os.path.join(sockdir, d["name"] + ".sock"))
@@ -90,7 +91,7 @@ class Vhostd(DaemonProcess):
             d.setdefault("path", d["name"] + ".img")
             if not (Path(workdir) / d["path"]).exists():
                 d.setdefault("size", "4M")
-        super().__init__(workdir, devices, daemon)
+        super().__init__(workdir, devices, daemon, prefix)
 
     # ------------------------------------------------------------ files
     def image(self, name: str) -> Path:
@@ -312,10 +313,11 @@ def vhostd_factory(tmp_path, sockdir):
     the daemon must stop with status 0 and a log free of tracebacks."""
     started: list[Vhostd] = []
 
-    def start(devices: list[dict], daemon: dict | None = None, workdir: Path | None = None) -> Vhostd:
+    def start(devices: list[dict], daemon: dict | None = None, workdir: Path | None = None,
+              prefix: list[str] | tuple[str, ...] = ()) -> Vhostd:
         wd = workdir or tmp_path / f"vhostd{len(started)}"
         wd.mkdir(exist_ok=True)
-        vd = Vhostd(wd, sockdir, devices, daemon)
+        vd = Vhostd(wd, sockdir, devices, daemon, prefix)
         started.append(vd)
         return vd.start()
 

@@ -55,6 +55,7 @@ def test_blk_counters_and_latency_histogram(vhostd_factory):
     assert value(text, "vhostd_device_connected", device="d0") == 1
     assert value(text, "vhostd_device_needs_reset", device="d0") == 0
     assert value(text, "vhostd_queue_requests_total", device="d0", queue="0") == 14
+    assert value(text, "vhostd_queue_pending", device="d0", queue="0") == 0
     assert value(text, "vhostd_blk_writes_total", device="d0", queue="0") == 7
     assert value(text, "vhostd_blk_reads_total", device="d0", queue="0") == 7
     assert value(text, "vhostd_blk_write_bytes_total", device="d0", queue="0") == 7 * 4096
