@@ -5,11 +5,15 @@ Both back-ends run at once, pinned to CPU 0, each on its own copy of the same
 1 GiB image in tmpfs (filled with data, so reads copy real pages), plus a
 null device each (vhostd `backend: null`, qsd `null-co`) for the pure
 protocol + ring cost. `vhostd bench blk` (CPU 1) drives one workload at a
-time, alternating between the two back-ends so drift hits both alike.
-Reported per workload: IOPS, latency p50/p99 and the back-end's CPU seconds
-per million I/Os (its utime+stime across the run, all threads).
+time, alternating between the two back-ends so drift hits both alike, --runs
+times.  Reported per workload (medians over the runs): IOPS, latency p50/p99
+and the back-end's CPU seconds per million I/Os (its utime+stime across the
+run, all threads); the ratio is the median of the per-run ratios, with their
+spread.
 
-    python3 benchmarks/blk_qsd.py [--seconds 10] [--qsd-aio threads|io_uring|native] [--poll-us 32]
+    python3 benchmarks/blk_qsd.py [--seconds 10] [--runs 3] [--qsd-aio threads|io_uring|native] [--poll-us 32]
+
+(The same on this machine's own disk with O_DIRECT: benchmarks/blk_disk.py.)
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (BACKEND_CPU, bench_blk, cpu_seconds, pinned, save_results,  # noqa: E402
-                    stop, vhostd_cmd, wait_listening)
+from common import (BACKEND_CPU, bench_blk, cpu_seconds, pinned, ratio_spread, save_results,  # noqa: E402
+                    stop, summarize, vhostd_cmd, wait_listening)
 
 IMAGE_SIZE = 1 << 30
 # (label, rw, block size, queue depth, device kind)
@@ -80,6 +84,7 @@ def measure(proc, sock: str, rw: str, bs: int, qd: int, seconds: float) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--qsd-aio", default="io_uring", choices=["threads", "io_uring", "native"],
                     help="qsd's file AIO engine (default io_uring, its fastest here on tmpfs)")
     ap.add_argument("--poll-us", type=int, default=32,
@@ -94,24 +99,30 @@ def main() -> int:
     vd, vsocks = start_vhostd(tmp, img_v, args.poll_us)
     qsd, qsocks = start_qsd(tmp, img_q, args.qsd_aio)
     rows = []
-    print(f"{'workload':<22} {'vhostd IOPS':>12} {'qsd IOPS':>10} {'ratio':>6}   "
+    print(f"{'workload':<22} {'vhostd IOPS':>12} {'qsd IOPS':>10} {'ratio (spread)':>17}   "
           f"{'p50/p99 us vhostd':>18} {'qsd':>13}   {'CPU s/M I/O vhostd':>18} {'qsd':>6}")
     try:
         for label, rw, bs, qd, kind in WORKLOADS:
             if args.only and args.only not in label:
                 continue
-            v = measure(vd, vsocks[kind], rw, bs, qd, args.seconds)
-            q = measure(qsd, qsocks[kind], rw, bs, qd, args.seconds)
-            ratio = v["iops"] / q["iops"] if q["iops"] else float("inf")
-            rows.append({"workload": label, "vhostd": v, "anchor": q, "ratio": ratio})
-            print(f"{label:<22} {v['iops']:>12,.0f} {q['iops']:>10,.0f} {ratio:>6.2f}   "
+            vr, qr = [], []
+            for i in range(args.runs):
+                pair = [(vr, vd, vsocks), (qr, qsd, qsocks)]
+                for out, proc, socks in pair[i % 2:] + pair[: i % 2]:
+                    out.append(measure(proc, socks[kind], rw, bs, qd, args.seconds))
+            v, q = summarize(vr), summarize(qr)
+            ratio, lo, hi = ratio_spread(v["iops_runs"], q["iops_runs"])
+            rows.append({"workload": label, "vhostd": v, "anchor": q, "ratio": ratio, "ratio_min": lo,
+                         "ratio_max": hi})
+            print(f"{label:<22} {v['iops']:>12,.0f} {q['iops']:>10,.0f} {ratio:>6.2f} ({lo:.2f}-{hi:.2f})   "
                   f"{v['lat_p50_us']:>8.1f}/{v['lat_p99_us']:<9.1f} {q['lat_p50_us']:>6.1f}/{q['lat_p99_us']:<6.1f}   "
                   f"{v['cpu_s_per_mio']:>18.2f} {q['cpu_s_per_mio']:>6.2f}", flush=True)
     finally:
         stop(vd)
         stop(qsd)
     if not args.no_save and not args.only:
-        cmd = f"python3 benchmarks/blk_qsd.py --seconds {args.seconds:g} --qsd-aio {args.qsd_aio} --poll-us {args.poll_us}"
+        cmd = (f"python3 benchmarks/blk_qsd.py --seconds {args.seconds:g} --runs {args.runs} --qsd-aio {args.qsd_aio} "
+               f"--poll-us {args.poll_us}")
         print("saved", save_results("blk_qsd", cmd, rows))
     shutil.rmtree(tmp, ignore_errors=True)
     return 0

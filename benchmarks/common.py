@@ -97,6 +97,42 @@ def bench_blk(sock: str, rw: str, bs: int, iodepth: int, seconds: float, queues:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def summarize(runs: list[dict]) -> dict:
+    """One figure per measure from repeated runs: the median; `iops_runs`
+    keeps every run's IOPS (the spread)."""
+    out = {k: median([r[k] for r in runs]) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+    out["iops_runs"] = [r["iops"] for r in runs]
+    return out
+
+
+def ratio_spread(ours: list[float], theirs: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) of the per-run ratios ours[i] / theirs[i]: runs i
+    were measured back to back, so each ratio shares that moment's noise."""
+    ratios = [a / b if b else float("inf") for a, b in zip(ours, theirs)]
+    return median(ratios), min(ratios), max(ratios)
+
+
+def fio(path: str, rw: str, bs: int, iodepth: int, seconds: float, cpu: str = LOAD_CPU) -> dict:
+    """fio with io_uring and O_DIRECT on a file: the disk's own limit."""
+    cmd = ["taskset", "-c", cpu, "fio", "--name=limit", f"--filename={path}", "--direct=1", "--ioengine=io_uring",
+           f"--rw={rw}", f"--bs={bs}", f"--iodepth={iodepth}", f"--runtime={seconds}", "--time_based",
+           "--output-format=json", "--norandommap"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"fio failed ({out.returncode}): {out.stderr[-1000:]}")
+    job = json.loads(out.stdout)["jobs"][0]
+    side = job["write"] if "write" in rw else job["read"]
+    pct = side["clat_ns"].get("percentile", {})
+    return {"iops": side["iops"], "lat_p50_us": pct.get("50.000000", 0) / 1000,
+            "lat_p99_us": pct.get("99.000000", 0) / 1000}
+
+
 def save_results(name: str, command: str, rows: list[dict]) -> str:
     """Write benchmarks/results/<name>.json, which plot.py and RESULTS.md use."""
     os.makedirs(RESULTS_DIR, exist_ok=True)

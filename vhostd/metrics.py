@@ -61,6 +61,8 @@ class DaemonCollector:
         features = GaugeMetricFamily("vhostd_device_features", "Negotiated virtio feature bits", labels=["device"])
         qc = {key: CounterMetricFamily(f"vhostd_queue_{metric.removesuffix('_total')}", text,
                                        labels=["device", "queue"]) for key, metric, text in QUEUE_COUNTERS}
+        pending = GaugeMetricFamily("vhostd_queue_pending", "Requests taken off the ring whose I/O is in flight",
+                                    labels=["device", "queue"])
         latency = HistogramMetricFamily("vhostd_request_latency_seconds",
                                         "Time from taking a request off the ring to its completion",
                                         labels=["device", "queue"])
@@ -76,6 +78,7 @@ class DaemonCollector:
                 labels = [dev, str(q["index"])]
                 for key, _, _ in QUEUE_COUNTERS:
                     qc[key].add_metric(labels, q[key])
+                pending.add_metric(labels, q["pending"])
                 cumulative, running = [], 0
                 for k, count in enumerate(buckets):
                     running += count
@@ -92,7 +95,8 @@ class DaemonCollector:
                         fam = device_counters[name] = CounterMetricFamily(
                             name, f"{d['type']} {key.replace('_', ' ')} per {unit}", labels=["device", unit])
                     fam.add_metric([dev, str(i)], value)
-        yield from (info, connected, needs_reset, features, *qc.values(), latency, *device_counters.values())
+        yield from (info, connected, needs_reset, features, *qc.values(), pending, latency,
+                    *device_counters.values())
 
 
 class MetricsServer:

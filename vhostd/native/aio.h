@@ -61,6 +61,7 @@ struct vd_aio {
     int has_uring;
     void *uring;              /* struct io_uring *, only in aio.c */
     unsigned unsubmitted;     /* SQEs prepared since the last flush */
+    int hold;                 /* the worker is busy: submit at its flushes only (bigger batches) */
     struct vd_threads *pool;
     pthread_mutex_t lock;     /* the pool's deliveries */
     struct vd_io *done_head, *done_tail;

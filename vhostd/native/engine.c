@@ -51,6 +51,7 @@ struct vd_worker {
     struct vd_aio aio;             /* the worker's own; set up on its thread */
     int ready;                     /* aio set up (under lock) */
     int io_retry;                  /* the kernel refused a submission: try again without sleeping */
+    unsigned round_work;           /* requests finished this round (see io_round) */
     struct vd_queue *dirty;        /* queues with completions to publish; the worker's own */
     pthread_mutex_t lock;          /* protects the fields below */
     pthread_cond_t cond;
@@ -248,7 +249,9 @@ static void io_round(struct vd_worker *w)
 {
     w->io_retry = vd_aio_flush(&w->aio);
     struct reap r = {w, NULL};
-    if (vd_aio_reap(&w->aio, on_io_done, &r))
+    int reaped = vd_aio_reap(&w->aio, on_io_done, &r);
+    w->round_work += (unsigned)reaped;
+    if (reaped)
         w->io_retry |= vd_aio_flush(&w->aio); /* completions may have submitted the next step */
     reap_unlock(&r);
     while (w->dirty) {
@@ -299,7 +302,9 @@ static void again_round(struct vd_worker *w, uint64_t now)
         int keep = q->started && q->enabled && !q->broken && !q->rx && !q->polled;
         if (keep) {
             struct again_arg a = {q, now};
+            uint64_t before = q->st.requests;
             keep = vd_run_guarded(q, look_again, &a);
+            w->round_work += (unsigned)(q->st.requests - before);
         }
         if (keep) {
             pp = &q->again_next;
@@ -332,6 +337,7 @@ static int service(struct vd_queue *q, int kicked)
 {
     int more = 0;
     pthread_mutex_lock(&q->lock);
+    uint64_t before = q->st.requests;
     if (kicked && q->kick_fd >= 0) {
         uint64_t v;
         if (read(q->kick_fd, &v, sizeof(v)) == sizeof(v))
@@ -349,6 +355,7 @@ static int service(struct vd_queue *q, int kicked)
                 come_back(q); /* out of budget, or empty in a poll window */
         }
     }
+    q->worker->round_work += (unsigned)(q->st.requests - before);
     pthread_mutex_unlock(&q->lock);
     if (rx_kick && q->dev->rx_kick)
         q->dev->rx_kick(q->dev->ctx, q->index); /* without q->lock: it may take it itself */
@@ -419,6 +426,11 @@ static void *worker_main(void *arg)
             busy |= service(p, 0);
         again_slice(w);
         io_round(w);
+        /* A worker that finished many requests this round is busy: its next
+         * round submits I/O only at its flushes, in bigger batches that cost
+         * less CPU per I/O, leaving more of it to the other devices. */
+        w->aio.hold = w->round_work >= VD_BUSY_ROUND;
+        w->round_work = 0;
         pthread_mutex_lock(&w->lock);
         w->sync_done = seen;
         pthread_cond_broadcast(&w->cond);

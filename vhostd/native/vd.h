@@ -38,6 +38,7 @@
 #define VD_BUDGET 64               /* requests per turn before the worker serves its other queues */
 #define VD_SPIN_SLICE_NS 20000     /* with queues to look at again: this long between epoll_waits */
 #define VD_POOL_THREADS 64         /* at most this many threads in the I/O thread pool */
+#define VD_BUSY_ROUND 32           /* requests finished in a worker round that make it a busy one */
 
 /* ---------------------------------------------------------------- memory (memory.c) */
 
