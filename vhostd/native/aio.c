@@ -218,12 +218,7 @@ static void pool_submit(struct vd_threads *t, struct vd_io *io)
 
 #define URING_SQ 256
 #define URING_CQ 4096
-/* Submit once this many are prepared, and at the end of each worker round.
- * Bigger batches cost less CPU per I/O, but a burst of reads in one
- * submission reaches a (virtio) disk later than the same reads in pairs:
- * 4 KiB random reads at qd32 on this machine's disk, batches of 1, 2, 4, 16
- * and unbounded: 83, 84, 78, 75 and 65 k IOPS (qemu-storage-daemon: 80 k). */
-#define URING_BATCH 2
+
 
 int vd_uring_available(char *why, size_t whylen)
 {
@@ -354,7 +349,14 @@ void vd_aio_submit(struct vd_aio *a, struct vd_io *io)
             if (io->punt)
                 sqe->flags |= IOSQE_ASYNC;
             io_uring_sqe_set_data(sqe, io);
-            if (++a->unsubmitted >= URING_BATCH && !a->hold)
+            /* A worker with time to spare submits each I/O at once: bursts in
+             * one submission reached this machine's (virtio) disk later than
+             * the same I/Os one by one (4 KiB random reads at qd32, batches of
+             * 1, 2, 4, 16 and unbounded: 83, 84, 78, 75, 65 k IOPS; qsd 80 k),
+             * and adjacent ones get merged into fewer, larger requests.  A busy
+             * worker submits at its flushes: fewer syscalls and device kicks. */
+            a->unsubmitted++;
+            if (!a->hold)
                 vd_aio_flush(a);
             return;
         }

@@ -2,8 +2,9 @@
  * learns the result.  Knows nothing of rings or virtio.
  *
  * Two engines:
- *   io_uring  one ring per worker thread, submitted once per worker round,
- *             completions reaped by the worker (its eventfd is in the
+ *   io_uring  one ring per worker thread; an I/O is submitted at once, or,
+ *             while the worker is busy, with the others of its round;
+ *             completions are reaped by the worker (its eventfd is in the
  *             worker's epoll, and the ring is peeked while the worker is busy)
  *   threads   a pool shared by all workers (like QEMU's aio=threads): the
  *             fallback where io_uring is unavailable, and the home of
@@ -74,7 +75,8 @@ void vd_threads_free(struct vd_threads *t);
  * so) everything goes to the pool. */
 int vd_aio_init(struct vd_aio *a, struct vd_threads *pool, int want_uring, char *why, size_t whylen);
 void vd_aio_destroy(struct vd_aio *a);
-/* Queue io; never blocks.  io_uring operations go to the kernel at the next flush. */
+/* Queue io; never blocks.  io_uring operations go to the kernel at once, or at
+ * the next flush while hold is set. */
 void vd_aio_submit(struct vd_aio *a, struct vd_io *io);
 /* Hand what was queued to the kernel.  Returns 1 if some of it must be
  * tried again soon (the kernel was busy), else 0. */

@@ -21,6 +21,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stddef.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <linux/falloc.h>
@@ -365,7 +366,8 @@ int vd_blk_handle(void *ctx, struct vd_req *req)
         req->used_len = 0;
         return VD_REQ_DONE;
     }
-    memset(br, 0, sizeof(*br));
+    /* The state after io; io itself is set up by prep_* when there is I/O. */
+    memset(&br->b, 0, sizeof(*br) - offsetof(struct blk_req, b));
     br->b = b;
     /* The status byte is the last writable byte; data is what lies between. */
     struct iovec *out = req->iov, *in = req->iov + req->nout;
@@ -385,13 +387,6 @@ int vd_blk_handle(void *ctx, struct vd_req *req)
     br->type = hdr.type > 0xff ? 0xff : (uint8_t)hdr.type;
 
     struct vd_io *io = &br->io;
-    io->fd = b->p.fd;
-    io->req = req;
-    io->lim = &b->lim;
-    io->punt = (uint8_t)b->p.punt;
-    io->threads = b->p.engine == VD_BLK_THREADS;
-    io->done = blk_io_done;
-
     switch (hdr.type) {
     case VIRTIO_BLK_T_IN:
     case VIRTIO_BLK_T_OUT: {
@@ -448,11 +443,17 @@ int vd_blk_handle(void *ctx, struct vd_req *req)
         goto done;
     }
 
+    io->fd = b->p.fd;
+    io->req = req;
     if (b->p.engine == VD_BLK_INLINE) {
         while (advance(b, req, br, vd_io_run(io))) {
         }
         goto done;
     }
+    io->lim = &b->lim;
+    io->punt = (uint8_t)b->p.punt;
+    io->threads = b->p.engine == VD_BLK_THREADS;
+    io->done = blk_io_done;
     vd_aio_submit(req->aio, io);
     return VD_REQ_PENDING;
 done:

@@ -277,7 +277,7 @@ static int take(struct vd_queue *q, uint16_t head, int fresh)
         }
         req->iov = req->big_iov;
     }
-    memcpy(req->iov, q->scratch, (size_t)n * sizeof(struct iovec));
+    memcpy(req->iov, q->scratch, (size_t)n * sizeof(struct iovec)); /* scratch is hot; slots are many */
     req->queue = (uint16_t)q->index;
     req->used_len = 0;
     req->aio = q->aio;
