@@ -16,10 +16,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS_DIR, ROOT  # noqa: E402
 
-ANCHORS = {"blk_qsd": "qemu-storage-daemon", "blk_vmm": "qemu-storage-daemon (guest in vhostd's VMM)",
-           "net_testpmd": "DPDK vhost PMD"}
-# Minimum ratios the benchmark issue asks for (workload label -> target).
-TARGETS = {"4K randread qd32": 1.0, "64 B frames": 0.5}
+ANCHORS = {"blk_qsd": "qemu-storage-daemon (tmpfs)", "blk_disk": "qemu-storage-daemon (own disk, O_DIRECT)",
+           "blk_vmm": "qemu-storage-daemon (guest in vhostd's VMM)", "net_testpmd": "DPDK vhost PMD"}
+# Minimum ratios the issues ask for ((results file, workload label) -> target).
+TARGETS = {("blk_disk", "4K randread qd32"): 1.0, ("blk_disk", "4K randread qd1"): 0.9,
+           ("blk_qsd", "4K randread qd32"): 1.5, ("net_testpmd", "64 B frames"): 0.5}
 
 
 def main() -> int:
@@ -28,16 +29,18 @@ def main() -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, ratios, colours = [], [], []
-    palette = {"blk_qsd": "#3b75af", "blk_vmm": "#6a9fd0", "net_testpmd": "#e08a2c"}
+    labels, ratios, colours, targets = [], [], [], []
+    palette = {"blk_qsd": "#3b75af", "blk_disk": "#2a9d6f", "blk_vmm": "#6a9fd0", "net_testpmd": "#e08a2c"}
     for path in sorted(glob.glob(os.path.join(RESULTS_DIR, "*.json"))):
         name = os.path.splitext(os.path.basename(path))[0]
         if name not in ANCHORS:
             continue
-        for row in json.load(open(path))["rows"]:
-            labels.append(f"{row['workload']}\nvs {ANCHORS[name]}")
+        results = json.load(open(path))
+        for row in results["rows"]:
+            labels.append(f"{row['workload']}\nvs {ANCHORS[name]}, {results['date']}")
             ratios.append(row["ratio"])
             colours.append(palette[name])
+            targets.append(TARGETS.get((name, row["workload"])))
     if not labels:
         print("no results in", RESULTS_DIR, file=sys.stderr)
         return 1
@@ -45,9 +48,8 @@ def main() -> int:
     y = range(len(labels))[::-1]
     ax.barh(list(y), ratios, color=colours)
     ax.axvline(1.0, color="black", linewidth=1)
-    for yi, r, lab in zip(y, ratios, labels):
+    for yi, r, target in zip(y, ratios, targets):
         ax.text(r, yi, f" {r:.2f}x", va="center", fontsize=8)
-        target = TARGETS.get(lab.split("\n")[0])
         if target is not None:
             ax.plot([target, target], [yi - 0.4, yi + 0.4], color="red", linewidth=2)
     ax.set_yticks(list(y))
