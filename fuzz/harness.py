@@ -17,9 +17,10 @@ from vhostd.devices.blk import BlkDevice
 from vhostd.handler import DeviceHandler
 from vhostd.protocol.backend import BackendProtocol
 from vhostd.protocol.codec import MessageDecoder, ProtocolError
+from vhostd.storage import null
 
 ENGINE = Engine(1)
-DEVICE = BlkDevice(BlkDeviceConfig(name="fuzz", socket="/nonexistent", backend="null", size=1 << 20, queues=2))
+DEVICE = BlkDevice(BlkDeviceConfig(name="fuzz", socket="/nonexistent", backend="null", store=null.Settings(size=1 << 20), queues=2))
 HANDLER = DeviceHandler(DEVICE, ENGINE, logging.getLogger("fuzz"))
 DEVICE.attach(HANDLER.rings)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from vhostd import config as config_mod
+from vhostd import storage
 from vhostd.config import (
     DEVICE_TYPES,
     BlkDeviceConfig,
@@ -94,15 +95,13 @@ def test_minimal_config_gets_defaults(tmp_path):
             type="blk",
             socket=str(tmp_path / "disk0.sock"),
             backend="file",
-            path=str(tmp_path / "disk0.img"),
+            store=storage.file.Settings(path=str(tmp_path / "disk0.img"), size=None, direct=False, aio="auto"),
             readonly=False,
             queues=1,
             queue_size=256,
-            size=None,
             serial="disk0",
             discard=True,
             write_zeroes=True,
-            direct=False,
             poll_us=0,
             socket_mode=None,
         ),
@@ -132,9 +131,9 @@ def test_all_keys_are_read(tmp_path):
     assert dev.readonly is True
     assert dev.queues == 64
     assert dev.queue_size == 1024
-    assert dev.size == 2 << 20
+    assert dev.store.size == 2 << 20
     assert dev.serial == "my-serial"
-    assert (dev.discard, dev.write_zeroes, dev.direct) == (False, False, True)
+    assert (dev.discard, dev.write_zeroes, dev.store.direct) == (False, False, True)
     assert dev.poll_us == 250
     assert dev.socket_mode == 0o600
 
@@ -191,20 +190,26 @@ def test_several_devices_keep_order_and_lines(tmp_path):
     assert [d.line for d in devices] == [2, 6, 8]
 
 
+def agree(cls, keys: dict, bookkeeping: set[str], what: str) -> None:
+    declared = {f.name: f.default for f in dataclasses.fields(cls)}
+    assert set(keys) <= set(declared), what
+    for key, spec in keys.items():
+        if spec.default is config_mod.REQUIRED:
+            if key != "type":
+                assert declared[key] is dataclasses.MISSING, key
+        else:
+            assert declared[key] == spec.default, key
+    # Every dataclass field except the bookkeeping ones is a config key.
+    assert set(declared) - set(keys) == bookkeeping, what
+
+
 def test_key_tables_agree_with_dataclass_defaults():
     """The defaults load_config applies are the ones the dataclasses declare."""
     for type_name, dev_type in DEVICE_TYPES.items():
-        declared = {f.name: f.default for f in dataclasses.fields(dev_type.cls)}
         keys = {**config_mod._COMMON_DEVICE_KEYS, **dev_type.keys}
-        assert set(keys) <= set(declared), type_name
-        for key, spec in keys.items():
-            if spec.default is config_mod.REQUIRED:
-                if key != "type":
-                    assert declared[key] is dataclasses.MISSING, key
-            else:
-                assert declared[key] == spec.default, key
-        # Every dataclass field except the bookkeeping ones is a config key.
-        assert set(declared) - set(keys) == {"line"}, type_name
+        agree(dev_type.cls, keys, {"line", "store"} if dev_type.variants else {"line"}, type_name)
+        for name, mod in dev_type.variants.items():
+            agree(mod.Settings, mod.KEYS, set(), f"{type_name} {dev_type.variant_key} {name}")
     daemon_defaults = {f.name: f.default for f in dataclasses.fields(DaemonConfig)}
     assert daemon_defaults == {k: s.default for k, s in config_mod._DAEMON_KEYS.items()}
 
@@ -216,8 +221,8 @@ def test_config_is_immutable(tmp_path):
 
 
 def test_device_line_is_not_part_of_equality():
-    a = BlkDeviceConfig(name="a", socket="/s", path="/p", line=1)
-    b = BlkDeviceConfig(name="a", socket="/s", path="/p", line=9)
+    a = BlkDeviceConfig(name="a", socket="/s", store=storage.file.Settings(path="/p"), line=1)
+    b = BlkDeviceConfig(name="a", socket="/s", store=storage.file.Settings(path="/p"), line=9)
     assert a == b
 
 
@@ -243,8 +248,8 @@ def test_merge_keys_share_settings(tmp_path):
         """,
     )
     a, b = load_config(path).devices
-    assert (b.name, b.queues, b.direct, b.socket) == ("b", 4, False, str(tmp_path / "b.sock"))
-    assert a.direct is True
+    assert (b.name, b.queues, b.store.direct, b.socket) == ("b", 4, False, str(tmp_path / "b.sock"))
+    assert a.store.direct is True
 
 
 # --------------------------------------------------------------------------
@@ -262,7 +267,7 @@ def test_relative_paths_resolve_against_config_dir_not_cwd(tmp_path, monkeypatch
     monkeypatch.chdir(elsewhere)
     dev = load_config(os.path.relpath(path)).devices[0]
     assert dev.socket == str(tmp_path / "run" / "d.sock")
-    assert dev.path == str(tmp_path / "var" / "d.img")
+    assert dev.store.path == str(tmp_path / "var" / "d.img")
     assert os.path.isabs(load_config(os.path.relpath(path)).path)
 
 
@@ -272,7 +277,7 @@ def test_absolute_paths_are_kept(tmp_path):
     sub.mkdir()
     path = write(sub, f"devices:\n  - {{name: d, type: blk, socket: {tmp_path}/s.sock, path: {img}}}\n")
     dev = load_config(path).devices[0]
-    assert (dev.socket, dev.path) == (f"{tmp_path}/s.sock", str(img))
+    assert (dev.socket, dev.store.path) == (f"{tmp_path}/s.sock", str(img))
 
 
 def test_tilde_expands_to_home(tmp_path, monkeypatch):
@@ -280,7 +285,7 @@ def test_tilde_expands_to_home(tmp_path, monkeypatch):
     image(tmp_path / "home" / "d.img")
     path = write(tmp_path, "devices:\n  - {name: d, type: blk, socket: ~/d.sock, path: ~/d.img}\n")
     dev = load_config(path).devices[0]
-    assert dev.path == str(tmp_path / "home" / "d.img")
+    assert dev.store.path == str(tmp_path / "home" / "d.img")
 
 
 def test_accepts_pathlike(tmp_path):
@@ -341,7 +346,7 @@ def test_parse_size_rejects(text, message):
     [("1G", 1 << 30), ("512", 512), ("1_048_576", 1 << 20), ('"64 MiB"', 64 << 20)],
 )
 def test_blk_size_in_yaml(tmp_path, value, expected):
-    assert load_config(one_device(tmp_path, f"size: {value}")).devices[0].size == expected
+    assert load_config(one_device(tmp_path, f"size: {value}")).devices[0].store.size == expected
 
 
 @pytest.mark.parametrize(
@@ -887,13 +892,13 @@ def test_missing_image_without_size(tmp_path):
     assert p.message == (
         f"image {tmp_path}/disk0.img does not exist; create it, or set 'size' to have vhostd create it (device 'disk0')"
     )
-    assert load_config(path, check_files=False).devices[0].path == f"{tmp_path}/disk0.img"
+    assert load_config(path, check_files=False).devices[0].store.path == f"{tmp_path}/disk0.img"
 
 
 def test_missing_image_with_size_and_missing_dirs_is_fine(tmp_path):
     path = write(tmp_path, "devices:\n  - {name: d, type: blk, socket: run/a/d.sock, path: var/b/c/d.img, size: 1G}\n")
     dev = load_config(path).devices[0]
-    assert dev.size == 1 << 30
+    assert dev.store.size == 1 << 30
     assert not (tmp_path / "var").exists() and not (tmp_path / "run").exists()
 
 
@@ -940,7 +945,7 @@ def test_image_size_must_be_a_multiple_of_512(tmp_path):
 
 def test_existing_image_ignores_size(tmp_path):
     image(tmp_path / "disk0.img", 4096)
-    assert load_config(one_device(tmp_path, "size: 1G", with_image=False)).devices[0].size == 1 << 30
+    assert load_config(one_device(tmp_path, "size: 1G", with_image=False)).devices[0].store.size == 1 << 30
 
 
 def _deny_write(monkeypatch, target: Path):
@@ -1023,16 +1028,16 @@ def test_file_checks_skip_keys_that_are_already_wrong(tmp_path):
 def test_bundled_default_config_loads():
     cfg = load_config(REPO / "config" / "vhostd.yaml")
     (dev,) = cfg.devices
-    assert (dev.name, dev.type, dev.queues, dev.size, dev.readonly) == ("disk0", "blk", 1, 1 << 30, False)
+    assert (dev.name, dev.type, dev.queues, dev.store.size, dev.readonly) == ("disk0", "blk", 1, 1 << 30, False)
     assert dev.socket == str(REPO / "run" / "disk0.sock")
-    assert dev.path == str(REPO / "var" / "disk0.img")
+    assert dev.store.path == str(REPO / "var" / "disk0.img")
 
 
 def test_bundled_default_config_loads_on_a_fresh_checkout(tmp_path):
     (tmp_path / "config").mkdir()
     shutil.copy(REPO / "config" / "vhostd.yaml", tmp_path / "config" / "vhostd.yaml")
     dev = load_config(tmp_path / "config" / "vhostd.yaml").devices[0]
-    assert dev.path == str(tmp_path / "var" / "disk0.img")
+    assert dev.store.path == str(tmp_path / "var" / "disk0.img")
     assert not (tmp_path / "run").exists() and not (tmp_path / "var").exists()
 
 
@@ -1052,7 +1057,8 @@ def test_full_example_loads(tmp_path):
             dataclasses.replace(
                 d,
                 socket=d.socket.replace(str(REPO), str(tmp_path)),
-                **({"path": d.path.replace(str(REPO), str(tmp_path))} if getattr(d, "path", None) else {}),
+                **({"store": dataclasses.replace(d.store, path=d.store.path.replace(str(REPO), str(tmp_path)))}
+                   if getattr(getattr(d, "store", None), "path", None) else {}),
             )
             for d in cfg.devices
         ),
@@ -1089,7 +1095,7 @@ def null_device(tmp_path: Path, extra: str = "") -> Path:
 
 def test_null_backend_takes_its_capacity_from_size(tmp_path):
     (dev,) = load_config(null_device(tmp_path, "size: 1T")).devices
-    assert (dev.backend, dev.path, dev.size, dev.serial) == ("null", None, 1 << 40, "n0")
+    assert (dev.backend, dev.store, dev.serial) == ("null", storage.null.Settings(size=1 << 40), "n0")
     assert list(tmp_path.iterdir()) == [tmp_path / "vhostd.yaml"]  # no image checked or created
 
 
@@ -1107,11 +1113,12 @@ def test_backend_defaults_to_file(tmp_path):
 @pytest.mark.parametrize(
     "extra, key, message",
     [
-        ("size: 1M\npath: n0.img", "devices[0].path",
-         "'path' only applies to backend file; a null disk has no image (device 'n0')"),
+        ("size: 1M\npath: n0.img", "devices[0].path", "'path' only applies to backend file, not null (device 'n0')"),
         ("size: 1M\ndirect: true", "devices[0].direct",
-         "'direct' only applies to backend file; a null disk has no image (device 'n0')"),
-        ("", "devices[0].size", "missing key 'size' (backend null needs it: the disk's capacity) (device 'n0')"),
+         "'direct' only applies to backend file, not null (device 'n0')"),
+        ("size: 1M\ndirect: false", "devices[0].direct",
+         "'direct' only applies to backend file, not null (device 'n0')"),
+        ("", "devices[0].size", "missing required key 'size' (the disk's capacity) (device 'n0')"),
         ("size: 1000", "devices[0].size", "must be a multiple of 512 bytes, got 1000 (1000 bytes) (device 'n0')"),
     ],
 )
@@ -1119,13 +1126,9 @@ def test_null_backend_errors(tmp_path, extra, key, message):
     path = null_device(tmp_path, extra)
     p = only_problem(path)
     assert (p.key, p.message) == (key, message)
-    needle = {"devices[0].path": "path:", "devices[0].direct": "direct:"}.get(key, "backend:" if not extra else "size:")
+    needle = {"devices[0].path": "path:", "devices[0].direct": "direct:"}.get(key, "- name:" if not extra else "size:")
     assert p.line == line_of(path, needle)
     assert str(p).startswith(f"{path}:{p.line}: {key}: ")
-
-
-def test_null_backend_with_direct_false_is_fine(tmp_path):
-    assert load_config(null_device(tmp_path, "size: 1M\ndirect: false")).devices[0].direct is False
 
 
 def test_file_backend_still_needs_a_path(tmp_path):

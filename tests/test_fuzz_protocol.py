@@ -32,6 +32,7 @@ from vhostd.protocol.backend import BackendProtocol
 from vhostd.protocol.codec import (InflightInfo, MemoryRegion, Message, MessageDecoder, ProtocolError, VringAddr,
                                    VringState, pack_memory_table, pack_single_region, pack_u64)
 from vhostd.protocol.constants import FLAG_NEED_REPLY, VERSION, Request
+from vhostd.storage import null
 
 EXAMPLES = int(os.environ.get("VHOSTD_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -51,7 +52,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def handler(engine):
-    cfg = BlkDeviceConfig(name="fuzz", socket="/nonexistent", backend="null", size=1 << 20, queues=2)
+    cfg = BlkDeviceConfig(name="fuzz", socket="/nonexistent", backend="null", store=null.Settings(size=1 << 20), queues=2)
     device = BlkDevice(cfg)
     h = DeviceHandler(device, engine, logging.getLogger("fuzz"))
     device.attach(h.rings)

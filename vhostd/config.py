@@ -9,25 +9,27 @@ path (``devices[1].queues``) it concerns::
 
 The file is parsed with ``yaml.compose`` so that every value keeps the line it
 came from; values are then checked against small per-section key tables
-(``_DAEMON_KEYS``, ``_COMMON_DEVICE_KEYS`` and ``DEVICE_TYPES[...]``).  Adding a
-device type means writing its dataclass, its key table and (optionally) a
-check hook, and registering it in ``DEVICE_TYPES``.
+(``_DAEMON_KEYS``, ``_COMMON_DEVICE_KEYS`` and ``DEVICE_TYPES[...]``) whose
+parsers live in vhostd/configkeys.py.  Adding a device type means writing its
+dataclass, its key table and (optionally) a check hook, and registering it in
+``DEVICE_TYPES``.  A blk device's ``backend`` selects more keys: those of its
+store, which live with the code that opens it (vhostd/storage).
 """
 
 from __future__ import annotations
 
-import difflib
-import grp
 import os
-import pwd
 import re
 import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, TypeAlias
 
 import yaml
-from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from vhostd import storage
+from vhostd import configkeys as v
+from vhostd.configkeys import MAX_SERIAL, REQUIRED, Key, Problem, parse_size
 
 __all__ = [
     "BLK_BACKENDS",
@@ -48,44 +50,14 @@ __all__ = [
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
-#: Longest usable AF_UNIX socket path: sun_path is 108 bytes including the NUL.
-MAX_SOCKET_PATH = 107
-#: virtio-blk GET_ID returns at most this many bytes.
-MAX_SERIAL = 20
 MAX_QUEUES = 64
 MAX_QUEUE_SIZE = 1024
 MAX_WORKERS = 1024
-SECTOR = 512
-
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 # --------------------------------------------------------------------------
 # Result types
 # --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a config file.
-
-    ``line`` is 1-based, or None when the problem is not tied to a line (the
-    file cannot be read, is empty).  ``key`` is the dotted path of the
-    offending key (``devices[1].queues``), or "" for problems about the file
-    as a whole (YAML syntax errors, wrong top-level type).  Empty parts are
-    left out of ``str()``.
-    """
-
-    file: str
-    line: int | None
-    key: str
-    message: str
-
-    def __str__(self) -> str:
-        where = self.file if self.line is None else f"{self.file}:{self.line}"
-        if self.key:
-            return f"{where}: {self.key}: {self.message}"
-        return f"{where}: {self.message}"
 
 
 class ConfigError(Exception):
@@ -118,17 +90,14 @@ class BlkDeviceConfig:
     name: str
     type: Literal["blk"] = "blk"
     socket: str  # absolute path of the vhost-user socket vhostd listens on
-    backend: str = "file"  # one of BLK_BACKENDS
-    path: str | None = None  # absolute path of the image (regular file or block device); None with backend null
+    backend: str = "file"  # one of BLK_BACKENDS: where the data lives
+    store: Any  # that backend's settings: vhostd.storage.<backend>.Settings
     readonly: bool = False
     queues: int = 1
     queue_size: int = 256  # largest ring size offered; power of two
-    size: int | None = None  # bytes; creates a missing image (file), the capacity (null)
     serial: str | None = None  # GET_ID string; load_config fills in the name
     discard: bool = True
     write_zeroes: bool = True
-    direct: bool = False  # open the image with O_DIRECT
-    aio: str = "auto"  # one of BLK_AIO: where the image's I/O runs
     poll_us: int = 0  # busy-poll window of a queue that ran empty, in microseconds (0 = off)
     socket_mode: int | None = None  # chmod() the socket to this, e.g. 0o660
     socket_owner: int | None = None  # chown() the socket to this uid
@@ -138,12 +107,8 @@ class BlkDeviceConfig:
     line: int = field(default=0, compare=False)  # where the device starts in the YAML (0 = unknown)
 
 
-#: file: the data lives in an image; null: no storage at all, like QEMU's
-#: null-co driver (requests succeed without moving data), to measure the
-#: protocol and ring overhead alone.
-BLK_BACKENDS = ("file", "null")
-#: auto: io_uring (images on memory file systems inline); io_uring; threads: a thread pool.
-BLK_AIO = ("auto", "io_uring", "threads")
+#: Where a blk device's data lives; each has its module in vhostd/storage.
+BLK_BACKENDS = tuple(storage.BACKENDS)
 MAX_POLL_US = 1_000_000
 
 NET_BACKENDS = ("tap", "switch", "loopback")
@@ -235,265 +200,9 @@ class Config:
 # Scalar validators
 #
 # Each takes the YAML node and the load context and returns the Python value,
-# or raises _Invalid with a message that says what is accepted and what was
+# or raises v.Invalid with a message that says what is accepted and what was
 # found.  The caller adds file, line and key.
 # --------------------------------------------------------------------------
-
-
-class _Invalid(Exception):
-    pass
-
-
-_TAG = "tag:yaml.org,2002:"
-_constructor = SafeConstructor()
-
-
-def _describe(node: Node) -> str:
-    """How a value is shown after 'got': quoted strings, raw scalars, kinds."""
-    if isinstance(node, MappingNode):
-        return "a mapping"
-    if isinstance(node, SequenceNode):
-        return "a list"
-    if node.tag == _TAG + "null":
-        return "nothing" if node.value in ("", "~") else node.value
-    if node.tag == _TAG + "str":
-        return repr(node.value)
-    return node.value
-
-
-def _is(node: Node, kind: str) -> bool:
-    return isinstance(node, ScalarNode) and node.tag == _TAG + kind
-
-
-def _string(node: Node, what: str = "a string") -> str:
-    if _is(node, "str"):
-        return node.value
-    hint = " (put it in quotes)" if isinstance(node, ScalarNode) and node.value else ""
-    raise _Invalid(f"must be {what}, got {_describe(node)}{hint}")
-
-
-def _bool(node: Node, ctx: _Context) -> bool:
-    if _is(node, "bool"):
-        return _constructor.construct_yaml_bool(node)
-    raise _Invalid(f"must be true or false, got {_describe(node)}")
-
-
-def _int(node: Node, what: str) -> int:
-    if _is(node, "int"):
-        return _constructor.construct_yaml_int(node)
-    raise _Invalid(f"must be {what}, got {_describe(node)}")
-
-
-def _int_range(lo: int, hi: int) -> Callable[[Node, _Context], int]:
-    what = f"an integer from {lo} to {hi}"
-
-    def parse(node: Node, ctx: _Context) -> int:
-        value = _int(node, what)
-        if not lo <= value <= hi:
-            raise _Invalid(f"must be {what}, got {_describe(node)}")
-        return value
-
-    return parse
-
-
-def _power_of_two(lo: int, hi: int) -> Callable[[Node, _Context], int]:
-    what = f"a power of two from {lo} to {hi}"
-
-    def parse(node: Node, ctx: _Context) -> int:
-        value = _int(node, what)
-        if not (lo <= value <= hi and value & (value - 1) == 0):
-            raise _Invalid(f"must be {what}, got {_describe(node)}")
-        return value
-
-    return parse
-
-
-def _choice(choices: tuple[str, ...]) -> Callable[[Node, _Context], str]:
-    what = "one of " + ", ".join(choices)
-
-    def parse(node: Node, ctx: _Context) -> str:
-        value = _string(node, what).lower()
-        if value not in choices:
-            raise _Invalid(f"must be {what}, got {_describe(node)}{_did_you_mean(value, choices)}")
-        return value
-
-    return parse
-
-
-def _name(node: Node, ctx: _Context) -> str:
-    what = "a name of 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
-    value = _string(node, what)
-    if not _NAME_RE.fullmatch(value):
-        raise _Invalid(f"must be {what}, got {_describe(node)}")
-    return value
-
-
-def _path(node: Node, ctx: _Context) -> str:
-    value = _string(node, "a file path")
-    if not value:
-        raise _Invalid("must be a file path, got an empty string")
-    if "\0" in value:
-        raise _Invalid("must not contain a NUL character")
-    return ctx.resolve(value)
-
-
-def _socket_path(node: Node, ctx: _Context) -> str:
-    value = _path(node, ctx)
-    length = len(os.fsencode(value))
-    if length > MAX_SOCKET_PATH:
-        raise _Invalid(
-            f"socket path {value} is {length} bytes long, but AF_UNIX socket paths "
-            f"are limited to {MAX_SOCKET_PATH} bytes; choose a shorter path"
-        )
-    return value
-
-
-_SIZE_RE = re.compile(r"(\d+)\s*(?:([KMGT])(iB)?|(B))?", re.IGNORECASE)
-_FRACTION_RE = re.compile(r"[-+]?\d*\.\d*(?:e[-+]?\d+)?\s*[A-Za-z]*", re.IGNORECASE)
-_DECIMAL_SUFFIX_RE = re.compile(r"\d+\s*([KMGT]B)", re.IGNORECASE)
-_SIZE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE_HELP = "a positive size in bytes, optionally with a suffix K, M, G or T (or KiB, MiB, GiB, TiB)"
-_MAX_SIZE = (1 << 63) - 1  # off_t
-
-
-def parse_size(value: int | str) -> int:
-    """Parse a size such as ``4096``, ``"64M"`` or ``"1 GiB"`` into bytes.
-
-    Suffixes are 1024-based; floats, negative numbers and zero are rejected.
-    Raises ValueError with a message meant for humans ("must be ..., got ...").
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"must be {_SIZE_HELP}, got {value!r}")
-    if isinstance(value, int):
-        number = value
-    else:
-        text = value.strip()
-        m = _SIZE_RE.fullmatch(text)
-        if not m:
-            if _FRACTION_RE.fullmatch(text) and any(c.isdigit() for c in text):
-                raise ValueError(f"must be a whole number of bytes, got {value!r}; use a smaller unit, e.g. 1536M instead of 1.5G")
-            d = _DECIMAL_SUFFIX_RE.fullmatch(text)
-            if d:
-                unit = d.group(1)[0].upper()
-                raise ValueError(f"has the ambiguous suffix {d.group(1)!r}; write {unit} or {unit}iB (sizes are 1024-based)")
-            raise ValueError(f"must be {_SIZE_HELP}, got {value!r}")
-        number = int(m.group(1))
-        if m.group(2):
-            number *= _SIZE_UNITS[m.group(2).lower()]
-    if number <= 0:
-        raise ValueError(f"must be {_SIZE_HELP}, got {value!r}")
-    if number > _MAX_SIZE:
-        raise ValueError(f"is too large ({value!r}); the limit is 2**63-1 bytes")
-    return number
-
-
-def _size(multiple: int) -> Callable[[Node, _Context], int]:
-    def parse(node: Node, ctx: _Context) -> int:
-        if _is(node, "int"):
-            raw: int | str = _constructor.construct_yaml_int(node)
-        elif _is(node, "str"):
-            raw = node.value
-        elif _is(node, "float"):
-            raise _Invalid(f"must be a whole number of bytes, got {node.value}")
-        else:
-            raise _Invalid(f"must be {_SIZE_HELP}, got {_describe(node)}")
-        try:
-            value = parse_size(raw)
-        except ValueError as e:
-            raise _Invalid(str(e)) from None
-        if value % multiple:
-            raise _Invalid(f"must be a multiple of {multiple} bytes, got {_describe(node)} ({value} bytes)")
-        return value
-
-    return parse
-
-
-def _serial(node: Node, ctx: _Context) -> str:
-    what = f"a string of at most {MAX_SERIAL} printable ASCII characters"
-    value = _string(node, what)
-    if not value:
-        raise _Invalid(f"must be {what}, got an empty string; leave 'serial' out to use the device name")
-    if not all(" " <= c <= "~" for c in value):
-        raise _Invalid(f"must be {what}, got {_describe(node)}")
-    if len(value) > MAX_SERIAL:
-        raise _Invalid(f"must be {what}, got {_describe(node)} ({len(value)} characters)")
-    return value
-
-
-_MODE_RE = re.compile(r"(?:0o?)?([0-7]{1,4})", re.IGNORECASE)
-
-
-def _account(kind: str, lookup: Callable[[str], int]) -> Callable[[Node, _Context], int]:
-    """A user or group: a name (looked up now, so a typo is a config error) or a number."""
-
-    def parse(node: Node, ctx: _Context) -> int:
-        if _is(node, "int"):
-            return _int_range(0, 2**32 - 2)(node, ctx)
-        name = _string(node, f"a {kind} name or a numeric {kind[0]}id")
-        try:
-            return lookup(name)
-        except KeyError:
-            raise _Invalid(f"no {kind} named {name!r} on this system") from None
-
-    return parse
-
-
-_user = _account("user", lambda name: pwd.getpwnam(name).pw_uid)
-_group = _account("group", lambda name: grp.getgrnam(name).gr_gid)
-
-
-def _id_list(one: Callable[[Node, _Context], int], what: str) -> Callable[[Node, _Context], tuple[int, ...]]:
-    def parse(node: Node, ctx: _Context) -> tuple[int, ...]:
-        if not isinstance(node, SequenceNode):
-            raise _Invalid(f"must be a list of {what}, e.g. [qemu, 107], got {_describe(node)}")
-        return tuple(one(item, ctx) for item in node.value)
-
-    return parse
-
-
-_ADDRESS_RE = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})")
-
-
-def _address(node: Node, ctx: _Context) -> tuple[str, int]:
-    """host:port or [v6-address]:port, e.g. 127.0.0.1:9110."""
-    what = "an address like 127.0.0.1:9110 or [::1]:9110"
-    m = _ADDRESS_RE.fullmatch(_string(node, what).strip())
-    if not m or not 1 <= int(m.group(3)) <= 65535:
-        raise _Invalid(f"must be {what}, got {_describe(node)}")
-    return (m.group(1) or m.group(2), int(m.group(3)))
-
-
-def _mode(node: Node, ctx: _Context) -> int:
-    """A file mode, always read as octal like chmod: 0660, "0660", 660, 0o660."""
-    what = "an octal file mode from 0000 to 0777, like 0660"
-    if not (_is(node, "int") or _is(node, "str")):
-        raise _Invalid(f"must be {what}, got {_describe(node)}")
-    m = _MODE_RE.fullmatch(node.value.strip())
-    if not m or int(m.group(1), 8) > 0o777:
-        raise _Invalid(f"must be {what}, got {_describe(node)}")
-    return int(m.group(1), 8)
-
-
-# --------------------------------------------------------------------------
-# Key tables
-# --------------------------------------------------------------------------
-
-
-class _Required:
-    def __repr__(self) -> str:
-        return "REQUIRED"
-
-
-REQUIRED: Any = _Required()
-
-
-@dataclass(frozen=True)
-class Key:
-    """One key a config section accepts."""
-
-    parse: Callable[[Node, "_Context"], Any]
-    default: Any = REQUIRED
-    help: str = ""  # what the key is for; used in 'missing key' messages
 
 
 @dataclass(frozen=True)
@@ -504,57 +213,54 @@ class DeviceType:
     keys: dict[str, Key]  # type-specific keys, on top of _COMMON_DEVICE_KEYS
     #: Called once all keys are read; fills derived defaults into
     #: ``draft.values`` and reports cross-key problems with ``draft.report``.
-    finish: Callable[["_DeviceDraft", "_Context"], None] | None = None
-    #: Called only with check_files=True, to look at the files on disk.
-    check_files: Callable[["_DeviceDraft", "_Context"], None] | None = None
-    #: Keys naming disk images that two writable devices must not share.
-    image_keys: tuple[str, ...] = ()
+    finish: Callable[[v.Draft, v.Context], None] | None = None
+    #: A key whose value selects more keys (blk's ``backend``), and for each
+    #: of its values the module with those keys (see vhostd/storage): their
+    #: KEYS and Settings, optional finish and check_files, and identity.
+    variant_key: str | None = None
+    variants: dict[str, Any] = field(default_factory=dict)
 
 
 _DAEMON_KEYS: dict[str, Key] = {
-    "workers": Key(_int_range(0, MAX_WORKERS), 0),
-    "log_level": Key(_choice(LOG_LEVELS), "info"),
-    "log_format": Key(_choice(LOG_FORMATS), "auto"),
-    "control_socket": Key(_socket_path, None),
-    "user": Key(_user, None),
-    "group": Key(_group, None),
-    "metrics": Key(_address, None),
+    "workers": Key(v.int_range(0, MAX_WORKERS), 0),
+    "log_level": Key(v.choice(LOG_LEVELS), "info"),
+    "log_format": Key(v.choice(LOG_FORMATS), "auto"),
+    "control_socket": Key(v.socket_path, None),
+    "user": Key(v.user, None),
+    "group": Key(v.group, None),
+    "metrics": Key(v.address, None),
 }
 
 # "type" is handled before the table (it selects the table), but it is listed
 # so that it counts as a known key.
 _COMMON_DEVICE_KEYS: dict[str, Key] = {
-    "name": Key(_name, help="a unique device name"),
+    "name": Key(v.name, help="a unique device name"),
     "type": Key(lambda node, ctx: node.value, help="the device type, e.g. 'blk'"),
-    "socket": Key(_socket_path, help="the vhost-user socket path vhostd listens on"),
-    "socket_mode": Key(_mode, None),
-    "socket_owner": Key(_user, None),
-    "socket_group": Key(_group, None),
-    "allow_uids": Key(_id_list(_user, "user names or uids"), None),
-    "allow_gids": Key(_id_list(_group, "group names or gids"), None),
+    "socket": Key(v.socket_path, help="the vhost-user socket path vhostd listens on"),
+    "socket_mode": Key(v.mode, None),
+    "socket_owner": Key(v.user, None),
+    "socket_group": Key(v.group, None),
+    "allow_uids": Key(v.id_list(v.user, "user names or uids"), None),
+    "allow_gids": Key(v.id_list(v.group, "group names or gids"), None),
 }
 
-def _blk_backend(node: Node, ctx: _Context) -> str:
+def _blk_backend(node: Node, ctx: v.Context) -> str:
     # YAML reads a bare `null` as "no value"; here it names the null backend.
-    if _is(node, "null") and node.value.lower() == "null":
+    if v.is_kind(node, "null") and node.value.lower() == "null":
         return "null"
-    return _choice(BLK_BACKENDS)(node, ctx)
+    return v.choice(BLK_BACKENDS)(node, ctx)
 
 
+# The keys every blk device takes; each backend adds its own (vhostd/storage).
 _BLK_KEYS: dict[str, Key] = {
     "backend": Key(_blk_backend, "file"),
-    # Required with backend file; _finish_blk says so.
-    "path": Key(_path, None, help="the disk image: a regular file or a block device"),
-    "readonly": Key(_bool, False),
-    "queues": Key(_int_range(1, MAX_QUEUES), 1),
-    "queue_size": Key(_power_of_two(2, MAX_QUEUE_SIZE), 256),
-    "size": Key(_size(SECTOR), None),
-    "serial": Key(_serial, None),
-    "discard": Key(_bool, True),
-    "write_zeroes": Key(_bool, True),
-    "direct": Key(_bool, False),
-    "aio": Key(_choice(BLK_AIO), "auto"),
-    "poll_us": Key(_int_range(0, MAX_POLL_US), 0),
+    "readonly": Key(v.boolean, False),
+    "queues": Key(v.int_range(1, MAX_QUEUES), 1),
+    "queue_size": Key(v.power_of_two(2, MAX_QUEUE_SIZE), 256),
+    "serial": Key(v.serial, None),
+    "discard": Key(v.boolean, True),
+    "write_zeroes": Key(v.boolean, True),
+    "poll_us": Key(v.int_range(0, MAX_POLL_US), 0),
 }
 
 
@@ -562,33 +268,33 @@ _IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
 
 
-def _ifname(node: Node, ctx: "_Context") -> str:
-    value = _string(node, "an interface name")
+def _ifname(node: Node, ctx: "v.Context") -> str:
+    value = v.string(node, "an interface name")
     if not _IFNAME_RE.fullmatch(value):
-        raise _Invalid(f"must be an interface name of 1 to 15 characters from A-Z a-z 0-9 _ . -, got {value!r}")
+        raise v.Invalid(f"must be an interface name of 1 to 15 characters from A-Z a-z 0-9 _ . -, got {value!r}")
     return value
 
 
-def _mac(node: Node, ctx: "_Context") -> str:
-    value = _string(node, "a MAC address")
+def _mac(node: Node, ctx: "v.Context") -> str:
+    value = v.string(node, "a MAC address")
     if not _MAC_RE.fullmatch(value):
-        raise _Invalid(f"must be a MAC address like 52:54:00:12:34:56, got {value!r}")
+        raise v.Invalid(f"must be a MAC address like 52:54:00:12:34:56, got {value!r}")
     if int(value[:2], 16) & 1:
-        raise _Invalid(f"{value} is a multicast address; a NIC needs a unicast MAC")
+        raise v.Invalid(f"{value} is a multicast address; a NIC needs a unicast MAC")
     if value == "00:00:00:00:00:00":
-        raise _Invalid("00:00:00:00:00:00 is not a usable MAC address")
+        raise v.Invalid("00:00:00:00:00:00 is not a usable MAC address")
     return value.lower()
 
 
 _NET_KEYS: dict[str, Key] = {
-    "backend": Key(_choice(NET_BACKENDS), help=f"where frames go: {', '.join(NET_BACKENDS)}"),
+    "backend": Key(v.choice(NET_BACKENDS), help=f"where frames go: {', '.join(NET_BACKENDS)}"),
     "tap": Key(_ifname, None),
-    "switch": Key(_name, None),
+    "switch": Key(v.name, None),
     "mac": Key(_mac, None),
-    "mtu": Key(_int_range(68, 65535), 1500),
-    "queues": Key(_int_range(1, MAX_QUEUE_PAIRS), 1),
-    "queue_size": Key(_power_of_two(2, MAX_QUEUE_SIZE), 256),
-    "offloads": Key(_bool, True),
+    "mtu": Key(v.int_range(68, 65535), 1500),
+    "queues": Key(v.int_range(1, MAX_QUEUE_PAIRS), 1),
+    "queue_size": Key(v.power_of_two(2, MAX_QUEUE_SIZE), 256),
+    "offloads": Key(v.boolean, True),
 }
 
 
@@ -605,62 +311,7 @@ def default_mac(name: str) -> str:
 # --------------------------------------------------------------------------
 
 
-class _Context:
-    def __init__(self, file: str, base_dir: str, check_files: bool):
-        self.file = file
-        self.base_dir = base_dir
-        self.check_files = check_files
-        self.problems: list[Problem] = []
-
-    def report(self, node: Node | int | None, key: str, message: str) -> None:
-        line = node if node is None or isinstance(node, int) else node.start_mark.line + 1
-        self.problems.append(Problem(self.file, line, key, message))
-
-    def resolve(self, value: str) -> str:
-        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value)))
-
-
-@dataclass
-class _DeviceDraft:
-    """A device while it is being validated."""
-
-    index: int
-    node: MappingNode
-    type: DeviceType | None = None
-    values: dict[str, Any] = field(default_factory=dict)
-    nodes: dict[str, Node] = field(default_factory=dict)  # value node of each key present
-    bad: set[str] = field(default_factory=set)  # keys present but invalid
-
-    @property
-    def line(self) -> int:
-        return self.node.start_mark.line + 1
-
-    def key(self, name: str) -> str:
-        return f"devices[{self.index}].{name}"
-
-    @property
-    def label(self) -> str:
-        """' (device 'disk0')' when the name is known, for message suffixes."""
-        name = self.values.get("name")
-        return f" (device {name!r})" if name else ""
-
-    def report(self, ctx: _Context, key: str, message: str, node: Node | int | None = None) -> None:
-        """Report a problem with ``key``, on the line of its value by default."""
-        if node is None:
-            node = self.nodes.get(key, self.node)
-        ctx.report(node, self.key(key), message + self.label)
-
-    def ok(self, *keys: str) -> bool:
-        """True when none of ``keys`` failed validation."""
-        return not any(k in self.bad for k in keys)
-
-
-def _did_you_mean(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _mapping_items(node: MappingNode, ctx: _Context, path: str) -> dict[str, tuple[Node, Node]]:
+def _mapping_items(node: MappingNode, ctx: v.Context, path: str) -> dict[str, tuple[Node, Node]]:
     """The keys of a mapping as {name: (key node, value node)}, in file order.
 
     Reports duplicate and non-string keys.  Supports YAML merge keys
@@ -673,23 +324,23 @@ def _mapping_items(node: MappingNode, ctx: _Context, path: str) -> dict[str, tup
         sources = value.value if isinstance(value, SequenceNode) else [value]
         for src in sources:
             if not isinstance(src, MappingNode):
-                ctx.report(src, path, f"'<<' can only merge mappings, got {_describe(src)}")
+                ctx.report(src, path, f"'<<' can only merge mappings, got {v.describe(src)}")
                 continue
             if id(src) in seen:
                 continue
             seen.add(id(src))
-            for k, v in src.value:
-                if k.tag == _TAG + "merge":
-                    merge_from(v, seen)
+            for k, val in src.value:
+                if k.tag == v.TAG + "merge":
+                    merge_from(val, seen)
                 elif isinstance(k, ScalarNode):
-                    merged.setdefault(k.value, (k, v))
+                    merged.setdefault(k.value, (k, val))
 
     for key_node, value_node in node.value:
-        if key_node.tag == _TAG + "merge":
+        if key_node.tag == v.TAG + "merge":
             merge_from(value_node, {id(node)})
             continue
-        if not isinstance(key_node, ScalarNode) or key_node.tag == _TAG + "null":
-            ctx.report(key_node, path, f"keys must be names, got {_describe(key_node)}")
+        if not isinstance(key_node, ScalarNode) or key_node.tag == v.TAG + "null":
+            ctx.report(key_node, path, f"keys must be names, got {v.describe(key_node)}")
             continue
         name = key_node.value
         if name in items:
@@ -706,8 +357,8 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _unknown_key(ctx: _Context, key_node: Node, path: str, name: str, known: Any, suffix: str = "") -> None:
-    ctx.report(key_node, _join(path, name), f"unknown key {name!r}{_did_you_mean(name, known)}{suffix}")
+def _unknown_key(ctx: v.Context, key_node: Node, path: str, name: str, known: Any, suffix: str = "") -> None:
+    ctx.report(key_node, _join(path, name), f"unknown key {name!r}{v.did_you_mean(name, known)}{suffix}")
 
 
 # --------------------------------------------------------------------------
@@ -715,11 +366,11 @@ def _unknown_key(ctx: _Context, key_node: Node, path: str, name: str, known: Any
 # --------------------------------------------------------------------------
 
 
-def _parse_daemon(node: Node | None, ctx: _Context) -> DaemonConfig:
-    if node is None or _is(node, "null"):
+def _parse_daemon(node: Node | None, ctx: v.Context) -> DaemonConfig:
+    if node is None or v.is_kind(node, "null"):
         return DaemonConfig()
     if not isinstance(node, MappingNode):
-        ctx.report(node, "daemon", f"must be a mapping of daemon settings, got {_describe(node)}")
+        ctx.report(node, "daemon", f"must be a mapping of daemon settings, got {v.describe(node)}")
         return DaemonConfig()
     values = {}
     for name, (key_node, value_node) in _mapping_items(node, ctx, "daemon").items():
@@ -729,24 +380,17 @@ def _parse_daemon(node: Node | None, ctx: _Context) -> DaemonConfig:
             continue
         try:
             values[name] = spec.parse(value_node, ctx)
-        except _Invalid as e:
-            ctx.report(_value_line(key_node, value_node), f"daemon.{name}", str(e))
+        except v.Invalid as e:
+            ctx.report(v.value_line(key_node, value_node), f"daemon.{name}", str(e))
     return DaemonConfig(**values)
 
 
-def _value_line(key_node: Node, value_node: Node) -> int:
-    """Line to blame for a bad value: the value's own, or the key's if empty."""
-    if _is(value_node, "null") and value_node.value == "":
-        return key_node.start_mark.line + 1
-    return value_node.start_mark.line + 1
-
-
-def _parse_device(index: int, node: Node, ctx: _Context) -> _DeviceDraft | None:
+def _parse_device(index: int, node: Node, ctx: v.Context) -> v.Draft | None:
     path = f"devices[{index}]"
     if not isinstance(node, MappingNode):
-        ctx.report(node, path, f"each device must be a mapping of keys (name, type, socket, ...), got {_describe(node)}")
+        ctx.report(node, path, f"each device must be a mapping of keys (name, type, socket, ...), got {v.describe(node)}")
         return None
-    dev = _DeviceDraft(index, node)
+    dev = v.Draft(index, node)
     items = _mapping_items(node, ctx, path)
     for name, (key_node, value_node) in items.items():
         dev.nodes[name] = value_node
@@ -758,32 +402,42 @@ def _parse_device(index: int, node: Node, ctx: _Context) -> _DeviceDraft | None:
     # The type selects the key table.
     if "type" in items:
         key_node, type_node = items["type"]
-        type_name = type_node.value if _is(type_node, "str") else None
+        type_name = type_node.value if v.is_kind(type_node, "str") else None
         if type_name in DEVICE_TYPES:
             dev.type = DEVICE_TYPES[type_name]
             dev.values["type"] = type_name
         else:
             dev.bad.add("type")
-            suggestion = _did_you_mean(type_name, DEVICE_TYPES) if type_name else ""
+            suggestion = v.did_you_mean(type_name, DEVICE_TYPES) if type_name else ""
             dev.report(
                 ctx,
                 "type",
-                f"unknown device type {_describe(type_node)}{suggestion}; supported types: {', '.join(DEVICE_TYPES)}",
+                f"unknown device type {v.describe(type_node)}{suggestion}; supported types: {', '.join(DEVICE_TYPES)}",
                 node=type_node if type_node.value else key_node,
             )
 
     known = dict(_COMMON_DEVICE_KEYS)
+    variant = None
     if dev.type is not None:
         known.update(dev.type.keys)
+        variant = _variant(dev, items, ctx)
+        if variant is not None:
+            known.update(variant.KEYS)
     for name, (key_node, value_node) in items.items():
-        if name in ("name", "type"):
+        if name in ("name", "type") or name == (dev.type and dev.type.variant_key):
             continue
         spec = known.get(name)
         if spec is not None:
             _parse_key(dev, name, (key_node, value_node), spec, ctx)
         elif dev.type is not None:
             # Without a valid type we cannot tell which keys are unknown.
-            _unknown_key(ctx, key_node, path, name, known, dev.label)
+            takers = [k for k, mod in dev.type.variants.items() if name in mod.KEYS]
+            if not takers:
+                _unknown_key(ctx, key_node, path, name, [*known, *_variant_keys(dev.type)], dev.label)
+            elif variant is not None:  # with an invalid backend it cannot be told
+                kind = dev.type.variant_key
+                dev.report(ctx, name, f"{name!r} only applies to {kind} {' or '.join(takers)}, not "
+                           f"{dev.values[kind]}", node=key_node)
 
     # Without a valid type only the common keys can be known to be missing.
     for name, spec in known.items():
@@ -795,105 +449,78 @@ def _parse_device(index: int, node: Node, ctx: _Context) -> _DeviceDraft | None:
         else:
             dev.values[name] = spec.default
 
+    if variant is not None and hasattr(variant, "finish"):
+        variant.finish(dev, ctx)
     if dev.type is not None and dev.type.finish is not None:
         dev.type.finish(dev, ctx)
     return dev
 
 
-def _parse_key(dev: _DeviceDraft, name: str, pair: tuple[Node, Node], spec: Key, ctx: _Context) -> None:
+def _variant(dev: v.Draft, items: dict[str, tuple[Node, Node]], ctx: v.Context) -> Any:
+    """Read the key that selects the device's variant (blk's backend) and
+    return the variant's module, or None."""
+    kind = dev.type.variant_key
+    if kind is None:
+        return None
+    if kind in items:
+        _parse_key(dev, kind, items[kind], dev.type.keys[kind], ctx)
+    else:
+        dev.values[kind] = dev.type.keys[kind].default
+    return dev.type.variants.get(dev.values.get(kind))
+
+
+def _variant_keys(t: DeviceType) -> list[str]:
+    return [k for mod in t.variants.values() for k in mod.KEYS]
+
+
+def _build_device(d: v.Draft) -> Any:
+    """The device's config from its checked values; a variant's keys become
+    its own Settings (BlkDeviceConfig.store)."""
+    values = dict(d.values)
+    if d.type.variant_key is not None:
+        mod = d.type.variants[values[d.type.variant_key]]
+        values["store"] = mod.Settings(**{k: values.pop(k) for k in mod.KEYS})
+    return d.type.cls(**values, line=d.line)
+
+
+def _identity(d: v.Draft) -> tuple[str, str, str, str] | None:
+    """(key, value as written, what kind of data, what names it) of the data
+    a device's variant uses, for the shared-data checks; None if it has none
+    or it is invalid."""
+    if d.type is None or d.type.variant_key is None:
+        return None
+    mod = d.type.variants.get(d.values.get(d.type.variant_key))
+    if mod is None or not d.ok(*mod.KEYS) or any(k not in d.values for k in mod.KEYS):
+        return None
+    found = mod.identity(mod.Settings(**{k: d.values[k] for k in mod.KEYS}))
+    if found is None:
+        return None
+    key, what, ident = found
+    return key, str(d.values[key]), what, ident
+
+
+def _parse_key(dev: v.Draft, name: str, pair: tuple[Node, Node], spec: Key, ctx: v.Context) -> None:
     key_node, value_node = pair
     try:
         dev.values[name] = spec.parse(value_node, ctx)
-    except _Invalid as e:
+    except v.Invalid as e:
         dev.bad.add(name)
-        dev.report(ctx, name, str(e), node=_value_line(key_node, value_node))
+        dev.report(ctx, name, str(e), node=v.value_line(key_node, value_node))
 
 
-def _finish_blk(dev: _DeviceDraft, ctx: _Context) -> None:
-    backend = dev.values.get("backend")
-    if dev.ok("backend") and backend is not None:
-        path_given = dev.values.get("path") is not None or "path" in dev.bad
-        if backend == "file" and not path_given:
-            dev.bad.add("path")
-            dev.report(ctx, "path", f"missing required key 'path' ({_BLK_KEYS['path'].help})", node=dev.node)
-        elif backend == "null":
-            if path_given:
-                dev.report(ctx, "path", "'path' only applies to backend file; a null disk has no image")
-            if dev.values.get("direct") is True:
-                dev.report(ctx, "direct", "'direct' only applies to backend file; a null disk has no image")
-            if "aio" in dev.nodes:
-                dev.report(ctx, "aio", "'aio' only applies to backend file; a null disk does no I/O")
-            if dev.values.get("size") is None and "size" not in dev.bad:
-                dev.report(ctx, "size", "missing key 'size' (backend null needs it: the disk's capacity)",
-                           node=dev.nodes.get("backend"))
+def _finish_blk(dev: v.Draft, ctx: v.Context) -> None:
     if dev.values.get("serial") is None and "name" in dev.values:
         dev.values["serial"] = dev.values["name"][:MAX_SERIAL]
 
 
-def _check_blk_files(dev: _DeviceDraft, ctx: _Context) -> None:
-    if not dev.ok("path") or dev.values.get("path") is None:
-        return
-    path = dev.values["path"]
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        st = None
-    except OSError as e:
-        dev.report(ctx, "path", f"cannot access image {path}: {e.strerror}")
-        return
-    if st is None:
-        if "size" in dev.bad:
-            return
-        if dev.values.get("size") is None:
-            dev.report(ctx, "path", f"image {path} does not exist; create it, or set 'size' to have vhostd create it")
-            return
-        why = _why_not_creatable(path)
-        if why:
-            dev.report(ctx, "path", f"image {path} does not exist and cannot be created: {why}")
-        return
-    if stat.S_ISDIR(st.st_mode):
-        dev.report(ctx, "path", f"image {path} is a directory; expected a regular file or a block device")
-        return
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        dev.report(ctx, "path", f"image {path} is not a regular file or a block device")
-        return
-    if not os.access(path, os.R_OK):
-        dev.report(ctx, "path", f"image {path} is not readable")
-    elif dev.values.get("readonly") is False and dev.ok("readonly") and not os.access(path, os.W_OK):
-        dev.report(ctx, "path", f"image {path} is not writable; fix its permissions or set 'readonly: true'")
-    if stat.S_ISREG(st.st_mode) and st.st_size % SECTOR:
-        dev.report(ctx, "path", f"image {path} is {st.st_size} bytes long, which is not a multiple of {SECTOR}")
-
-
-def _why_not_creatable(path: str) -> str | None:
-    """Why ``path`` could not be created (with its missing parent directories), or None."""
-    parent = os.path.dirname(path)
-    while True:
-        try:
-            st = os.stat(parent)
-        except (FileNotFoundError, NotADirectoryError):
-            up = os.path.dirname(parent)
-            if up == parent:
-                return f"no part of {parent} exists"
-            parent = up
-            continue
-        except OSError as e:
-            return f"cannot access {parent}: {e.strerror}"
-        if not stat.S_ISDIR(st.st_mode):
-            return f"{parent} is not a directory"
-        if not os.access(parent, os.W_OK | os.X_OK):
-            return f"directory {parent} is not writable"
-        return None
-
-
-def _check_socket_file(dev: _DeviceDraft, ctx: _Context) -> None:
+def _check_socket_file(dev: v.Draft, ctx: v.Context) -> None:
     if not dev.ok("socket") or "socket" not in dev.values:
         return
     sock = dev.values["socket"]
     try:
         st = os.lstat(sock)
     except (FileNotFoundError, NotADirectoryError):
-        why = _why_not_creatable(sock)
+        why = v.why_not_creatable(sock)
         if why:
             dev.report(ctx, "socket", f"cannot create socket {sock}: {why}")
         return
@@ -904,7 +531,7 @@ def _check_socket_file(dev: _DeviceDraft, ctx: _Context) -> None:
         dev.report(ctx, "socket", f"{sock} already exists and is not a socket; vhostd will not replace it")
 
 
-def _finish_net(dev: _DeviceDraft, ctx: _Context) -> None:
+def _finish_net(dev: v.Draft, ctx: v.Context) -> None:
     backend = dev.values.get("backend")
     if backend is not None and dev.ok("backend"):
         for key in ("tap", "switch"):
@@ -926,29 +553,27 @@ DEVICE_TYPES: dict[str, DeviceType] = {
         cls=BlkDeviceConfig,
         keys=_BLK_KEYS,
         finish=_finish_blk,
-        check_files=_check_blk_files,
-        image_keys=("path",),
+        variant_key="backend",
+        variants=storage.BACKENDS,
     ),
     "net": DeviceType(cls=NetDeviceConfig, keys=_NET_KEYS, finish=_finish_net),
 }
 
 
-def _check_across_devices(devs: list[_DeviceDraft], ctx: _Context) -> None:
-    names: dict[str, _DeviceDraft] = {}
-    sockets: dict[str, _DeviceDraft] = {}
-    images: dict[str, list[tuple[_DeviceDraft, str]]] = {}
-    writers: dict[str, _DeviceDraft] = {}
+def _check_across_devices(devs: list[v.Draft], ctx: v.Context) -> None:
+    names: dict[str, v.Draft] = {}
+    sockets: dict[str, v.Draft] = {}
+    images: dict[str, list[v.Draft]] = {}
+    writers: dict[str, v.Draft] = {}
 
-    def who(d: _DeviceDraft) -> str:
+    def who(d: v.Draft) -> str:
         name = d.values.get("name")
         return f"device {name!r} (line {d.line})" if name else f"devices[{d.index}] (line {d.line})"
 
+    data = {id(d): _identity(d) for d in devs}
     for d in devs:
-        if d.type is None:
-            continue
-        for key in d.type.image_keys:
-            if d.ok(key) and d.values.get(key) is not None:
-                images.setdefault(os.path.realpath(d.values[key]), []).append((d, key))
+        if data[id(d)] is not None:
+            images.setdefault(data[id(d)][3], []).append(d)
 
     for d in devs:
         name = d.values.get("name")
@@ -965,25 +590,22 @@ def _check_across_devices(devs: list[_DeviceDraft], ctx: _Context) -> None:
                 ctx.report(d.nodes["socket"], d.key("socket"), f"socket {sock} is already used by {who(sockets[real])}")
             else:
                 sockets[real] = d
-            for other, _key in images.get(real, ()):
+            for other in images.get(real, ()):
                 owner = "this device" if other is d else who(other)
                 ctx.report(d.nodes["socket"], d.key("socket"), f"socket {sock} is also the image path of {owner}")
 
-        if d.type is None or d.values.get("readonly", False) is not False or not d.ok("readonly"):
+        if data[id(d)] is None or d.values.get("readonly", False) is not False or not d.ok("readonly"):
             continue
-        for key in d.type.image_keys:
-            if not d.ok(key) or d.values.get(key) is None:
-                continue
-            real = os.path.realpath(d.values[key])
-            if real in writers:
-                ctx.report(
-                    d.nodes[key],
-                    d.key(key),
-                    f"image {d.values[key]} is also used by writable {who(writers[real])}; "
-                    "two writable devices would corrupt it, so set 'readonly: true' on one of them",
-                )
-            else:
-                writers[real] = d
+        key, written, what, ident = data[id(d)]
+        if ident in writers:
+            ctx.report(
+                d.nodes.get(key, d.node),
+                d.key(key),
+                f"{what} {written} is also used by writable {who(writers[ident])}; "
+                "two writable devices would corrupt it, so set 'readonly: true' on one of them",
+            )
+        else:
+            writers[ident] = d
 
 
 # --------------------------------------------------------------------------
@@ -991,55 +613,55 @@ def _check_across_devices(devs: list[_DeviceDraft], ctx: _Context) -> None:
 # --------------------------------------------------------------------------
 
 
-def _vm_memory(node: Node, ctx: _Context) -> int:
-    value = _size(1)(node, ctx)
+def _vm_memory(node: Node, ctx: v.Context) -> int:
+    value = v.size(1)(node, ctx)
     if value % VM_MEMORY_ALIGN:
-        raise _Invalid(f"must be a multiple of {VM_MEMORY_ALIGN >> 20}M (the guest is mapped with 2 MiB pages), "
-                       f"got {_describe(node)}")
+        raise v.Invalid(f"must be a multiple of {VM_MEMORY_ALIGN >> 20}M (the guest is mapped with 2 MiB pages), "
+                       f"got {v.describe(node)}")
     if not MIN_VM_MEMORY <= value <= MAX_VM_MEMORY:
-        raise _Invalid(f"must be from {MIN_VM_MEMORY >> 20}M to {MAX_VM_MEMORY >> 30}G, got {_describe(node)}")
+        raise v.Invalid(f"must be from {MIN_VM_MEMORY >> 20}M to {MAX_VM_MEMORY >> 30}G, got {v.describe(node)}")
     return value
 
 
-def _text(limit: int | None, what: str) -> Callable[[Node, _Context], str]:
-    def parse(node: Node, ctx: _Context) -> str:
-        if _is(node, "null"):
+def _text(limit: int | None, what: str) -> Callable[[Node, v.Context], str]:
+    def parse(node: Node, ctx: v.Context) -> str:
+        if v.is_kind(node, "null"):
             return ""
         if not isinstance(node, ScalarNode):
-            raise _Invalid(f"must be {what}, got {_describe(node)}")
+            raise v.Invalid(f"must be {what}, got {v.describe(node)}")
         value = node.value  # numbers and booleans are fine as text here
         if "\0" in value:
-            raise _Invalid("must not contain a NUL character")
+            raise v.Invalid("must not contain a NUL character")
         if limit is not None and len(value.encode()) > limit:
-            raise _Invalid(f"must be at most {limit} bytes, got {len(value.encode())}")
+            raise v.Invalid(f"must be at most {limit} bytes, got {len(value.encode())}")
         return value
 
     return parse
 
 
 _VM_KEYS: dict[str, Key] = {
-    "name": Key(_name, help="a unique VM name"),
+    "name": Key(v.name, help="a unique VM name"),
     "memory": Key(_vm_memory, help="the guest RAM size, e.g. 256M"),
-    "vcpus": Key(_int_range(1, MAX_VCPUS), 1),
-    "payload": Key(_path, None),
-    "kernel": Key(_path, None),
+    "vcpus": Key(v.int_range(1, MAX_VCPUS), 1),
+    "payload": Key(v.path, None),
+    "kernel": Key(v.path, None),
     "cmdline": Key(_text(None, "a kernel command line"), ""),
-    "initrd": Key(_path, None),
+    "initrd": Key(v.path, None),
     "args": Key(_text(MAX_VM_ARGS, "the payload's command line"), ""),
-    "autostart": Key(_bool, False),
+    "autostart": Key(v.boolean, False),
 }
 #: Keys of a VM besides _VM_KEYS (parsed on their own).
 _VM_SPECIAL_KEYS = ("devices",)
 
 _VM_DEVICE_KEYS: dict[str, Key] = {
-    "type": Key(_choice(VM_DEVICE_TYPES), help=f"the virtio device type: {', '.join(VM_DEVICE_TYPES)}"),
-    "socket": Key(_socket_path, help="the vhost-user socket of the back-end"),
-    "queue_size": Key(_power_of_two(2, MAX_QUEUE_SIZE), None),
+    "type": Key(v.choice(VM_DEVICE_TYPES), help=f"the virtio device type: {', '.join(VM_DEVICE_TYPES)}"),
+    "socket": Key(v.socket_path, help="the vhost-user socket of the back-end"),
+    "queue_size": Key(v.power_of_two(2, MAX_QUEUE_SIZE), None),
 }
 
 
 @dataclass
-class _VmDraft(_DeviceDraft):
+class _VmDraft(v.Draft):
     devices: list["_VmDeviceDraft"] = field(default_factory=list)
 
     def key(self, name: str) -> str:
@@ -1052,7 +674,7 @@ class _VmDraft(_DeviceDraft):
 
 
 @dataclass
-class _VmDeviceDraft(_DeviceDraft):
+class _VmDeviceDraft(v.Draft):
     vm: _VmDraft | None = None
 
     def key(self, name: str) -> str:
@@ -1063,8 +685,8 @@ class _VmDeviceDraft(_DeviceDraft):
         return self.vm.label
 
 
-def _parse_keys(draft: _DeviceDraft, items: dict[str, tuple[Node, Node]], table: dict[str, Key], path: str,
-                ctx: _Context, skip: tuple[str, ...] = ()) -> None:
+def _parse_keys(draft: v.Draft, items: dict[str, tuple[Node, Node]], table: dict[str, Key], path: str,
+                ctx: v.Context, skip: tuple[str, ...] = ()) -> None:
     """Parse every key of `items` with `table`, report unknown and missing
     keys, fill in defaults."""
     for name, (key_node, value_node) in items.items():
@@ -1085,10 +707,10 @@ def _parse_keys(draft: _DeviceDraft, items: dict[str, tuple[Node, Node]], table:
             draft.values[name] = spec.default
 
 
-def _parse_vm(index: int, node: Node, ctx: _Context) -> _VmDraft | None:
+def _parse_vm(index: int, node: Node, ctx: v.Context) -> _VmDraft | None:
     path = f"vms[{index}]"
     if not isinstance(node, MappingNode):
-        ctx.report(node, path, f"each VM must be a mapping of keys (name, memory, payload, ...), got {_describe(node)}")
+        ctx.report(node, path, f"each VM must be a mapping of keys (name, memory, payload, ...), got {v.describe(node)}")
         return None
     vm = _VmDraft(index, node)
     items = _mapping_items(node, ctx, path)
@@ -1103,13 +725,13 @@ def _parse_vm(index: int, node: Node, ctx: _Context) -> _VmDraft | None:
     return vm
 
 
-def _parse_vm_devices(vm: _VmDraft, key_node: Node, seq: Node, ctx: _Context) -> list[_VmDeviceDraft]:
-    if _is(seq, "null"):
+def _parse_vm_devices(vm: _VmDraft, key_node: Node, seq: Node, ctx: v.Context) -> list[_VmDeviceDraft]:
+    if v.is_kind(seq, "null"):
         return []
     if not isinstance(seq, SequenceNode):
         vm.bad.add("devices")
         vm.report(ctx, "devices", f"must be a list of devices (each like '- {{type: blk, socket: PATH}}'), "
-                  f"got {_describe(seq)}", node=_value_line(key_node, seq))
+                  f"got {v.describe(seq)}", node=v.value_line(key_node, seq))
         return []
     if len(seq.value) > MAX_VM_DEVICES:
         vm.report(ctx, "devices", f"a VM has room for at most {MAX_VM_DEVICES} devices, got {len(seq.value)}")
@@ -1117,7 +739,7 @@ def _parse_vm_devices(vm: _VmDraft, key_node: Node, seq: Node, ctx: _Context) ->
     for j, node in enumerate(seq.value):
         path = f"{vm.key('devices')}[{j}]"
         if not isinstance(node, MappingNode):
-            ctx.report(node, path, f"each device must be a mapping with 'type' and 'socket', got {_describe(node)}"
+            ctx.report(node, path, f"each device must be a mapping with 'type' and 'socket', got {v.describe(node)}"
                        + vm.label)
             continue
         dev = _VmDeviceDraft(j, node, vm=vm)
@@ -1129,7 +751,7 @@ def _parse_vm_devices(vm: _VmDraft, key_node: Node, seq: Node, ctx: _Context) ->
     return out
 
 
-def _finish_vm(vm: _VmDraft, ctx: _Context) -> None:
+def _finish_vm(vm: _VmDraft, ctx: v.Context) -> None:
     v = vm.values
     payload, kernel = v.get("payload"), v.get("kernel")
     if payload is None and kernel is None and not vm.bad & {"payload", "kernel"}:
@@ -1145,7 +767,7 @@ def _finish_vm(vm: _VmDraft, ctx: _Context) -> None:
         vm.report(ctx, "args", "'args' only applies with 'payload'; a kernel takes 'cmdline'")
 
 
-def _check_vm_files(vm: _VmDraft, ctx: _Context) -> None:
+def _check_vm_files(vm: _VmDraft, ctx: v.Context) -> None:
     for key, what in (("payload", "payload"), ("kernel", "kernel"), ("initrd", "initrd")):
         path = vm.values.get(key)
         if path is None or not vm.ok(key):
@@ -1164,7 +786,7 @@ def _check_vm_files(vm: _VmDraft, ctx: _Context) -> None:
             vm.report(ctx, key, f"{what} {path} is not readable")
 
 
-def _check_across_vms(vms: list[_VmDraft], devs: list[_DeviceDraft], ctx: _Context) -> None:
+def _check_across_vms(vms: list[_VmDraft], devs: list[v.Draft], ctx: v.Context) -> None:
     names: dict[str, _VmDraft] = {}
     for vm in vms:
         name = vm.values.get("name")
@@ -1189,12 +811,12 @@ def _check_across_vms(vms: list[_VmDraft], devs: list[_DeviceDraft], ctx: _Conte
                                             if sock else DEFAULT_VM_QUEUE_SIZE)
 
 
-def _parse_vms(key_node: Node, seq: Node, ctx: _Context) -> list[_VmDraft]:
-    if _is(seq, "null"):
+def _parse_vms(key_node: Node, seq: Node, ctx: v.Context) -> list[_VmDraft]:
+    if v.is_kind(seq, "null"):
         return []
     if not isinstance(seq, SequenceNode):
-        ctx.report(_value_line(key_node, seq), "vms",
-                   f"must be a list of VMs (each starting with '- name: ...'), got {_describe(seq)}")
+        ctx.report(v.value_line(key_node, seq), "vms",
+                   f"must be a list of VMs (each starting with '- name: ...'), got {v.describe(seq)}")
         return []
     return [vm for i, node in enumerate(seq.value) if (vm := _parse_vm(i, node, ctx)) is not None]
 
@@ -1222,14 +844,14 @@ def load_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
     if isinstance(file, bytes):
         file = os.fsdecode(file)
     abs_file = os.path.abspath(file)
-    ctx = _Context(file, os.path.dirname(abs_file), check_files)
+    ctx = v.Context(file, os.path.dirname(abs_file), check_files)
 
     root = _compose(file, ctx)
     if root is None:
         raise ConfigError(ctx.problems)
 
     if not isinstance(root, MappingNode):
-        ctx.report(root, "", f"the top level must be a mapping with 'daemon' and 'devices' keys, got {_describe(root)}")
+        ctx.report(root, "", f"the top level must be a mapping with 'daemon' and 'devices' keys, got {v.describe(root)}")
         raise ConfigError(ctx.problems)
 
     items = _mapping_items(root, ctx, "")
@@ -1244,19 +866,19 @@ def load_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
     vms = _parse_vms(*items["vms"], ctx) if "vms" in items else []
     has_vms = "vms" in items and isinstance(items["vms"][1], SequenceNode) and bool(items["vms"][1].value)
 
-    drafts: list[_DeviceDraft] = []
+    drafts: list[v.Draft] = []
     if "devices" not in items:
         if not has_vms:
             ctx.report(root, "devices", "missing required key 'devices' (the list of devices to serve)")
     else:
         key_node, seq = items["devices"]
-        if has_vms and (_is(seq, "null") or isinstance(seq, SequenceNode) and not seq.value):
+        if has_vms and (v.is_kind(seq, "null") or isinstance(seq, SequenceNode) and not seq.value):
             pass
         elif not isinstance(seq, SequenceNode):
             ctx.report(
-                _value_line(key_node, seq),
+                v.value_line(key_node, seq),
                 "devices",
-                f"must be a list of devices (each starting with '- name: ...'), got {_describe(seq)}",
+                f"must be a list of devices (each starting with '- name: ...'), got {v.describe(seq)}",
             )
         elif not seq.value:
             ctx.report(seq, "devices", "must list at least one device")
@@ -1271,8 +893,10 @@ def load_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
     if check_files:
         for dev in drafts:
             _check_socket_file(dev, ctx)
-            if dev.type is not None and dev.type.check_files is not None:
-                dev.type.check_files(dev, ctx)
+            if dev.type is not None and dev.type.variant_key is not None:
+                mod = dev.type.variants.get(dev.values.get(dev.type.variant_key))
+                if mod is not None and hasattr(mod, "check_files"):
+                    mod.check_files(dev, ctx)
         for vm in vms:
             _check_vm_files(vm, ctx)
 
@@ -1280,11 +904,11 @@ def load_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
         ctx.problems.sort(key=lambda p: p.line or 0)
         raise ConfigError(ctx.problems)
 
-    devices = tuple(d.type.cls(**d.values, line=d.line) for d in drafts if d.type is not None)
+    devices = tuple(_build_device(d) for d in drafts if d.type is not None)
     return Config(path=abs_file, daemon=daemon, devices=devices, vms=tuple(_build_vm(vm) for vm in vms))
 
 
-def _compose(file: str, ctx: _Context) -> Node | None:
+def _compose(file: str, ctx: v.Context) -> Node | None:
     """Parse the file into a YAML node tree, or report why not and return None."""
     try:
         with open(file, "rb") as f:
@@ -1316,7 +940,7 @@ def _compose(file: str, ctx: _Context) -> Node | None:
     except yaml.YAMLError as e:  # anything else PyYAML may raise
         ctx.report(None, "", f"invalid YAML: {e}")
         return None
-    if root is None or _is(root, "null") and root.value == "":
+    if root is None or v.is_kind(root, "null") and root.value == "":
         ctx.report(None, "", "the file is empty; expected a mapping with a 'devices' list")
         return None
     return root

@@ -88,8 +88,7 @@ class Daemon:
             raise
         log.info("serving %d device(s) with %d data plane worker(s)", len(self.servers), self.engine.workers)
         uring, why = self.engine.uring()
-        if not uring and any(getattr(s.device, "engine", None) not in (None, "none", "inline")
-                             for s in self.servers.values()):
+        if not uring and any(s.device.describe().get("aio") == "threads" for s in self.servers.values()):
             log.warning("io_uring is unavailable (%s): disk I/O runs on a thread pool", why)
 
     def _start_device(self, cfg) -> None:
@@ -165,7 +164,7 @@ class Daemon:
             if name not in wanted:
                 self._stop_device(name, taps)
                 outcome["stopped"].append(name)
-            elif not _same_device(self.configs[name], wanted[name]):
+            elif self.configs[name] != wanted[name]:  # settings that change nothing once running compare equal
                 self._stop_device(name, taps)
                 outcome["restarted"].append(name)
             else:
@@ -245,14 +244,6 @@ class Daemon:
             self._stop_device(name, taps)
         close_taps(taps)
         self.engine.close()
-
-
-def _same_device(old, new) -> bool:
-    """Whether a running device can stay as it is.  `size` of a file image
-    only matters when the image is created, so it is not a change."""
-    if getattr(old, "backend", None) == "file" and getattr(new, "backend", None) == "file":
-        new = dataclasses.replace(new, size=old.size)
-    return old == new
 
 
 def drop_privileges(uid: int | None, gid: int | None) -> None:

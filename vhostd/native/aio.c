@@ -3,14 +3,11 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <linux/fs.h>
 #include <sys/eventfd.h>
-#include <sys/ioctl.h>
-#include <sys/stat.h>
-#include <sys/vfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -21,7 +18,17 @@
 #include <liburing.h>
 #endif
 
-void vd_block_signals(void); /* engine.c */
+
+/* Signals are Python's business (its handlers run on the main thread);
+ * native threads keep only the synchronous faults. */
+void vd_block_signals(void)
+{
+    sigset_t all;
+    sigfillset(&all);
+    sigdelset(&all, SIGBUS);
+    sigdelset(&all, SIGSEGV);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+}
 
 /* ---------------------------------------------------------------- running one operation */
 
@@ -29,20 +36,20 @@ int64_t vd_io_run(struct vd_io *io)
 {
     ssize_t r;
     int cnt = io->niov < IOV_MAX ? io->niov : IOV_MAX;
-    switch (io->op) {
-    case VD_IO_READV:
+    switch (io->sysop) {
+    case VD_SYS_READV:
         r = preadv(io->fd, io->iov, cnt, (off_t)io->off);
         break;
-    case VD_IO_WRITEV:
+    case VD_SYS_WRITEV:
         r = pwritev(io->fd, io->iov, cnt, (off_t)io->off);
         break;
-    case VD_IO_FDATASYNC:
+    case VD_SYS_FDATASYNC:
         r = fdatasync(io->fd);
         break;
-    case VD_IO_FALLOCATE:
+    case VD_SYS_FALLOCATE:
         r = fallocate(io->fd, io->mode, (off_t)io->off, (off_t)io->len);
         break;
-    case VD_IO_CALL:
+    case VD_SYS_CALL:
         return io->call(io);
     default:
         return -EINVAL;
@@ -51,7 +58,7 @@ int64_t vd_io_run(struct vd_io *io)
 }
 
 /* A finished operation goes back to the worker that submitted it. */
-static void deliver(struct vd_io *io, int64_t res)
+void vd_aio_deliver(struct vd_io *io, int64_t res)
 {
     struct vd_aio *a = io->aio;
     io->res = res;
@@ -136,7 +143,7 @@ static void *pool_main(void *arg)
             }
         }
         pthread_mutex_unlock(&t->lock);
-        deliver(io, res);
+        vd_aio_deliver(io, res);
         pthread_mutex_lock(&t->lock);
     }
     t->nthreads--;
@@ -210,7 +217,7 @@ static void pool_submit(struct vd_threads *t, struct vd_io *io)
             mine->lim->active--;
         pthread_mutex_unlock(&t->lock);
         if (mine)
-            deliver(mine, vd_io_run(mine));
+            vd_aio_deliver(mine, vd_io_run(mine));
     }
 }
 
@@ -323,7 +330,7 @@ void vd_aio_submit(struct vd_aio *a, struct vd_io *io)
 {
     io->aio = a;
 #ifdef VD_HAVE_URING
-    if (a->has_uring && !io->threads && io->op != VD_IO_CALL) {
+    if (a->has_uring && !io->threads && io->sysop != VD_SYS_CALL) {
         struct io_uring *r = a->uring;
         struct io_uring_sqe *sqe = io_uring_get_sqe(r);
         if (!sqe && io_uring_submit(r) >= 0) {
@@ -332,17 +339,17 @@ void vd_aio_submit(struct vd_aio *a, struct vd_io *io)
         }
         if (sqe) {
             unsigned cnt = io->niov < IOV_MAX ? io->niov : IOV_MAX;
-            switch (io->op) {
-            case VD_IO_READV:
+            switch (io->sysop) {
+            case VD_SYS_READV:
                 io_uring_prep_readv(sqe, io->fd, io->iov, cnt, io->off);
                 break;
-            case VD_IO_WRITEV:
+            case VD_SYS_WRITEV:
                 io_uring_prep_writev(sqe, io->fd, io->iov, cnt, io->off);
                 break;
-            case VD_IO_FDATASYNC:
+            case VD_SYS_FDATASYNC:
                 io_uring_prep_fsync(sqe, io->fd, IORING_FSYNC_DATASYNC);
                 break;
-            case VD_IO_FALLOCATE:
+            case VD_SYS_FALLOCATE:
                 io_uring_prep_fallocate(sqe, io->fd, io->mode, io->off, io->len);
                 break;
             }
@@ -416,26 +423,4 @@ int vd_aio_reap(struct vd_aio *a, void (*cb)(struct vd_io *io, int64_t res, void
         }
     }
     return n;
-}
-
-/* ---------------------------------------------------------------- files */
-
-int vd_file_probe(int fd, struct vd_file_info *out)
-{
-    struct statfs fs;
-    struct statx sx;
-    memset(out, 0, sizeof(*out));
-    if (fstatfs(fd, &fs) == 0)
-        out->fs_type = (int64_t)fs.f_type;
-    if (statx(fd, "", AT_EMPTY_PATH, STATX_TYPE | STATX_DIOALIGN, &sx) == 0) {
-        out->is_blockdev = S_ISBLK(sx.stx_mode);
-        if (sx.stx_mask & STATX_DIOALIGN) {
-            out->dio_mem_align = sx.stx_dio_mem_align;
-            out->dio_offset_align = sx.stx_dio_offset_align;
-        }
-    }
-    int ssz;
-    if (out->is_blockdev && ioctl(fd, BLKSSZGET, &ssz) == 0 && ssz > 0)
-        out->logical_block = (uint32_t)ssz;
-    return 0;
 }

@@ -20,7 +20,10 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
-enum vd_io_op { VD_IO_READV, VD_IO_WRITEV, VD_IO_FDATASYNC, VD_IO_FALLOCATE, VD_IO_CALL };
+/* A block operation: what a device asks of its store (store.h). */
+enum vd_io_op { VD_IO_READ, VD_IO_WRITE, VD_IO_FLUSH, VD_IO_DISCARD, VD_IO_ZERO };
+/* What the file engines here run for it (the file store translates). */
+enum vd_sys_op { VD_SYS_READV, VD_SYS_WRITEV, VD_SYS_FDATASYNC, VD_SYS_FALLOCATE, VD_SYS_CALL };
 
 struct vd_io;
 struct vd_req;
@@ -32,24 +35,27 @@ struct vd_iolimit {
 };
 
 struct vd_io {
-    /* the operation */
+    /* the block operation, set by the device */
     uint8_t op;           /* enum vd_io_op */
+    uint8_t unmap;        /* VD_IO_ZERO: the store may deallocate (a hole reads back as zeroes) */
+    const struct iovec *iov; /* READ/WRITE: the buffers */
+    int niov;
+    uint64_t off, len;    /* bytes; len for DISCARD/ZERO */
+    /* how a file store runs it (file.c) */
+    uint8_t sysop;        /* enum vd_sys_op */
     uint8_t threads;      /* run on the thread pool even if io_uring is there */
     uint8_t punt;         /* io_uring: never try it inline (IOSQE_ASYNC); for files
                              whose submission could wait (FUSE, network file systems) */
     int fd;
-    const struct iovec *iov;
-    int niov;
-    uint64_t off, len;
     int mode;                             /* fallocate mode */
-    int64_t (*call)(struct vd_io *io);    /* VD_IO_CALL: run on a pool thread, returns res */
+    int64_t (*call)(struct vd_io *io);    /* VD_SYS_CALL: run on a pool thread, returns res */
     struct vd_iolimit *lim;               /* the owner's share of the thread pool */
-    /* the completion: done(io, res) on the submitting worker; res is what the
-     * syscall returned, or -errno */
+    /* the completion: done(io, res) on the worker of aio; res is what the
+     * operation returned (bytes moved, 0) or -errno */
     void (*done)(struct vd_io *io, int64_t res);
     struct vd_req *req;                   /* opaque to this layer */
+    struct vd_aio *aio;                   /* that worker's I/O context, set by the device */
     /* the engine's */
-    struct vd_aio *aio;
     int64_t res;
     struct vd_io *next;
 };
@@ -75,15 +81,20 @@ void vd_threads_free(struct vd_threads *t);
  * so) everything goes to the pool. */
 int vd_aio_init(struct vd_aio *a, struct vd_threads *pool, int want_uring, char *why, size_t whylen);
 void vd_aio_destroy(struct vd_aio *a);
-/* Queue io; never blocks.  io_uring operations go to the kernel at once, or at
- * the next flush while hold is set. */
+/* Queue a file operation (sysop, fd, ...); never blocks.  io_uring operations go
+ * to the kernel at once, or at the next flush while hold is set. */
 void vd_aio_submit(struct vd_aio *a, struct vd_io *io);
 /* Hand what was queued to the kernel.  Returns 1 if some of it must be
  * tried again soon (the kernel was busy), else 0. */
 int vd_aio_flush(struct vd_aio *a);
 /* Call cb for each finished operation; returns how many. */
 int vd_aio_reap(struct vd_aio *a, void (*cb)(struct vd_io *io, int64_t res, void *arg), void *arg);
-/* Run io here and now, on this thread; returns what done would get. */
+/* Signals are Python's (its handlers run on the main thread): every native
+ * thread blocks them but the synchronous faults. */
+void vd_block_signals(void);
+/* Run a file operation (sysop) here and now, on this thread; returns what done would get. */
 int64_t vd_io_run(struct vd_io *io);
+/* From any thread: io finished with res; done runs on io->aio's worker soon. */
+void vd_aio_deliver(struct vd_io *io, int64_t res);
 
 #endif

@@ -80,7 +80,24 @@ int vd_queue_set_inflight(vd_device *d, int i, void *region, char *err, size_t e
 int vd_queue_get_latency(vd_device *d, int i, uint64_t *buckets, uint64_t *sum_ns);
 int vd_queue_get_stats(vd_device *d, int i, struct vd_queue_info *out);
 
-/* What the I/O engine needs to know about an image (aio.c). */
+/* Stores (store.h): where a disk's data lives.  A new store holds one
+ * reference for its creator; a blk device takes its own. */
+typedef struct vd_store vd_store;
+void vd_store_ref(vd_store *s);
+void vd_store_unref(vd_store *s);
+
+/* The file store (file.c): an image file or a block device.  It owns fd once created. */
+enum { VD_FILE_INLINE = 0, VD_FILE_URING = 1, VD_FILE_THREADS = 2 }; /* where its I/O runs */
+struct vd_file_params {
+    int fd;
+    int engine;               /* VD_FILE_* */
+    int punt;                 /* io_uring: always hand the I/O to kernel workers (the file system may block) */
+    int is_blockdev;
+    int direct;               /* fd has O_DIRECT: buffers must be aligned, else they are bounced */
+    uint32_t dio_mem_align, dio_len_align;
+};
+vd_store *vd_file_store_new(const struct vd_file_params *p);
+/* What choosing the engine needs to know about an image. */
 struct vd_file_info {
     int64_t fs_type;              /* statfs f_type of the file system holding it */
     int is_blockdev;
@@ -92,20 +109,14 @@ int vd_file_probe(int fd, struct vd_file_info *out);
 int vd_uring_available(char *why, size_t whylen);
 
 /* virtio-blk (blk.c) */
-enum { VD_BLK_INLINE = 0, VD_BLK_URING = 1, VD_BLK_THREADS = 2 }; /* where its I/O runs */
 struct vd_blk_params {
-    int fd;                   /* the image, owned from now on; -1: a null disk (no data kept) */
+    vd_store *store;          /* where the data lives (the device takes a reference); NULL: a null disk */
     uint64_t capacity;        /* in 512-byte sectors */
     int readonly;
-    int is_blockdev;
     int discard, write_zeroes;
     uint32_t max_discard_sectors, max_discard_seg;
     uint32_t max_write_zeroes_sectors, max_write_zeroes_seg;
     char serial[20];
-    int engine;               /* VD_BLK_* */
-    int punt;                 /* io_uring: always hand the I/O to kernel workers (the file system may block) */
-    int direct;               /* fd has O_DIRECT: buffers must be aligned, else they are bounced */
-    uint32_t dio_mem_align, dio_len_align;
 };
 struct vd_blk_stats {
     uint64_t reads, writes, flushes, discards, write_zeroes, get_ids, read_bytes, write_bytes, errors, unsupported;

@@ -1,37 +1,31 @@
 /* virtio-blk device logic (virtio 1.2 section 5.2).
  *
- * Sees requests (vd_req: iovecs over guest memory) and an I/O submission
- * interface (aio.h); knows nothing of rings or of vhost-user.
+ * Sees requests (vd_req: iovecs over guest memory) and its store (store.h:
+ * where the data lives); knows nothing of rings, of vhost-user, or of how
+ * the store reaches its data.
  *
- * A request is a small state machine over one I/O at a time: a read or
- * write (resumed after a short transfer, in bounce-buffer chunks when the
- * guest's buffers do not meet O_DIRECT's alignment), a flush, or one
- * fallocate per discard/write-zeroes segment.  The engine decides where the
- * I/O runs:
- *   inline    here and now (images on memory file systems: a read there is
- *             a memory copy that cannot hang, and io_uring only adds cost)
- *   io_uring  the worker's ring; the request completes when the I/O does
- *   threads   the thread pool, where io_uring is unavailable
- * Data moves straight between the image and guest memory unless a bounce
- * buffer is needed.
+ * A request is a small state machine over one block operation at a time: a
+ * read or write (resumed after a short transfer, in bounce-buffer chunks
+ * when the guest's buffers are not what the store takes: unaligned for
+ * O_DIRECT, or scattered for a store that wants one buffer), a flush, or one
+ * discard/zero per segment.  The store runs each operation at once or
+ * completes it later on this request's worker.
  *
- * Without an image (fd < 0) the device is a null disk: requests are checked
- * as usual and then succeed without touching data (reads leave the guest's
- * buffers as they were), flushes, discards and write-zeroes do nothing.
+ * Without a store the device is a null disk: requests are checked as usual
+ * and then succeed without touching data (reads leave the guest's buffers as
+ * they were), flushes, discards and write-zeroes do nothing.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stddef.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <linux/falloc.h>
-#include <linux/fs.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include "iov.h"
+#include "store.h"
 #include "vd.h"
 
 #define VIRTIO_BLK_T_IN 0
@@ -49,15 +43,14 @@
 #define SECTOR 512ull
 #define HDR_LEN 16
 #define ID_LEN 20
-#define BOUNCE_CHUNK (1u << 20)   /* a misaligned transfer goes through the bounce buffer this much at a time */
-#define POOL_SHARE 16             /* thread-pool threads one disk may occupy */
+#define BOUNCE_CHUNK (1u << 20)   /* a bounced transfer goes through the bounce buffer this much at a time */
 #define MAX_RETRIES 64            /* EAGAIN/EINTR from an I/O, then it is an error */
 
 struct vd_blk {
     struct vd_blk_params p;
+    struct vd_store *store;   /* p.store, with our reference; NULL: a null disk */
     int nqueues;
     int refs;                 /* the control plane's, and its data plane device's */
-    struct vd_iolimit lim;    /* our share of the thread pool */
     struct vd_blk_stats st[];
 };
 
@@ -73,8 +66,7 @@ struct blk_req {
     vd_blk *b;
     uint8_t *status;          /* the guest's status byte */
     uint8_t type, result;
-    uint8_t zero_only;        /* this segment must read back as zeroes */
-    uint8_t punched;          /* ... and ZERO_RANGE was refused: punching a hole instead */
+    uint8_t unmapped;         /* zeroing was refused: deallocating instead (reads back as zeroes too) */
     uint16_t retries;
     struct iovec *data;       /* the data buffers (guest memory), advanced as transfers progress */
     int ndata;
@@ -102,11 +94,9 @@ vd_blk *vd_blk_new(const struct vd_blk_params *p, int nqueues)
     b->p = *p;
     b->nqueues = nqueues;
     b->refs = 1;
-    b->lim.cap = POOL_SHARE;
-    if (b->p.dio_mem_align < 1)
-        b->p.dio_mem_align = 1;
-    if (b->p.dio_len_align < 1)
-        b->p.dio_len_align = 1;
+    b->store = p->store;
+    if (b->store)
+        vd_store_ref(b->store);
     return b;
 }
 
@@ -116,13 +106,12 @@ vd_blk *vd_blk_ref(vd_blk *b)
     return b;
 }
 
-/* The last reference closes the image: by then no I/O of ours uses it. */
+/* The last reference lets the store go: by then no I/O of ours uses it. */
 void vd_blk_unref(void *ctx)
 {
     vd_blk *b = ctx;
     if (__atomic_sub_fetch(&b->refs, 1, __ATOMIC_ACQ_REL) == 0) {
-        if (b->p.fd >= 0)
-            close(b->p.fd);
+        vd_store_unref(b->store);
         free(b);
     }
 }
@@ -133,9 +122,9 @@ void vd_blk_get_stats(vd_blk *b, int queue, struct vd_blk_stats *out)
         *out = b->st[queue];
 }
 
-static int has_image(const vd_blk *b)
+static int has_store(const vd_blk *b)
 {
-    return b->p.fd >= 0;
+    return b->store != NULL;
 }
 
 static int in_range(const vd_blk *b, uint64_t sector, uint64_t bytes)
@@ -146,14 +135,15 @@ static int in_range(const vd_blk *b, uint64_t sector, uint64_t bytes)
 
 /* ---------------------------------------------------------------- the I/O of each step */
 
-/* O_DIRECT needs every buffer aligned (address and length); guests may not. */
-static int needs_bounce(const vd_blk *b, const struct iovec *iov, int n)
+/* Whether the store can take the guest's buffers as they are. */
+static int needs_bounce(const struct vd_store *s, const struct iovec *iov, int n)
 {
-    if (!b->p.direct)
+    if (s->contiguous && n > 1)
+        return 1;
+    if (s->mem_align == 1 && s->len_align == 1)
         return 0;
-    uint64_t ma = b->p.dio_mem_align, la = b->p.dio_len_align;
     for (int i = 0; i < n; i++)
-        if ((uintptr_t)iov[i].iov_base % ma || iov[i].iov_len % la)
+        if ((uintptr_t)iov[i].iov_base % s->mem_align || iov[i].iov_len % s->len_align)
             return 1;
     return 0;
 }
@@ -161,7 +151,7 @@ static int needs_bounce(const vd_blk *b, const struct iovec *iov, int n)
 static void prep_rw(struct blk_req *br)
 {
     struct vd_io *io = &br->io;
-    io->op = br->type == VIRTIO_BLK_T_OUT ? VD_IO_WRITEV : VD_IO_READV;
+    io->op = br->type == VIRTIO_BLK_T_OUT ? VD_IO_WRITE : VD_IO_READ;
     io->off = br->off + br->done;
     if (br->bounce) {
         uint64_t chunk = br->len - br->done;
@@ -173,50 +163,37 @@ static void prep_rw(struct blk_req *br)
         io->iov = &br->biov;
         io->niov = 1;
     } else {
-        io->iov = br->data; /* at most IOV_MAX of them go at once: a short transfer */
+        io->iov = br->data; /* a store may take fewer (IOV_MAX): a short transfer */
         io->niov = br->ndata;
     }
 }
 
-static int64_t blkdev_ioctl(struct vd_io *io)
-{
-    uint64_t range[2] = {io->off, io->len};
-    return ioctl(io->fd, io->mode ? BLKZEROOUT : BLKDISCARD, range) < 0 ? -errno : 0;
-}
-
-static void prep_segment(const vd_blk *b, struct blk_req *br)
+static void prep_segment(struct blk_req *br)
 {
     struct vd_io *io = &br->io;
     const struct seg *s = &br->segs[br->seg];
     io->off = s->sector * SECTOR;
     io->len = (uint64_t)s->num_sectors * SECTOR;
-    /* write-zeroes with UNMAP may deallocate: a punched hole reads as zeroes. */
-    br->zero_only = br->type == VIRTIO_BLK_T_WRITE_ZEROES && !(s->flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
-    br->punched = 0;
-    if (b->p.is_blockdev) {
-        io->op = VD_IO_CALL; /* no io_uring opcode for these: the pool runs the ioctl */
-        io->call = blkdev_ioctl;
-        io->mode = br->zero_only;
-    } else {
-        io->op = VD_IO_FALLOCATE;
-        io->mode = br->zero_only ? FALLOC_FL_ZERO_RANGE : (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE);
-    }
+    io->op = br->type == VIRTIO_BLK_T_WRITE_ZEROES ? VD_IO_ZERO : VD_IO_DISCARD;
+    /* write-zeroes with UNMAP may deallocate: a hole reads as zeroes. */
+    io->unmap = io->op == VD_IO_ZERO && (s->flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+    br->unmapped = 0;
 }
 
 /* Skip segments with nothing to do; 0 when none is left. */
-static int next_segment(const vd_blk *b, struct blk_req *br)
+static int next_segment(struct blk_req *br)
 {
     while (br->seg < br->nseg && !br->segs[br->seg].num_sectors)
         br->seg++;
     if (br->seg == br->nseg)
         return 0;
-    prep_segment(b, br);
+    prep_segment(br);
     return 1;
 }
 
 /* One I/O of the request finished with res.  Returns 1 with the next I/O
  * prepared in br->io, or 0 when the request is over (br->result set). */
-static int advance(vd_blk *b, struct vd_req *req, struct blk_req *br, int64_t res)
+static int advance(struct vd_req *req, struct blk_req *br, int64_t res)
 {
     if (!vd_req_live(req)) {
         br->result = VIRTIO_BLK_S_IOERR; /* nobody waits for the rest */
@@ -247,10 +224,9 @@ static int advance(vd_blk *b, struct vd_req *req, struct blk_req *br, int64_t re
             br->result = VIRTIO_BLK_S_IOERR;
         return 0;
     default: /* discard, write-zeroes */
-        if (res < 0 && br->zero_only && !br->punched && !b->p.is_blockdev && (res == -EOPNOTSUPP || res == -EINVAL)) {
-            /* e.g. tmpfs has no ZERO_RANGE: a punched hole reads as zeroes too */
-            br->punched = 1;
-            br->io.mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+        if (res < 0 && br->io.op == VD_IO_ZERO && !br->io.unmap && (res == -EOPNOTSUPP || res == -EINVAL)) {
+            /* e.g. tmpfs cannot zero a range in place: a hole reads as zeroes too */
+            br->io.unmap = br->unmapped = 1;
             return 1;
         }
         if (res < 0) {
@@ -258,7 +234,7 @@ static int advance(vd_blk *b, struct vd_req *req, struct blk_req *br, int64_t re
             return 0;
         }
         br->seg++;
-        return next_segment(b, br);
+        return next_segment(br);
     }
 }
 
@@ -304,16 +280,26 @@ static void conclude(vd_blk *b, struct vd_req *req, struct blk_req *br)
     req->used_len = used;
 }
 
+/* Start the I/O prepared in br->io, and the ones after it that finish at
+ * once.  Returns 1 while one is pending (blk_io_done follows), 0 when the
+ * request is over. */
+static int run(vd_blk *b, struct vd_req *req, struct blk_req *br)
+{
+    while (b->store->ops->start(b->store, &br->io)) {
+        if (!advance(req, br, br->io.res))
+            return 0;
+    }
+    return 1;
+}
+
 /* An I/O finished (on the request's worker): on to the next one, or done.
- * Submitting is the last thing it does (see vd_reqs_io_done). */
+ * Starting the next is the last thing it does (see vd_reqs_io_done). */
 static void blk_io_done(struct vd_io *io, int64_t res)
 {
     struct blk_req *br = (struct blk_req *)io; /* io is its first member */
     struct vd_req *req = io->req;
-    if (advance(br->b, req, br, res)) {
-        vd_aio_submit(req->aio, io);
+    if (advance(req, br, res) && run(br->b, req, br))
         return;
-    }
     conclude(br->b, req, br);
     vd_req_complete(req);
 }
@@ -393,7 +379,7 @@ int vd_blk_handle(void *ctx, struct vd_req *req)
         int write = hdr.type == VIRTIO_BLK_T_OUT;
         uint64_t len = write ? out_data : in_data;
         if ((write && b->p.readonly) || len % SECTOR || !in_range(b, hdr.sector, len) ||
-            (b->p.direct && (hdr.sector * SECTOR % b->p.dio_len_align || len % b->p.dio_len_align))) {
+            (has_store(b) && (hdr.sector * SECTOR % b->store->len_align || len % b->store->len_align))) {
             br->result = VIRTIO_BLK_S_IOERR;
             goto done;
         }
@@ -401,11 +387,11 @@ int vd_blk_handle(void *ctx, struct vd_req *req)
         br->ndata = write ? nout : nin;
         br->off = hdr.sector * SECTOR;
         br->len = len;
-        if (!has_image(b) || !len)
+        if (!has_store(b) || !len)
             goto done;
-        if (needs_bounce(b, br->data, br->ndata)) {
+        if (needs_bounce(b->store, br->data, br->ndata)) {
             size_t cap = len < BOUNCE_CHUNK ? len : BOUNCE_CHUNK;
-            int rc = vd_req_buf(req, cap, b->p.dio_mem_align, &br->bounce);
+            int rc = vd_req_buf(req, cap, b->store->mem_align, &br->bounce);
             if (rc == VD_REQ_RETRY)
                 return VD_REQ_RETRY;
             if (rc < 0) {
@@ -418,9 +404,9 @@ int vd_blk_handle(void *ctx, struct vd_req *req)
         break;
     }
     case VIRTIO_BLK_T_FLUSH:
-        if (!has_image(b))
+        if (!has_store(b))
             goto done;
-        io->op = VD_IO_FDATASYNC;
+        io->op = VD_IO_FLUSH;
         break;
     case VIRTIO_BLK_T_GET_ID: {
         char id[ID_LEN];
@@ -434,7 +420,7 @@ int vd_blk_handle(void *ctx, struct vd_req *req)
         br->result = take_segments(b, req, br, out, nout, out_data, &retry);
         if (retry)
             return VD_REQ_RETRY;
-        if (br->result != VIRTIO_BLK_S_OK || !has_image(b) || !next_segment(b, br))
+        if (br->result != VIRTIO_BLK_S_OK || !has_store(b) || !next_segment(br))
             goto done;
         break;
     }
@@ -443,19 +429,11 @@ int vd_blk_handle(void *ctx, struct vd_req *req)
         goto done;
     }
 
-    io->fd = b->p.fd;
     io->req = req;
-    if (b->p.engine == VD_BLK_INLINE) {
-        while (advance(b, req, br, vd_io_run(io))) {
-        }
-        goto done;
-    }
-    io->lim = &b->lim;
-    io->punt = (uint8_t)b->p.punt;
-    io->threads = b->p.engine == VD_BLK_THREADS;
+    io->aio = req->aio;
     io->done = blk_io_done;
-    vd_aio_submit(req->aio, io);
-    return VD_REQ_PENDING;
+    if (run(b, req, br))
+        return VD_REQ_PENDING;
 done:
     conclude(b, req, br);
     return VD_REQ_DONE;

@@ -14,7 +14,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["memory.c", "iov.c", "vring.c", "inflight.c", "request.c", "aio.c", "engine.c", "blk.c", "net.c"]
+SOURCES = ["memory.c", "iov.c", "vring.c", "inflight.c", "request.c", "guard.c", "aio.c", "file.c", "engine.c", "blk.c", "net.c"]
 
 
 def _cdef_text() -> str:

@@ -30,7 +30,6 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <setjmp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -68,85 +67,6 @@ struct vd_engine {
     char uring_why[128];           /* why io_uring is not used, if it is not */
     struct vd_worker w[];
 };
-
-/* ---------------------------------------------------------------- SIGBUS guard
- * The front-end could shrink a memfd after we mapped it; touching the lost
- * pages raises SIGBUS.  Workers run ring processing under a guard that turns
- * such a fault into a broken queue instead of a dead daemon. */
-
-static __thread sigjmp_buf *guard_jb;
-static __thread void *guard_addr; /* where the fault a guard caught happened */
-static struct sigaction old_sigbus;
-static pthread_once_t sigbus_once = PTHREAD_ONCE_INIT;
-
-static void on_sigbus(int sig, siginfo_t *info, void *uctx)
-{
-    if (guard_jb) {
-        guard_addr = info->si_addr;
-        siglongjmp(*guard_jb, 1);
-    }
-    /* Not ours: behave as before we were installed. */
-    if (old_sigbus.sa_flags & SA_SIGINFO && old_sigbus.sa_sigaction) {
-        old_sigbus.sa_sigaction(sig, info, uctx);
-        return;
-    }
-    if (old_sigbus.sa_handler != SIG_DFL && old_sigbus.sa_handler != SIG_IGN && old_sigbus.sa_handler) {
-        old_sigbus.sa_handler(sig);
-        return;
-    }
-    signal(SIGBUS, SIG_DFL);
-    raise(SIGBUS);
-}
-
-static void install_sigbus(void)
-{
-    struct sigaction sa = {0};
-    sa.sa_sigaction = on_sigbus;
-    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGBUS, &sa, &old_sigbus);
-}
-
-/* Run fn(arg) on q's behalf; a SIGBUS inside breaks q instead of the daemon.
- * Guards nest: the innermost one catches, then the outer one is back.  The
- * signal mask is not saved (a syscall each time, and this runs for every
- * batch): the handler runs with SA_NODEFER and an empty sa_mask, so jumping
- * out of it leaves the mask as it was. */
-int vd_run_guarded(struct vd_queue *q, int (*fn)(void *), void *arg)
-{
-    sigjmp_buf jb;
-    sigjmp_buf *outer = guard_jb;
-    if (sigsetjmp(jb, 0)) {
-        guard_jb = outer;
-        vd_queue_fail(q, "queue %d: guest memory access faulted (SIGBUS): the front-end shrank shared memory",
-                      q->index);
-        return 0;
-    }
-    guard_jb = &jb;
-    int r = fn(arg);
-    guard_jb = outer;
-    return r;
-}
-
-/* Run fn(arg); after a SIGBUS inside, return VD_FAULTED with the faulting
- * address in *addr and leave it to the caller to decide whose memory that
- * was (e.g. one guest's frame copied into another guest's buffers).  The
- * handler runs with SA_NODEFER and an empty mask, so the signal mask need
- * not be saved: no syscall per call. */
-int vd_try_guarded(int (*fn)(void *), void *arg, void **addr)
-{
-    sigjmp_buf jb;
-    sigjmp_buf *outer = guard_jb;
-    if (sigsetjmp(jb, 0)) {
-        guard_jb = outer;
-        *addr = guard_addr;
-        return VD_FAULTED;
-    }
-    guard_jb = &jb;
-    int r = fn(arg);
-    guard_jb = outer;
-    return r;
-}
 
 /* ---------------------------------------------------------------- workers */
 
@@ -362,17 +282,6 @@ static int service(struct vd_queue *q, int kicked)
     return more;
 }
 
-/* Signals are Python's business (its handlers run on the main thread);
- * native threads keep only the synchronous faults. */
-void vd_block_signals(void)
-{
-    sigset_t all;
-    sigfillset(&all);
-    sigdelset(&all, SIGBUS);
-    sigdelset(&all, SIGSEGV);
-    pthread_sigmask(SIG_BLOCK, &all, NULL);
-}
-
 static void *worker_main(void *arg)
 {
     struct vd_worker *w = arg;
@@ -449,7 +358,7 @@ static void wake(struct vd_worker *w)
 
 vd_engine *vd_engine_new(int nworkers)
 {
-    pthread_once(&sigbus_once, install_sigbus);
+    vd_guard_install();
     if (nworkers < 1)
         nworkers = 1;
     vd_engine *e = calloc(1, sizeof(*e) + nworkers * sizeof(struct vd_worker));
@@ -656,13 +565,13 @@ static int queue_start(struct vd_queue *q, char *err, size_t errlen)
     return 0;
 }
 
-static struct vd_queue *queue(vd_device *d, int i)
+static struct vd_queue *queue_at(vd_device *d, int i)
 {
     return (i >= 0 && i < d->nqueues) ? &d->q[i] : NULL;
 }
 
 #define QUEUE_OR_FAIL(q, d, i)                                                          \
-    struct vd_queue *q = queue(d, i);                                                   \
+    struct vd_queue *q = queue_at(d, i);                                                   \
     if (!q) {                                                                           \
         snprintf(err, errlen, "queue %d does not exist (device has %d)", i, d->nqueues); \
         return -EINVAL;                                                                 \
@@ -731,7 +640,7 @@ int vd_queue_drain(vd_device *d, int i, uint32_t *pending, char *err, size_t err
 
 uint32_t vd_queue_pending(vd_device *d, int i)
 {
-    struct vd_queue *q = queue(d, i);
+    struct vd_queue *q = queue_at(d, i);
     if (!q)
         return 0;
     pthread_mutex_lock(&q->lock);
@@ -752,7 +661,7 @@ int vd_queue_get_base(vd_device *d, int i, uint16_t *base, char *err, size_t err
 /* The queue an fd is handed to; with no such queue the fd is closed (we own it). */
 static struct vd_queue *queue_for_fd(vd_device *d, int i, int fd, char *err, size_t errlen)
 {
-    struct vd_queue *q = queue(d, i);
+    struct vd_queue *q = queue_at(d, i);
     if (!q) {
         if (fd >= 0)
             close(fd);
@@ -812,7 +721,7 @@ int vd_queue_set_enable(vd_device *d, int i, int enable, char *err, size_t errle
 /* Make the worker look at the queue soon (requests may be waiting). */
 void vd_queue_poke(vd_device *d, int i)
 {
-    struct vd_queue *q = queue(d, i);
+    struct vd_queue *q = queue_at(d, i);
     if (!q)
         return;
     pthread_mutex_lock(&q->lock);
@@ -992,7 +901,7 @@ int vd_device_take_error(vd_device *d, char *buf, size_t len)
 
 int vd_queue_set_inflight(vd_device *d, int i, void *region, char *err, size_t errlen)
 {
-    struct vd_queue *q = queue(d, i);
+    struct vd_queue *q = queue_at(d, i);
     if (!q) {
         snprintf(err, errlen, "queue %d does not exist", i);
         return -EINVAL;
@@ -1012,7 +921,7 @@ void vd_device_set_timing(vd_device *d, int on)
 
 int vd_queue_get_latency(vd_device *d, int i, uint64_t *buckets, uint64_t *sum_ns)
 {
-    struct vd_queue *q = queue(d, i);
+    struct vd_queue *q = queue_at(d, i);
     if (!q)
         return -EINVAL;
     pthread_mutex_lock(&q->lock);
@@ -1024,7 +933,7 @@ int vd_queue_get_latency(vd_device *d, int i, uint64_t *buckets, uint64_t *sum_n
 
 int vd_queue_get_stats(vd_device *d, int i, struct vd_queue_info *out)
 {
-    struct vd_queue *q = queue(d, i);
+    struct vd_queue *q = queue_at(d, i);
     if (!q)
         return -EINVAL;
     pthread_mutex_lock(&q->lock);

@@ -303,8 +303,8 @@ struct vd_io;
 int vd_reqs_io_done(struct vd_io *io, int64_t res);
 struct vd_queue *vd_req_queue(const struct vd_req *req);
 
-/* ---- engine.c */
-void vd_block_signals(void); /* for every native thread */
+/* ---- the SIGBUS guard (guard.c) */
+void vd_guard_install(void);
 /* run fn(arg) so that a SIGBUS on guest memory breaks q, not the daemon */
 int vd_run_guarded(struct vd_queue *q, int (*fn)(void *), void *arg);
 /* run fn(arg); a SIGBUS inside returns VD_FAULTED with the address in *addr */

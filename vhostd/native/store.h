@@ -1,0 +1,35 @@
+/* A disk's store: where its data lives (an image file or block device, an
+ * NBD export, an RBD image).  The device (blk.c) hands it one block
+ * operation at a time per request (struct vd_io, aio.h: read, write, flush,
+ * discard, zero); the store starts it and reports the result through
+ * io->done on the request's worker.  Stores know nothing of virtio or rings.
+ */
+#ifndef VHOSTD_STORE_H
+#define VHOSTD_STORE_H
+
+#include <stdint.h>
+
+#include "aio.h"
+
+struct vd_store;
+
+struct vd_store_ops {
+    /* Start io on the calling worker (io->aio is its I/O context).  Returns 1
+     * when it finished at once (io->res holds the result), else 0 and
+     * io->done(io, res) follows on that worker. */
+    int (*start)(struct vd_store *s, struct vd_io *io);
+    /* The last reference is gone (nothing of it is in flight): free it. */
+    void (*destroy)(struct vd_store *s);
+};
+
+struct vd_store {
+    const struct vd_store_ops *ops;
+    int refs;
+    /* What its buffers must look like; blk.c bounces the rest: */
+    int contiguous;              /* reads and writes take a single buffer */
+    uint32_t mem_align, len_align; /* address and length of each buffer (O_DIRECT); 1 = any */
+};
+
+void vd_store_init(struct vd_store *s, const struct vd_store_ops *ops);
+
+#endif
