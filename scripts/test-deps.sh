@@ -35,6 +35,7 @@ PACKAGES=(
     # behind nbdfuse, which shows an NBD export as a file through FUSE.
     nbdkit
     libnbd-bin            # nbdfuse
+    libnbd-dev            # the NBD store (backend: nbd) is built with it
     fuse3                 # fusermount3
     ethtool               # offload/queue inspection of TAPs in tests
 )

@@ -10,7 +10,7 @@ if _here not in sys.path:
 
 # QEMU guest harness (tests/guest/): fixtures guest_image, qemu_guest,
 # storage_daemon, sock_dir; skips `qemu`-marked tests when QEMU cannot run.
-pytest_plugins = ["guest.fixtures", "hanging_disk"]
+pytest_plugins = ["guest.fixtures", "stores", "hanging_disk"]
 
 
 def pytest_configure(config):
@@ -86,7 +86,7 @@ class Vhostd(DaemonProcess):
         for d in devices:
             d.setdefault("type", "blk")
             d.setdefault("socket", os.path.join(sockdir, d["name"] + ".sock"))
-            if d["type"] != "blk" or d.get("backend") == "null":
+            if d["type"] != "blk" or d.get("backend", "file") != "file":
                 continue
             d.setdefault("path", d["name"] + ".img")
             if not (Path(workdir) / d["path"]).exists():

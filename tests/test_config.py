@@ -1041,6 +1041,13 @@ def test_bundled_default_config_loads_on_a_fresh_checkout(tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "var").exists()
 
 
+def moved(settings, tmp_path: Path):
+    """A backend's settings with the checkout's paths (path, a URI's socket) under tmp_path."""
+    return dataclasses.replace(settings, **{
+        f.name: getattr(settings, f.name).replace(str(REPO), str(tmp_path))
+        for f in dataclasses.fields(settings) if isinstance(getattr(settings, f.name), str)})
+
+
 def test_full_example_loads(tmp_path):
     cfg = load_config(REPO / "config" / "example-full.yaml", check_files=False)
     assert len(cfg.devices) >= 3
@@ -1057,8 +1064,7 @@ def test_full_example_loads(tmp_path):
             dataclasses.replace(
                 d,
                 socket=d.socket.replace(str(REPO), str(tmp_path)),
-                **({"store": dataclasses.replace(d.store, path=d.store.path.replace(str(REPO), str(tmp_path)))}
-                   if getattr(getattr(d, "store", None), "path", None) else {}),
+                **({"store": moved(d.store, tmp_path)} if getattr(d, "store", None) else {}),
             )
             for d in cfg.devices
         ),
@@ -1070,6 +1076,8 @@ def test_full_example_documents_every_key():
     keys = set(config_mod._DAEMON_KEYS) | set(config_mod._COMMON_DEVICE_KEYS)
     for dev_type in DEVICE_TYPES.values():
         keys |= set(dev_type.keys)
+        for backend in dev_type.variants.values():
+            keys |= set(backend.KEYS)
     for key in keys:
         assert f"{key}:" in text, f"example-full.yaml does not show {key!r}"
     for type_name in DEVICE_TYPES:
@@ -1144,7 +1152,7 @@ def test_bad_backend(tmp_path, value, shown):
     path = write(tmp_path, f"devices:\n  - name: d\n    type: blk\n    socket: d.sock\n    backend: {value}\n")
     p = only_problem(path)  # no complaint about 'path' or 'size': the backend is unknown
     assert p.key == "devices[0].backend"
-    assert p.message == f"must be one of file, null, got {shown} (device 'd')"
+    assert p.message == f"must be one of file, null, nbd, got {shown} (device 'd')"
 
 
 def test_null_devices_do_not_share_images(tmp_path):

@@ -167,6 +167,10 @@ def cmd_status(args) -> int:
         return 1
     print(f"vhostd pid {reply['pid']}, config {reply['config']}, {len(reply['devices'])} device(s)")
     for d in reply["devices"]:
+        if d.get("state") == "opening":
+            print(f"\n{d['name']}  {d['type']}  {d['socket']}  opening its {d['backend']} store "
+                  f"(attempt {d['attempts']}{': ' + d['error'] if d['error'] else ''})")
+            continue
         peer = d["peer"]
         state = f"connected (pid {peer['pid']} uid {peer['uid']})" if peer else "not connected"
         if d["needs_reset"]:
@@ -175,6 +179,11 @@ def cmd_status(args) -> int:
         print(f"  features {d['features']:#x}: {' '.join(d['feature_names']) or '-'}")
         if "aio" in d:
             print(f"  aio {d['aio']}" + (f" ({d['aio_note']})" if d.get("aio_note") else ""))
+        if "store" in d:
+            st = dict(d["store"])
+            server, up = st.pop("server"), st.pop("up")
+            print(f"  store {server}: {'answers' if up else 'DOES NOT ANSWER'}  "
+                  + " ".join(f"{k}={v}" for k, v in st.items()))
         for q in d["queues"]:
             qs = "broken" if q["broken"] else "started" if q["started"] else "stopped"
             qs += "" if q["enabled"] else ",disabled"

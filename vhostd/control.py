@@ -40,6 +40,7 @@ def device_status(name: str, server, cfg) -> dict:
     return {
         "name": name,
         "type": cfg.type,
+        "state": "serving",
         "socket": server.socket_path,
         "connected": server.connection is not None,
         "peer": peer,
@@ -54,9 +55,16 @@ def device_status(name: str, server, cfg) -> dict:
     }
 
 
+def opening_status(name: str, op) -> dict:
+    """A device whose store is still being opened (a remote disk not reached yet)."""
+    return {"name": name, "type": op.cfg.type, "socket": op.cfg.socket, "state": "opening", "attempts": op.attempts,
+            "error": op.error, "backend": op.cfg.backend}
+
+
 def daemon_status(daemon) -> dict:
     return {"ok": True, "config": daemon.config.path, "pid": os.getpid(),
-            "devices": [device_status(name, server, daemon.configs[name]) for name, server in daemon.servers.items()]}
+            "devices": [device_status(name, server, daemon.configs[name]) for name, server in daemon.servers.items()]
+            + [opening_status(name, op) for name, op in daemon.opening.items()]}
 
 
 class ControlServer:

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 
-from vhostd import systemd
+from vhostd import storage, systemd
 from vhostd.config import Config, ConfigError, load_config
 from vhostd.dataplane import Engine
 from vhostd.devices import Switches, create_device
@@ -64,6 +64,19 @@ def raise_open_file_limit(wanted: int) -> int:
 
 #: daemon keys a reload cannot apply (they keep their running value until a restart)
 RESTART_KEYS = ("workers", "control_socket", "user", "group", "metrics")
+#: seconds between attempts to open a store that is not there yet (doubling up to the second)
+OPEN_RETRY = (1.0, 30.0)
+
+
+@dataclasses.dataclass
+class Opening:
+    """A device whose store is being opened off the loop (a remote disk):
+    it starts once the store is open; until then status shows why not."""
+
+    cfg: object
+    task: asyncio.Task | None = None
+    attempts: int = 0
+    error: str = ""
 
 
 class Daemon:
@@ -73,6 +86,7 @@ class Daemon:
         self.engine = Engine(config.daemon.workers)
         self.servers: dict[str, DeviceServer] = {}
         self.configs: dict[str, object] = {}  # the config each running device was started from
+        self.opening: dict[str, Opening] = {}  # devices whose store is still being opened
         self.switches = Switches()
         self._stopped = asyncio.Event()
         self.control = None  # vhostd.control.ControlServer when daemon.control_socket is set
@@ -86,13 +100,21 @@ class Daemon:
         except BaseException:
             self.close()
             raise
-        log.info("serving %d device(s) with %d data plane worker(s)", len(self.servers), self.engine.workers)
+        log.info("serving %d device(s) with %d data plane worker(s)%s", len(self.servers), self.engine.workers,
+                 f"; opening the store of {len(self.opening)} more" if self.opening else "")
         uring, why = self.engine.uring()
         if not uring and any(s.device.describe().get("aio") == "threads" for s in self.servers.values()):
             log.warning("io_uring is unavailable (%s): disk I/O runs on a thread pool", why)
 
-    def _start_device(self, cfg) -> None:
-        device = create_device(cfg, self.switches)
+    def _start_device(self, cfg, store=None) -> None:
+        """Start a device (on store, if its store was opened already).  A
+        store that may take long to open (a remote disk) is opened off the
+        loop first, and the device starts when it is open."""
+        if store is None and cfg.type == "blk" and storage.BACKENDS[cfg.backend].BLOCKING_OPEN:
+            op = self.opening[cfg.name] = Opening(cfg)
+            op.task = self.loop.create_task(self._open_store(op))
+            return
+        device = create_device(cfg, self.switches, store)
         handler = None
         try:
             handler = DeviceHandler(device, self.engine, logging.LoggerAdapter(log, {}))
@@ -112,9 +134,42 @@ class Daemon:
         self.servers[cfg.name] = server
         self.configs[cfg.name] = cfg
 
+    async def _open_store(self, op: Opening) -> None:
+        cfg = op.cfg
+        backend = storage.BACKENDS[cfg.backend]
+        delay = OPEN_RETRY[0]
+        while True:
+            op.attempts += 1
+            future = self.loop.run_in_executor(None, backend.open_store, cfg.store, cfg.name, cfg.readonly)
+            try:
+                store = await asyncio.shield(future)
+                break
+            except asyncio.CancelledError:
+                # The thread cannot be stopped: the store it opens is closed when it is.
+                future.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().close())
+                raise
+            except (OSError, ValueError) as exc:
+                if str(exc) != op.error:
+                    log.warning("%s: cannot open its store (%s); trying again every %g s at most", cfg.name, exc,
+                                OPEN_RETRY[1])
+                op.error = str(exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, OPEN_RETRY[1])
+        del self.opening[cfg.name]
+        try:
+            self._start_device(cfg, store)
+        except (OSError, ValueError, MemoryError) as exc:
+            log.error("%s: cannot start: %s", cfg.name, exc)
+            return
+        log.info("%s: store open%s", cfg.name, f" after {op.attempts} attempts" if op.attempts > 1 else "")
+        self._sessions_changed()
+
     def _stop_device(self, name: str, taps: list[int] | None = None) -> None:
         """Close the device's session and socket and free it.  TAP fds go to
         `taps` when given (closing many together is much faster)."""
+        if name in self.opening:
+            self.opening.pop(name).task.cancel()
+            return
         server = self.servers.pop(name)
         self.configs.pop(name, None)
         server.stop()
@@ -160,18 +215,19 @@ class Daemon:
         wanted = {cfg.name: cfg for cfg in new.devices}
         outcome = {"ok": True, "started": [], "stopped": [], "restarted": [], "kept": [], "failed": {}}
         taps: list[int] = []
-        for name in list(self.servers):
+        running = {**{n: op.cfg for n, op in self.opening.items()}, **self.configs}
+        for name, cfg in running.items():
             if name not in wanted:
                 self._stop_device(name, taps)
                 outcome["stopped"].append(name)
-            elif self.configs[name] != wanted[name]:  # settings that change nothing once running compare equal
+            elif cfg != wanted[name]:  # settings that change nothing once running compare equal
                 self._stop_device(name, taps)
                 outcome["restarted"].append(name)
             else:
                 outcome["kept"].append(name)
         close_taps(taps)
         for name, cfg in wanted.items():
-            if name in self.servers:
+            if name in self.servers or name in self.opening:
                 continue
             try:
                 self._start_device(cfg)
@@ -193,7 +249,8 @@ class Daemon:
 
     def status_line(self) -> str:
         connected = sum(1 for s in self.servers.values() if s.connection is not None)
-        return f"serving {len(self.servers)} device(s), {connected} connected"
+        opening = f", {len(self.opening)} opening their store" if self.opening else ""
+        return f"serving {len(self.servers)} device(s), {connected} connected{opening}"
 
     def _sessions_changed(self) -> None:
         systemd.notify_status(self.status_line())
@@ -217,6 +274,8 @@ class Daemon:
         half-done when the sessions close.  What a guest queued and we did
         not take stays in its ring for the next vhostd.  True if all drained."""
         rings = [s.handler.rings for s in self.servers.values() if s.connection is not None]
+        for op in self.opening.values():
+            op.task.cancel()
         for r in rings:
             for i in range(r.num_queues):
                 r.drain(i)
@@ -240,7 +299,7 @@ class Daemon:
         for server in self.servers.values():  # first: no new front-ends anywhere
             server.stop_accepting()
         taps: list[int] = []
-        for name in list(self.servers):
+        for name in [*self.opening, *self.servers]:
             self._stop_device(name, taps)
         close_taps(taps)
         self.engine.close()

@@ -88,8 +88,10 @@ class Rings:
         self.num_queues = device.num_queues
         self._engine = engine
         handler, ctx, req_priv, release = device.native()
+        # A device whose store runs on one worker (NBD) has all its queues there.
+        worker = device.place(engine)
         self._ptr = lib.vd_device_new(engine.ptr, device.num_queues, device.max_queue_size, handler, ctx,
-                                      req_priv, release, event_fd)
+                                      req_priv, release, event_fd, worker)
         if self._ptr == ffi.NULL:
             if release != ffi.NULL:
                 release(ctx)  # the reference native() gave is not taken

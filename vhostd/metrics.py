@@ -26,6 +26,12 @@ QUEUE_COUNTERS = (("requests", "requests_total", "Requests completed"),
                   ("notifies", "notifies_total", "Interrupts (call eventfd writes) sent"),
                   ("bytes_out", "queue_read_bytes_total", "Bytes the device read from guest buffers"),
                   ("bytes_in", "queue_written_bytes_total", "Bytes the device wrote into guest buffers"))
+# What remote stores report of their own kind (vhostd status "store").
+STORE_GAUGES = {"connected": "Connections to the NBD server that are up",
+                "in_flight": "Requests the RBD image has not answered yet",
+                "oldest_ms": "Milliseconds the oldest of those has waited"}
+STORE_COUNTERS = {"reconnects": "Times a connection to the NBD server came back",
+                  "stalls": "Times a request to the RBD image waited longer than warn_after"}
 
 
 def _snapshot(daemon) -> list[dict]:
@@ -33,6 +39,8 @@ def _snapshot(daemon) -> list[dict]:
     latency histogram (bucket counts, total ns)."""
     devices = daemon_status(daemon)["devices"]
     for d in devices:
+        if d["state"] != "serving":
+            continue
         rings = daemon.servers[d["name"]].handler.rings
         for q in d["queues"]:
             q["latency"] = rings.latency(q["index"])
@@ -66,10 +74,31 @@ class DaemonCollector:
         latency = HistogramMetricFamily("vhostd_request_latency_seconds",
                                         "Time from taking a request off the ring to its completion",
                                         labels=["device", "queue"])
+        store_up = GaugeMetricFamily("vhostd_store_up", "1 when the device's remote store (NBD, RBD) answers",
+                                     labels=["device"])
+        store_timeouts = CounterMetricFamily("vhostd_store_timeouts", "Requests failed after waiting io_timeout",
+                                             labels=["device"])
+        # the rest of "store" is each kind's own: vhostd_store_<key>
+        store_more: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
         device_counters: dict[str, CounterMetricFamily] = {}
         for d in devices:
             dev = d["name"]
             info.add_metric([dev, d["type"], d["socket"]], 1)
+            if d["state"] != "serving":  # its remote store is not open yet
+                connected.add_metric([dev], 0)
+                store_up.add_metric([dev], 0)
+                continue
+            if "store" in d:
+                store_up.add_metric([dev], int(d["store"]["up"]))
+                store_timeouts.add_metric([dev], d["store"]["timeouts"])
+                for key, value in d["store"].items():
+                    if key in STORE_GAUGES or key in STORE_COUNTERS:
+                        fam = store_more.get(key)
+                        if fam is None:
+                            kind, text = (GaugeMetricFamily, STORE_GAUGES[key]) if key in STORE_GAUGES \
+                                else (CounterMetricFamily, STORE_COUNTERS[key])
+                            fam = store_more[key] = kind(f"vhostd_store_{key}", text, labels=["device"])
+                        fam.add_metric([dev], value)
             connected.add_metric([dev], int(d["connected"]))
             needs_reset.add_metric([dev], int(d["needs_reset"]))
             features.add_metric([dev], d["features"])
@@ -95,8 +124,8 @@ class DaemonCollector:
                         fam = device_counters[name] = CounterMetricFamily(
                             name, f"{d['type']} {key.replace('_', ' ')} per {unit}", labels=["device", unit])
                     fam.add_metric([dev, str(i)], value)
-        yield from (info, connected, needs_reset, features, *qc.values(), pending, latency,
-                    *device_counters.values())
+        yield from (info, connected, needs_reset, features, *qc.values(), pending, latency, store_up,
+                    store_timeouts, *store_more.values(), *device_counters.values())
 
 
 class MetricsServer:

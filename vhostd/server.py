@@ -304,6 +304,8 @@ class DeviceServer:
         self._listener = sock
         self.loop.add_reader(sock.fileno(), self._on_accept)
         self.loop.add_reader(self.handler.event_fd, self._on_device_event)
+        if (notes := self.device.notes_fd()) is not None:
+            self.loop.add_reader(notes, self._on_notes)
         self.log.info("listening on %s", self.socket_path)
 
     def _on_device_event(self) -> None:
@@ -311,6 +313,10 @@ class DeviceServer:
         self.handler.report_errors()
         if self.connection is not None:
             self.connection.resume()
+
+    def _on_notes(self) -> None:
+        for warning, line in self.device.take_notes():
+            (self.log.warning if warning else self.log.info)("%s", line)
 
     def _on_accept(self) -> None:
         try:
@@ -369,6 +375,8 @@ class DeviceServer:
             # what they were doing: every request taken gets its used entry.
             self.connection.close("daemon stopping")
         self.loop.remove_reader(self.handler.event_fd)
+        if (notes := self.device.notes_fd()) is not None:
+            self.loop.remove_reader(notes)
 
 
 def remove_stale_socket(path: str) -> None:

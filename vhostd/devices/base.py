@@ -68,6 +68,20 @@ class Device:
     def detach(self) -> None:
         """Stop back-end work that touches the rings (before they are freed)."""
 
+    def place(self, engine) -> int:
+        """The worker all the device's queues must run on, or -1 (any: they
+        are spread over the workers)."""
+        return -1
+
+    def notes_fd(self) -> int | None:
+        """An fd that becomes readable when the device has lines for the log
+        (take_notes), or None."""
+        return None
+
+    def take_notes(self) -> list[tuple[bool, str]]:
+        """(is a warning, line) for each line the device has for the log."""
+        return []
+
     def describe(self) -> dict[str, Any]:
         """Device-specific facts for `vhostd status` (e.g. blk's I/O engine)."""
         return {}

@@ -85,8 +85,9 @@ class BlkDevice(Device):
             self._blk = lib.vd_blk_new(params, self.num_queues)
             if self._blk == ffi.NULL:
                 raise MemoryError("cannot allocate the blk device")
-        finally:
-            store.close()  # the native device holds its own reference to the store
+        except BaseException:
+            store.close()
+            raise
         self.handler = ffi.addressof(lib, "vd_blk_handle")
         self.ctx = ffi.cast("void *", self._blk)
 
@@ -94,6 +95,9 @@ class BlkDevice(Device):
         # The data plane's reference: the store stays while its I/O is pending.
         return self.handler, ffi.cast("void *", lib.vd_blk_ref(self._blk)), lib.vd_blk_req_size(), \
             ffi.addressof(lib, "vd_blk_unref")
+
+    def place(self, engine) -> int:
+        return self.store.place(engine)
 
     def features(self) -> int:
         f = RING_FEATURES | bit(F_SIZE_MAX) | bit(F_SEG_MAX) | bit(F_BLK_SIZE) | bit(F_TOPOLOGY) | bit(F_MQ)
@@ -145,8 +149,15 @@ class BlkDevice(Device):
                                                      "bounced")})
         return out
 
+    def notes_fd(self) -> int | None:
+        return self.store.notes_fd()
+
+    def take_notes(self) -> list[tuple[bool, str]]:
+        return self.store.take_notes()
+
     def close(self) -> None:
-        """Drop our reference; the image closes once the data plane's I/O on it is over."""
+        """Drop our references; the store goes once the data plane's I/O on it is over."""
         if self._blk is not None:
             lib.vd_blk_unref(self._blk)
             self._blk = None
+            self.store.close()

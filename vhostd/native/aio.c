@@ -78,6 +78,18 @@ void vd_aio_deliver(struct vd_io *io, int64_t res)
     }
 }
 
+void vd_aio_deliver_local(struct vd_io *io, int64_t res)
+{
+    struct vd_aio *a = io->aio;
+    io->res = res;
+    io->next = NULL;
+    if (a->local_tail)
+        a->local_tail->next = io;
+    else
+        a->local_head = io;
+    a->local_tail = io;
+}
+
 /* ---------------------------------------------------------------- thread pool */
 
 #define POOL_IDLE_SECONDS 10
@@ -410,6 +422,16 @@ int vd_aio_reap(struct vd_aio *a, void (*cb)(struct vd_io *io, int64_t res, void
         }
     }
 #endif
+    while (a->local_head) { /* callbacks may deliver more */
+        struct vd_io *list = a->local_head;
+        a->local_head = a->local_tail = NULL;
+        while (list) {
+            struct vd_io *io = list;
+            list = io->next;
+            cb(io, io->res, arg);
+            n++;
+        }
+    }
     if (__atomic_load_n(&a->done_head, __ATOMIC_RELAXED)) {
         pthread_mutex_lock(&a->lock);
         struct vd_io *list = a->done_head;

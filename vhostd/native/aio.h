@@ -55,6 +55,11 @@ struct vd_io {
     void (*done)(struct vd_io *io, int64_t res);
     struct vd_req *req;                   /* opaque to this layer */
     struct vd_aio *aio;                   /* that worker's I/O context, set by the device */
+    /* a store's own, while the operation is with it (nbd.c) */
+    uint64_t since;                       /* when the store was given it */
+    uint64_t moved;                       /* bytes the issued read or write moves */
+    void *conn;                           /* where it was issued */
+    struct vd_io *s_prev, *s_next;
     /* the engine's */
     int64_t res;
     struct vd_io *next;
@@ -72,6 +77,7 @@ struct vd_aio {
     struct vd_threads *pool;
     pthread_mutex_t lock;     /* the pool's deliveries */
     struct vd_io *done_head, *done_tail;
+    struct vd_io *local_head, *local_tail; /* deliveries by this worker itself */
 };
 
 struct vd_threads *vd_threads_new(int max_threads);
@@ -96,5 +102,8 @@ void vd_block_signals(void);
 int64_t vd_io_run(struct vd_io *io);
 /* From any thread: io finished with res; done runs on io->aio's worker soon. */
 void vd_aio_deliver(struct vd_io *io, int64_t res);
+/* The same from io->aio's own worker (e.g. a store's callback there): no
+ * lock, no wake-up; the worker reaps it in this round. */
+void vd_aio_deliver_local(struct vd_io *io, int64_t res);
 
 #endif

@@ -30,6 +30,9 @@ vd_engine *vd_engine_new(int nworkers);
 void vd_engine_free(vd_engine *e);
 /* 1 if every worker has an io_uring ring; else 0 and why. */
 int vd_engine_uring(vd_engine *e, char *why, size_t len);
+/* The next worker in turn, for a device whose queues must all share one
+ * (vd_device_new's worker; -1 there spreads the queues over the workers). */
+int vd_engine_pick_worker(vd_engine *e);
 
 /* A device: nqueues virtqueues served by the engine's workers; each request
  * goes to handle(ctx, req), which returns VD_REQ_DONE, VD_REQ_PENDING or
@@ -38,7 +41,7 @@ int vd_engine_uring(vd_engine *e, char *why, size_t len);
  * with release(ctx) once it is freed and none of its I/O is pending. */
 vd_device *vd_device_new(vd_engine *e, int nqueues, uint32_t max_queue_size,
                          int (*handle)(void *ctx, struct vd_req *req), void *ctx, size_t req_priv,
-                         void (*release)(void *ctx), int event_fd);
+                         void (*release)(void *ctx), int event_fd, int worker);
 void vd_device_free(vd_device *d);
 void vd_device_reset(vd_device *d);
 void vd_device_clear_memory(vd_device *d);
@@ -85,6 +88,10 @@ int vd_queue_get_stats(vd_device *d, int i, struct vd_queue_info *out);
 typedef struct vd_store vd_store;
 void vd_store_ref(vd_store *s);
 void vd_store_unref(vd_store *s);
+/* Lines a store has for the daemon's log: event_fd (an eventfd, or -1) is
+ * written when there are some; take returns 1 with the oldest in buf. */
+void vd_store_set_event_fd(vd_store *s, int fd);
+int vd_store_take_note(vd_store *s, char *buf, size_t len);
 
 /* The file store (file.c): an image file or a block device.  It owns fd once created. */
 enum { VD_FILE_INLINE = 0, VD_FILE_URING = 1, VD_FILE_THREADS = 2 }; /* where its I/O runs */
@@ -107,6 +114,28 @@ struct vd_file_info {
 int vd_file_probe(int fd, struct vd_file_info *out);
 /* Whether io_uring works here (probed once); why it does not otherwise. */
 int vd_uring_available(char *why, size_t whylen);
+
+/* The NBD store (nbd.c): an export of an NBD server, through libnbd.  new
+ * connects at once (it blocks: call it off the event loop); attach puts its
+ * connections on a worker, where the device's queues must run too. */
+enum { VD_NBD_MAX_CONN = 16 };
+struct vd_nbd_params {
+    char uri[1024];
+    int connections;          /* wanted; 1 unless the server allows multi-conn */
+    uint32_t reconnect_delay_ms; /* longest wait between reconnect attempts */
+    uint32_t io_timeout_ms;   /* an operation fails after waiting this long; 0 = never */
+};
+struct vd_nbd_info {
+    int64_t size;
+    int readonly, can_flush, can_trim, can_zero, multi_conn;
+    uint32_t block_min;
+    int connections, ready;
+    uint64_t reconnects, timeouts;
+};
+int vd_nbd_available(void);
+vd_store *vd_nbd_store_new(const struct vd_nbd_params *p, char *err, size_t errlen);
+int vd_nbd_store_attach(vd_store *s, vd_engine *e, int worker);
+void vd_nbd_store_info(vd_store *s, struct vd_nbd_info *out);
 
 /* virtio-blk (blk.c) */
 struct vd_blk_params {

@@ -1,7 +1,8 @@
 """cffi build script for the native data plane (module `vhostd._native`).
 
 Compiles with io_uring support when liburing's headers are installed
-(Debian: liburing-dev).
+(Debian: liburing-dev) and with the NBD store when libnbd's are (libnbd-dev);
+VHOSTD_NO_URING=1 / VHOSTD_NO_NBD=1 build without them.
 
 Run at install time through setup.py's cffi_modules; `python -m
 vhostd.native.build` builds it in place for development.  VHOSTD_SANITIZE=1
@@ -14,7 +15,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["memory.c", "iov.c", "vring.c", "inflight.c", "request.c", "guard.c", "aio.c", "file.c", "engine.c", "blk.c", "net.c"]
+SOURCES = ["memory.c", "iov.c", "vring.c", "inflight.c", "request.c", "guard.c", "aio.c", "store.c", "file.c", "nbd.c", "engine.c", "blk.c", "net.c"]
 
 
 def _cdef_text() -> str:
@@ -23,20 +24,22 @@ def _cdef_text() -> str:
     return "\n".join(line for line in lines if not line.lstrip().startswith("#"))
 
 
-def _have_liburing() -> bool:
-    """liburing is optional: without it (or with VHOSTD_NO_URING=1) blk I/O
-    runs on the thread pool, and the daemon says so when it starts."""
-    if os.environ.get("VHOSTD_NO_URING"):
+def _have_header(name: str, env: str) -> bool:
+    """An optional library is used when its header is installed (and env is not set)."""
+    if os.environ.get(env):
         return False
-    return any(Path(d, "liburing.h").exists() for d in ("/usr/include", "/usr/local/include"))
+    return any(Path(d, name).exists() for d in ("/usr/include", "/usr/local/include"))
 
 
 def _flags() -> tuple[list[str], list[str]]:
     cflags = ["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"]
     ldflags = ["-pthread"]
-    if _have_liburing():
-        cflags.append("-DVD_HAVE_URING")
-        ldflags.append("-luring")
+    # Optional libraries: io_uring (liburing-dev), NBD (libnbd-dev).
+    for header, env, define, libs in (("liburing.h", "VHOSTD_NO_URING", "VD_HAVE_URING", ["uring"]),
+                                      ("libnbd.h", "VHOSTD_NO_NBD", "VD_HAVE_NBD", ["nbd"])):
+        if _have_header(header, env):
+            cflags.append(f"-D{define}")
+            ldflags += [f"-l{lib}" for lib in libs]
     if os.environ.get("VHOSTD_SANITIZE"):
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
         cflags = [f for f in cflags if f != "-O2"] + ["-O1"] + san

@@ -30,6 +30,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stddef.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,6 +46,7 @@ struct vd_worker {
     pthread_t thread;
     int epfd;
     int wake_fd;
+    struct vd_source wake_src, aio_src;
     int stop;
     struct vd_engine *engine;
     struct vd_aio aio;             /* the worker's own; set up on its thread */
@@ -55,6 +57,7 @@ struct vd_worker {
     pthread_mutex_t lock;          /* protects the fields below */
     pthread_cond_t cond;
     uint64_t sync_req, sync_done;  /* quiescence handshake, see vd_engine_sync */
+    struct vd_source *sources;     /* those added with vd_source_add (ticks, removal) */
     struct vd_queue *polled;       /* queues without a kick fd */
     struct vd_queue *again;        /* queues to look at without a kick (out of budget, or in a
                                       poll window); the worker's own, no lock */
@@ -282,6 +285,138 @@ static int service(struct vd_queue *q, int kicked)
     return more;
 }
 
+/* ---- event sources */
+
+static void wake(struct vd_worker *w);
+
+#define container_of(p, type, member) ((type *)((char *)(p) - offsetof(type, member)))
+
+static void wake_ready(struct vd_source *src, uint32_t events)
+{
+    uint64_t v;
+    if (read(src->fd, &v, sizeof(v)) < 0) {
+    }
+}
+
+static void aio_ready(struct vd_source *src, uint32_t events)
+{
+    uint64_t v;
+    if (read(src->fd, &v, sizeof(v)) < 0) { /* then reap: see vd_aio_deliver in aio.c */
+    }
+}
+
+static void kick_ready(struct vd_source *src, uint32_t events)
+{
+    service(container_of(src, struct vd_queue, kick_src), 1);
+}
+
+/* The epoll timeout (ms) that wakes the worker for its earliest deadline
+ * (w->lock held). */
+static int until_deadline(struct vd_worker *w, int timeout)
+{
+    uint64_t first = 0;
+    for (struct vd_source *s = w->sources; s; s = s->next)
+        if (!s->dead && s->deadline && (!first || s->deadline < first))
+            first = s->deadline;
+    if (!first || timeout == 0)
+        return timeout;
+    uint64_t now = vd_now_ns();
+    int ms = first <= now ? 0 : (int)((first - now + 999999) / 1000000);
+    return timeout < 0 || ms < timeout ? ms : timeout;
+}
+
+static void tick_sources(struct vd_worker *w)
+{
+    uint64_t now = vd_now_ns();
+    pthread_mutex_lock(&w->lock);
+    for (struct vd_source *s = w->sources; s; s = s->next)
+        if (!s->dead && s->tick && s->deadline && s->deadline <= now)
+            s->tick(s, now);
+    pthread_mutex_unlock(&w->lock);
+}
+
+/* Removed sources go at the end of a round: this round's epoll events may
+ * still have pointed at them. */
+static void bury_sources(struct vd_worker *w)
+{
+    struct vd_source *dead = NULL;
+    pthread_mutex_lock(&w->lock);
+    for (struct vd_source **pp = &w->sources; *pp;) {
+        struct vd_source *s = *pp;
+        if (s->dead) {
+            *pp = s->next;
+            s->next = dead;
+            dead = s;
+        } else {
+            pp = &s->next;
+        }
+    }
+    pthread_mutex_unlock(&w->lock);
+    while (dead) {
+        struct vd_source *s = dead;
+        dead = s->next;
+        if (s->destroy)
+            s->destroy(s);
+    }
+}
+
+int vd_source_add(vd_engine *e, int worker, struct vd_source *src, int fd, uint32_t events)
+{
+    struct vd_worker *w = &e->w[worker % e->nworkers];
+    src->worker = w;
+    src->fd = -1;
+    src->dead = 0;
+    int rc = fd >= 0 ? vd_source_set(src, fd, events) : 0;
+    if (rc)
+        return rc;
+    pthread_mutex_lock(&w->lock);
+    src->next = w->sources;
+    w->sources = src;
+    pthread_mutex_unlock(&w->lock);
+    wake(w); /* its deadline may be earlier than the worker's sleep */
+    return 0;
+}
+
+int vd_source_set(struct vd_source *src, int fd, uint32_t events)
+{
+    struct vd_worker *w = src->worker;
+    struct epoll_event ev = {.events = events, .data.ptr = src};
+    if (fd != src->fd) {
+        if (src->fd >= 0)
+            epoll_ctl(w->epfd, EPOLL_CTL_DEL, src->fd, NULL);
+        src->fd = -1;
+        if (fd >= 0 && epoll_ctl(w->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+            return -errno;
+        src->fd = fd;
+    } else if (fd >= 0 && events != src->events && epoll_ctl(w->epfd, EPOLL_CTL_MOD, fd, &ev) < 0) {
+        return -errno;
+    }
+    src->events = events;
+    return 0;
+}
+
+void vd_source_remove(struct vd_source *src)
+{
+    struct vd_worker *w = src->worker;
+    pthread_mutex_lock(&w->lock);
+    if (src->fd >= 0)
+        epoll_ctl(w->epfd, EPOLL_CTL_DEL, src->fd, NULL);
+    src->fd = -1;
+    src->dead = 1;
+    pthread_mutex_unlock(&w->lock);
+    wake(w);
+}
+
+struct vd_aio *vd_engine_aio(vd_engine *e, int worker)
+{
+    return &e->w[worker % e->nworkers].aio;
+}
+
+int vd_engine_pick_worker(vd_engine *e)
+{
+    return (int)(e->next++ % (unsigned)e->nworkers);
+}
+
 static void *worker_main(void *arg)
 {
     struct vd_worker *w = arg;
@@ -291,7 +426,8 @@ static void *worker_main(void *arg)
     /* The io_uring ring is made here: its submitter is this thread. */
     char why[128] = "";
     vd_aio_init(&w->aio, w->engine->pool, 1, why, sizeof(why));
-    struct epoll_event aev = {.events = EPOLLIN, .data.ptr = &w->aio};
+    w->aio_src = (struct vd_source){.ready = aio_ready, .fd = w->aio.efd, .events = EPOLLIN, .worker = w};
+    struct epoll_event aev = {.events = EPOLLIN, .data.ptr = &w->aio_src};
     if (w->aio.efd >= 0)
         epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->aio.efd, &aev);
     pthread_mutex_lock(&w->lock);
@@ -308,23 +444,17 @@ static void *worker_main(void *arg)
         int stop = w->stop;
         /* A sync request still unanswered: finish this round without sleeping. */
         int timeout = seen != w->sync_done || busy || w->again || w->io_retry ? 0 : w->polled ? 1 : -1;
+        timeout = until_deadline(w, timeout);
         pthread_mutex_unlock(&w->lock);
         if (stop)
             break;
         int n = epoll_wait(w->epfd, ev, 64, timeout);
         for (int i = 0; i < n; i++) {
-            void *p = ev[i].data.ptr;
-            uint64_t v;
-            if (p == NULL) {
-                if (read(w->wake_fd, &v, sizeof(v)) < 0) {
-                }
-            } else if (p == &w->aio) {
-                if (read(w->aio.efd, &v, sizeof(v)) < 0) { /* then reap: see deliver() in aio.c */
-                }
-            } else {
-                service(p, 1);
-            }
+            struct vd_source *src = ev[i].data.ptr;
+            if (!src->dead)
+                src->ready(src, ev[i].events);
         }
+        tick_sources(w);
         io_round(w);
         /* Polled queues: the lock-free peek at w->polled is re-read under lock. */
         pthread_mutex_lock(&w->lock);
@@ -340,6 +470,7 @@ static void *worker_main(void *arg)
          * less CPU per I/O, leaving more of it to the other devices. */
         w->aio.hold = w->round_work >= VD_BUSY_ROUND;
         w->round_work = 0;
+        bury_sources(w);
         pthread_mutex_lock(&w->lock);
         w->sync_done = seen;
         pthread_cond_broadcast(&w->cond);
@@ -377,7 +508,8 @@ vd_engine *vd_engine_new(int nworkers)
         w->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         pthread_mutex_init(&w->lock, NULL);
         pthread_cond_init(&w->cond, NULL);
-        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+        w->wake_src = (struct vd_source){.ready = wake_ready, .fd = w->wake_fd, .events = EPOLLIN, .worker = w};
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &w->wake_src};
         epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->wake_fd, &ev);
         pthread_create(&w->thread, NULL, worker_main, w);
         char name[16];
@@ -413,6 +545,7 @@ void vd_engine_free(vd_engine *e)
         pthread_mutex_unlock(&w->lock);
         wake(w);
         pthread_join(w->thread, NULL);
+        bury_sources(w); /* removed after its last round */
         close(w->epfd);
         close(w->wake_fd);
     }
@@ -440,7 +573,7 @@ static void engine_sync(vd_engine *e)
 /* ---------------------------------------------------------------- devices */
 
 vd_device *vd_device_new(vd_engine *e, int nqueues, uint32_t max_queue_size, vd_handle_fn handle, void *ctx,
-                         size_t req_priv, void (*release)(void *ctx), int event_fd)
+                         size_t req_priv, void (*release)(void *ctx), int event_fd, int worker)
 {
     if (nqueues < 1 || nqueues > VD_MAX_QUEUES)
         return NULL;
@@ -462,8 +595,9 @@ vd_device *vd_device_new(vd_engine *e, int nqueues, uint32_t max_queue_size, vd_
         q->dev = d;
         q->index = i;
         q->kick_fd = q->call_fd = q->err_fd = -1;
-        q->worker = &e->w[e->next++ % e->nworkers];
+        q->worker = worker >= 0 ? &e->w[worker % e->nworkers] : &e->w[e->next++ % e->nworkers];
         q->aio = &q->worker->aio;
+        q->kick_src = (struct vd_source){.ready = kick_ready, .worker = q->worker};
     }
     return d;
 }
@@ -518,7 +652,7 @@ static int queue_attach(struct vd_queue *q, char *err, size_t errlen)
 {
     struct vd_worker *w = q->worker;
     if (q->kick_fd >= 0) {
-        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = q};
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &q->kick_src};
         if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, q->kick_fd, &ev) < 0) {
             snprintf(err, errlen, "queue %d: cannot wait on the kick fd: %s", q->index, strerror(errno));
             return -errno;

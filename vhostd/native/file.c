@@ -32,25 +32,6 @@ struct file_store {
     struct vd_iolimit lim;  /* its share of the thread pool */
 };
 
-void vd_store_init(struct vd_store *s, const struct vd_store_ops *ops)
-{
-    memset(s, 0, sizeof(*s));
-    s->ops = ops;
-    s->refs = 1;
-    s->mem_align = s->len_align = 1;
-}
-
-void vd_store_ref(vd_store *s)
-{
-    __atomic_add_fetch(&s->refs, 1, __ATOMIC_RELAXED);
-}
-
-void vd_store_unref(vd_store *s)
-{
-    if (s && __atomic_sub_fetch(&s->refs, 1, __ATOMIC_ACQ_REL) == 0)
-        s->ops->destroy(s);
-}
-
 static int64_t blkdev_ioctl(struct vd_io *io)
 {
     uint64_t range[2] = {io->off, io->len};

@@ -154,6 +154,21 @@ struct vd_queue_stats {
 struct vd_device;
 struct vd_worker;
 
+/* Something a worker waits for in its epoll (engine.c): a queue's kick fd,
+ * its wake-up and I/O completion eventfds, a store's connections.  A source
+ * added with vd_source_add may also ask for a tick at a deadline. */
+struct vd_source {
+    void (*ready)(struct vd_source *src, uint32_t events); /* its fd is ready (epoll events) */
+    void (*tick)(struct vd_source *src, uint64_t now);     /* optional: now >= deadline */
+    void (*destroy)(struct vd_source *src);                /* after vd_source_remove, on the worker */
+    uint64_t deadline;      /* CLOCK_MONOTONIC ns; 0: no tick wanted */
+    int fd;
+    uint32_t events;
+    int dead;               /* removed: no more callbacks; destroyed at the end of the round */
+    struct vd_worker *worker;
+    struct vd_source *next;
+};
+
 struct vd_queue {
     pthread_mutex_t lock;
     struct vd_device *dev;
@@ -199,6 +214,7 @@ struct vd_queue {
     int nresubmit, resubmit_pos;
     struct iovec scratch[VD_MAX_IOV]; /* a chain is mapped here first */
     struct vd_queue *poll_next;
+    struct vd_source kick_src; /* in the worker's epoll while it has a kick fd */
     /* the worker's again list (engine.c), touched only by the owning worker */
     int again;              /* on it: notifications left disabled */
     uint64_t spin_until;    /* end of the poll window (CLOCK_MONOTONIC ns): then ask for kicks */
@@ -302,6 +318,15 @@ void vd_reqs_free(struct vd_queue *q);
 struct vd_io;
 int vd_reqs_io_done(struct vd_io *io, int64_t res);
 struct vd_queue *vd_req_queue(const struct vd_req *req);
+
+/* ---- event sources of the workers (engine.c).  add and remove from any
+ * thread; set (a new fd or events) and deadlines only on the source's
+ * worker, e.g. in its callbacks.  tick must not add or remove sources. */
+int vd_source_add(vd_engine *e, int worker, struct vd_source *src, int fd, uint32_t events);
+int vd_source_set(struct vd_source *src, int fd, uint32_t events);
+void vd_source_remove(struct vd_source *src);
+/* The I/O context of a worker (stores that run on one worker use it). */
+struct vd_aio *vd_engine_aio(vd_engine *e, int worker);
 
 /* ---- the SIGBUS guard (guard.c) */
 void vd_guard_install(void);

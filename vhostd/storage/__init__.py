@@ -17,6 +17,7 @@ The device model (vhostd/devices/blk.py) sees only the Store.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,19 +37,55 @@ class Store:
     discard: bool = True
     write_zeroes: bool = True
     facts: dict = field(default_factory=dict)  # for `vhostd status`: engine, server, ...
+    _notes_fd: int | None = field(default=None, repr=False)
+
+    #: whether it has lines for the log (a remote store's connection coming and going)
+    TALKS = False
+
+    def place(self, engine) -> int:
+        """The worker the store (and so the device's queues) runs on, or -1
+        when any will do."""
+        return -1
 
     def describe(self) -> dict:
-        """What `vhostd status` shows about it (may change, e.g. a connection's state)."""
+        """What `vhostd status` shows about it (may change, e.g. a connection's state).
+        A remote store adds "store": {"server", "up" (it answers), "timeouts"
+        (requests failed after io_timeout), and counters of its own kind}."""
         return dict(self.facts)
+
+    def notes_fd(self) -> int | None:
+        """An eventfd that becomes readable when the store has lines for the
+        log (take_notes), or None if it never has."""
+        if self._notes_fd is None and self.TALKS and self.ptr not in (None, ffi.NULL):
+            self._notes_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            lib.vd_store_set_event_fd(self.ptr, self._notes_fd)
+        return self._notes_fd
+
+    def take_notes(self) -> list[tuple[bool, str]]:
+        """(is a warning, line) for each line the store has for the log."""
+        try:
+            os.eventfd_read(self._notes_fd)
+        except (BlockingIOError, TypeError):
+            pass
+        out, buf = [], ffi.new("char[]", 256)
+        while self.ptr not in (None, ffi.NULL) and lib.vd_store_take_note(self.ptr, buf, 256):
+            line = ffi.string(buf).decode(errors="replace")
+            out.append((line[:1] == "W", line[1:]))
+        return out
 
     def close(self) -> None:
         """Drop our reference; the native store goes once its I/O is over."""
         if self.ptr is not None and self.ptr != ffi.NULL:
+            if self._notes_fd is not None:
+                lib.vd_store_set_event_fd(self.ptr, -1)
             lib.vd_store_unref(self.ptr)
+        if self._notes_fd is not None:
+            os.close(self._notes_fd)
+            self._notes_fd = None
         self.ptr = None
 
 
-from vhostd.storage import file, null  # noqa: E402  (they use Store)
+from vhostd.storage import file, nbd, null  # noqa: E402  (they use Store)
 
 #: backend name -> its module
-BACKENDS = {"file": file, "null": null}
+BACKENDS = {"file": file, "null": null, "nbd": nbd}
