@@ -37,6 +37,14 @@ PACKAGES=(
     libnbd-bin            # nbdfuse
     libnbd-dev            # the NBD store (backend: nbd) is built with it
     fuse3                 # fusermount3
+    # Disks in Ceph (backend: rbd): the store is built with librbd, and the
+    # tests run a throw-away cluster (tests/ceph.py): a monitor, an OSD, and
+    # the ceph/rbd tools (ceph-common; monmaptool is in ceph-base).
+    librbd-dev
+    librados-dev
+    ceph-mon
+    ceph-osd
+    ceph-common
     ethtool               # offload/queue inspection of TAPs in tests
 )
 

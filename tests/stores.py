@@ -1,7 +1,7 @@
 """Real storage servers for tests: NBD servers (nbdkit with its plugins and
-filters, qemu-nbd) over Unix sockets, started, hung, killed and restarted by
-the tests; and the data plane built as where their client libraries are
-missing."""
+filters, qemu-nbd) over Unix sockets, and one Ceph cluster for the session
+(tests/ceph.py), started, hung, killed and restarted by the tests; and the
+data plane built as where their client libraries are missing."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import tempfile
 import time
 
 import pytest
+
+from ceph import TOOLS as CEPH_TOOLS, CephCluster
 
 
 def wait_for(path: str, proc: subprocess.Popen, what: str, timeout: float = 10, log: str | None = None) -> None:
@@ -139,8 +141,23 @@ def nbd_server(vhostd_factory):
 
 
 @pytest.fixture(scope="session")
+def ceph_cluster():
+    """One Ceph cluster (a monitor and a bluestore OSD, so that the OSD can be
+    killed and restarted without losing data) for every test of the session;
+    each test makes its own images."""
+    missing = [t for t in CEPH_TOOLS if not shutil.which(t)]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} missing: run scripts/test-deps.sh")
+    cluster = CephCluster("bluestore")
+    try:
+        yield cluster.start()
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="session")
 def build_without_store_libraries(tmp_path_factory):
-    """The data plane built as on a machine without libnbd-dev."""
+    """The data plane built as on a machine without libnbd-dev and librbd-dev."""
     out = tmp_path_factory.mktemp("nolibs")
     env = {**os.environ, "VHOSTD_NO_NBD": "1", "VHOSTD_NO_RBD": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

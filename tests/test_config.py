@@ -1152,7 +1152,7 @@ def test_bad_backend(tmp_path, value, shown):
     path = write(tmp_path, f"devices:\n  - name: d\n    type: blk\n    socket: d.sock\n    backend: {value}\n")
     p = only_problem(path)  # no complaint about 'path' or 'size': the backend is unknown
     assert p.key == "devices[0].backend"
-    assert p.message == f"must be one of file, null, nbd, got {shown} (device 'd')"
+    assert p.message == f"must be one of file, null, nbd, rbd, got {shown} (device 'd')"
 
 
 def test_null_devices_do_not_share_images(tmp_path):

@@ -303,6 +303,12 @@ class Daemon:
             self._stop_device(name, taps)
         close_taps(taps)
         self.engine.close()
+        # Stores that close on threads of their own (an RBD image flushes
+        # its cache) finish before the process ends, if the cluster lets them.
+        left = storage.wait_closed(STORE_CLOSE_TIMEOUT)
+        if left:
+            log.warning("stopping with %d store(s) not closed after %g s (their servers do not answer)",
+                        left, STORE_CLOSE_TIMEOUT)
 
 
 def drop_privileges(uid: int | None, gid: int | None) -> None:
@@ -323,6 +329,7 @@ def drop_privileges(uid: int | None, gid: int | None) -> None:
 
 
 STOP_TIMEOUT = 10.0  # seconds from SIGTERM to exit, at most
+STORE_CLOSE_TIMEOUT = 4.0  # of it, after the drain (half), for remote stores to close
 
 
 def _give_up_stopping() -> None:

@@ -92,6 +92,9 @@ void vd_store_unref(vd_store *s);
  * written when there are some; take returns 1 with the oldest in buf. */
 void vd_store_set_event_fd(vd_store *s, int fd);
 int vd_store_take_note(vd_store *s, char *buf, size_t len);
+/* Wait up to timeout_ms for stores still closing on threads of their own
+ * (an RBD image flushing its cache); returns how many are left. */
+int vd_stores_settle(int timeout_ms);
 
 /* The file store (file.c): an image file or a block device.  It owns fd once created. */
 enum { VD_FILE_INLINE = 0, VD_FILE_URING = 1, VD_FILE_THREADS = 2 }; /* where its I/O runs */
@@ -136,6 +139,30 @@ int vd_nbd_available(void);
 vd_store *vd_nbd_store_new(const struct vd_nbd_params *p, char *err, size_t errlen);
 int vd_nbd_store_attach(vd_store *s, vd_engine *e, int worker);
 void vd_nbd_store_info(vd_store *s, struct vd_nbd_info *out);
+
+/* The RBD store (rbd.c): an image in a Ceph cluster, through librbd.  new
+ * connects and opens the image (it blocks: call it off the event loop);
+ * attach puts its stall watch on a worker. */
+struct vd_rbd_params {
+    char conf[512];           /* ceph.conf */
+    char user[128];           /* the client's id: client.<user> */
+    char keyring[512];        /* "": where ceph.conf says */
+    uint32_t io_timeout_s;    /* an operation fails after waiting this long; 0 = never */
+    uint32_t warn_after_s;    /* the log says so when one waits this long */
+    char pool[128], ns[128], image[128], snap[128]; /* ns, snap: "" = none */
+    int readonly;
+};
+struct vd_rbd_info {
+    int64_t size;
+    uint64_t object_size;
+    int readonly;
+    int inflight, stalled;    /* stalled: the oldest operation waits too long */
+    uint64_t oldest_ms, stalls, timeouts;
+};
+int vd_rbd_available(void);
+vd_store *vd_rbd_store_new(const struct vd_rbd_params *p, char *err, size_t errlen);
+int vd_rbd_store_attach(vd_store *s, vd_engine *e, int worker);
+void vd_rbd_store_info(vd_store *s, struct vd_rbd_info *out);
 
 /* virtio-blk (blk.c) */
 struct vd_blk_params {

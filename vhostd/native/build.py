@@ -1,8 +1,9 @@
 """cffi build script for the native data plane (module `vhostd._native`).
 
 Compiles with io_uring support when liburing's headers are installed
-(Debian: liburing-dev) and with the NBD store when libnbd's are (libnbd-dev);
-VHOSTD_NO_URING=1 / VHOSTD_NO_NBD=1 build without them.
+(Debian: liburing-dev), with the NBD store when libnbd's are (libnbd-dev)
+and with the RBD store when librbd's are (librbd-dev, librados-dev);
+VHOSTD_NO_URING=1 / VHOSTD_NO_NBD=1 / VHOSTD_NO_RBD=1 build without them.
 
 Run at install time through setup.py's cffi_modules; `python -m
 vhostd.native.build` builds it in place for development.  VHOSTD_SANITIZE=1
@@ -15,7 +16,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["memory.c", "iov.c", "vring.c", "inflight.c", "request.c", "guard.c", "aio.c", "store.c", "file.c", "nbd.c", "engine.c", "blk.c", "net.c"]
+SOURCES = ["memory.c", "iov.c", "vring.c", "inflight.c", "request.c", "guard.c", "aio.c", "store.c", "file.c", "nbd.c", "rbd.c", "engine.c", "blk.c", "net.c"]
 
 
 def _cdef_text() -> str:
@@ -34,9 +35,10 @@ def _have_header(name: str, env: str) -> bool:
 def _flags() -> tuple[list[str], list[str]]:
     cflags = ["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"]
     ldflags = ["-pthread"]
-    # Optional libraries: io_uring (liburing-dev), NBD (libnbd-dev).
+    # Optional libraries: io_uring (liburing-dev), NBD (libnbd-dev), RBD (librbd-dev).
     for header, env, define, libs in (("liburing.h", "VHOSTD_NO_URING", "VD_HAVE_URING", ["uring"]),
-                                      ("libnbd.h", "VHOSTD_NO_NBD", "VD_HAVE_NBD", ["nbd"])):
+                                      ("libnbd.h", "VHOSTD_NO_NBD", "VD_HAVE_NBD", ["nbd"]),
+                                      ("rbd/librbd.h", "VHOSTD_NO_RBD", "VD_HAVE_RBD", ["rbd", "rados"])):
         if _have_header(header, env):
             cflags.append(f"-D{define}")
             ldflags += [f"-l{lib}" for lib in libs]

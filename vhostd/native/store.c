@@ -1,6 +1,10 @@
 /* What every store has: references, and lines for the daemon's log. */
 #define _GNU_SOURCE
+#include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
+#include <stdlib.h>
+#include <time.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -68,4 +72,72 @@ void vd_store_set_event_fd(vd_store *s, int fd)
     pthread_mutex_lock(&s->note_lock);
     s->event_fd = fd;
     pthread_mutex_unlock(&s->note_lock);
+}
+
+/* ---- closing off the workers and the event loop */
+
+static pthread_mutex_t closing_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t closing_done = PTHREAD_COND_INITIALIZER;
+static int closing;
+
+struct closer {
+    struct vd_store *s;
+    void (*close)(struct vd_store *s);
+};
+
+static void *closer_main(void *arg)
+{
+    struct closer c = *(struct closer *)arg;
+    free(arg);
+    c.close(c.s);
+    pthread_mutex_lock(&closing_lock);
+    closing--;
+    pthread_cond_broadcast(&closing_done);
+    pthread_mutex_unlock(&closing_lock);
+    return NULL;
+}
+
+void vd_store_close_later(struct vd_store *s, void (*close)(struct vd_store *s))
+{
+    struct closer *c = malloc(sizeof(*c));
+    pthread_attr_t attr;
+    pthread_t t;
+    sigset_t all, old;
+    if (c) {
+        c->s = s;
+        c->close = close;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, &old); /* the daemon's signals are not its business */
+        pthread_mutex_lock(&closing_lock);
+        int rc = pthread_create(&t, &attr, closer_main, c);
+        if (rc == 0)
+            closing++;
+        pthread_mutex_unlock(&closing_lock);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        pthread_attr_destroy(&attr);
+        if (rc == 0)
+            return;
+        free(c);
+    }
+    close(s); /* no thread to spare: here, then */
+}
+
+int vd_stores_settle(int timeout_ms)
+{
+    struct timespec end;
+    clock_gettime(CLOCK_REALTIME, &end);
+    end.tv_sec += timeout_ms / 1000;
+    end.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
+    if (end.tv_nsec >= 1000000000) {
+        end.tv_sec++;
+        end.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&closing_lock);
+    while (closing > 0 && pthread_cond_timedwait(&closing_done, &closing_lock, &end) == 0)
+        ;
+    int left = closing;
+    pthread_mutex_unlock(&closing_lock);
+    return left;
 }

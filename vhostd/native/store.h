@@ -43,6 +43,9 @@ struct vd_store {
 };
 
 void vd_store_init(struct vd_store *s, const struct vd_store_ops *ops);
+/* Run close(s) on a thread of its own (for a store whose closing may wait on
+ * a server); vd_stores_settle (api.h) waits for those still running. */
+void vd_store_close_later(struct vd_store *s, void (*close)(struct vd_store *s));
 /* Say something to the daemon's log (any thread), as a warning or not.  The
  * line the daemon takes starts with 'W' or 'I'. */
 void vd_store_note(struct vd_store *s, int warning, const char *fmt, ...) __attribute__((format(printf, 3, 4)));

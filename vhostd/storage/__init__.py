@@ -38,13 +38,19 @@ class Store:
     write_zeroes: bool = True
     facts: dict = field(default_factory=dict)  # for `vhostd status`: engine, server, ...
     _notes_fd: int | None = field(default=None, repr=False)
+    _worker: int | None = field(default=None, repr=False)  # once placed
 
     #: whether it has lines for the log (a remote store's connection coming and going)
     TALKS = False
 
     def place(self, engine) -> int:
         """The worker the store (and so the device's queues) runs on, or -1
-        when any will do."""
+        when any will do.  Its first call settles it."""
+        if self._worker is None:
+            self._worker = self._attach(engine)
+        return self._worker
+
+    def _attach(self, engine) -> int:
         return -1
 
     def describe(self) -> dict:
@@ -85,7 +91,13 @@ class Store:
         self.ptr = None
 
 
-from vhostd.storage import file, nbd, null  # noqa: E402  (they use Store)
+def wait_closed(timeout: float) -> int:
+    """Wait up to timeout seconds for stores still closing in the background
+    (after their last reference went); returns how many are left."""
+    return lib.vd_stores_settle(int(timeout * 1000))
+
+
+from vhostd.storage import file, nbd, null, rbd  # noqa: E402  (they use Store)
 
 #: backend name -> its module
-BACKENDS = {"file": file, "null": null, "nbd": nbd}
+BACKENDS = {"file": file, "null": null, "nbd": nbd, "rbd": rbd}

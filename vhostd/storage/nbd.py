@@ -74,7 +74,7 @@ def identity(settings: Settings) -> tuple[str, str, str]:
 class NbdStore(Store):
     TALKS = True
 
-    def place(self, engine) -> int:
+    def _attach(self, engine) -> int:
         worker = lib.vd_engine_pick_worker(engine.ptr)
         rc = lib.vd_nbd_store_attach(self.ptr, engine.ptr, worker)
         if rc < 0:
