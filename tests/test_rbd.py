@@ -195,21 +195,30 @@ def test_an_osd_killed_mid_io_and_restarted_loses_nothing(vhostd_factory, osd):
     g.close()
 
 
-def test_io_timeout_fails_requests_the_cluster_does_not_answer(vhostd_factory, osd):
-    img = osd.new_image(data=os.urandom(MiB))
-    vd = start(vhostd_factory, [rbd_device(osd, img, io_timeout=2, readonly=True)])
+def test_with_io_timeout_an_osd_killed_mid_io_fails_requests_only_after_it(vhostd_factory, osd):
+    """io_timeout set: the requests the dead OSD holds fail (IOERR) once they
+    waited that long, not before; what was acknowledged before it died, and
+    every write that was acknowledged at all, is in the image afterwards."""
+    img = osd.new_image(data=os.urandom(8 * MiB))  # data, so that reads go to the OSD
+    vd = start(vhostd_factory, [rbd_device(osd, img, io_timeout=2)])
     g = vd.connect("r0")
-    drv = g.blk(0)
-    assert drv.read(0, 4096)[0] == BLK_S_OK
+    drv = g.blk(0, size=128)
+    kept = os.urandom(8192)
+    assert drv.write(64, kept) == BLK_S_OK
+    assert drv.run(BLK_T_FLUSH)[0] == BLK_S_OK  # without io_timeout's no-cache, this turns on writeback
     osd.stop_osd(signal.SIGSTOP)
     t0 = time.monotonic()
-    bufs = [drv.submit(BLK_T_IN, 64 + 8 * i, in_len=4096)[1] for i in range(4)]
-    assert len(drv.q.wait_used(4, timeout=20)) == 4
+    reads = [drv.submit(BLK_T_IN, 8192 + 8 * i, in_len=4096)[1][-1] for i in range(4)]
+    blocks, writes = submit_writes(drv, 4)
+    wait_until(lambda: pending(vd, "r0") == 8, what="8 requests in flight")
+    osd.stop_osd(signal.SIGKILL)
+    assert len(drv.q.wait_used(8, timeout=20)) == 8
     assert time.monotonic() - t0 >= 1.9  # not before io_timeout
-    assert all(g.mem.read(b[-1], 1)[0] == BLK_S_IOERR for b in bufs)
-    assert status(vd)["r0"]["store"]["timeouts"] == 4
-    osd.resume_osd()
-    assert drv.read(0, 4096)[0] == BLK_S_OK
+    assert [g.mem.read(m, 1)[0] for m in reads + writes] == [BLK_S_IOERR] * 8
+    assert status(vd)["r0"]["store"]["timeouts"] == 8
+    osd.start_osd()
+    assert drv.read(64, 8192) == (BLK_S_OK, kept)
+    assert osd.export(img)[64 * 512:64 * 512 + 8192] == kept
     g.close()
 
 
@@ -248,6 +257,18 @@ def test_stopping_closes_the_image(vhostd_factory, ceph_cluster):
     assert ceph_cluster.rbd("status", "--format", "json", f"rbd/{img}").count('"address"') == 0  # no watcher left
 
 
+def test_reload_with_another_image_restarts_that_device_only(vhostd_factory, ceph_cluster):
+    a, b = ceph_cluster.new_image(size=4 * MiB), ceph_cluster.new_image(size=8 * MiB)
+    vd = start(vhostd_factory, [rbd_device(ceph_cluster, a), {"name": "f", "size": "4M"}])
+    set_devices(vd, [{**vd.devices[0], "image": b}, vd.devices[1]])
+    reply = reload(vd)
+    assert (reply["restarted"], reply["kept"]) == (["r0"], ["f"])
+    wait_until(lambda: status(vd)["r0"].get("state") == "serving", what="r0 back")
+    g = vd.connect("r0")
+    assert struct.unpack("<Q", g.fe.get_config(0, 8))[0] == 8 * MiB // 512
+    g.close()
+
+
 # ------------------------------------------------------------------ config
 
 
@@ -264,6 +285,8 @@ def test_stopping_closes_the_image(vhostd_factory, ceph_cluster):
      "devices[0].uri: 'uri' only applies to backend nbd, not rbd"),
     ("  - {name: r, type: blk, socket: r.sock, backend: rbd, image: i, io_timeout: -1}\n", 2,
      "devices[0].io_timeout: must be an integer from 0 to 86400, got -1"),
+    ("  - {name: r, type: blk, socket: r.sock, backend: rbd, image: i, user: bob}\n", 2,
+     "devices[0].user: unknown key 'user' (did you mean 'ceph_user'?)"),
 ])
 def test_config_errors(tmp_path, device, line, message):
     r = check(tmp_path, device)

@@ -108,6 +108,9 @@ static struct cluster *cluster_get(const struct vd_rbd_params *p, char *err, siz
     }
     if ((rc = rados_conf_set(r, what, CONNECT_TIMEOUT)) < 0 || (rc = rados_conf_set(r, what = "rados_mon_op_timeout", CONNECT_TIMEOUT)) < 0 ||
         (rc = rados_conf_set(r, what = "rados_osd_op_timeout", tmo)) < 0 ||
+        /* A write librbd's cache acknowledged and that then timed out would
+         * be lost behind a flush that succeeds: with a timeout, no cache. */
+        (key.io_timeout_s && (rc = rados_conf_set(r, what = "rbd_cache", "false")) < 0) ||
         (key.keyring[0] && (rc = rados_conf_set(r, what = "keyring", key.keyring)) < 0)) {
         snprintf(err, errlen, "cannot set Ceph option %s: %s", what, strerror(-rc));
         goto shutdown;

@@ -4,8 +4,10 @@ librbd's asynchronous API (native/rbd.c).
 The image's size comes from the cluster; a `snapshot` is served read-only.
 Ceph mends its own failures (librados follows OSDs as they go and come back
 and resends), so requests wait through them, as QEMU's do; `io_timeout`
-fails them after so many seconds instead.  Devices naming the same cluster
-alike share one connection to it.  Opening connects at once, so the daemon
+fails them after so many seconds instead, and then turns librbd's cache off
+(a write the cache took and that then timed out would be lost behind a flush
+that succeeds).  Devices naming the same cluster alike share one connection
+to it.  Opening connects at once, so the daemon
 does it off its event loop and tries again while the cluster is not there
 (vhostd/daemon.py).
 """
@@ -37,7 +39,7 @@ class Settings:
     namespace: str = ""  # "": the pool's default namespace
     snapshot: str = ""  # "": the image itself; else that snapshot, read-only
     ceph_conf: str = DEFAULT_CONF
-    user: str = "admin"  # the Ceph client id (client.<user>)
+    ceph_user: str = "admin"  # the Ceph client id (client.<ceph_user>)
     keyring: str = ""  # "": where ceph.conf says
     io_timeout: int = 0  # seconds a request may wait for the cluster before it fails; 0 = as long as it takes
     warn_after: int = 10  # seconds a request may wait before the log says the cluster does not answer
@@ -75,7 +77,7 @@ KEYS: dict[str, Key] = {
     "namespace": Key(_optional_name("an RBD namespace"), ""),
     "snapshot": Key(_optional_name("a snapshot name"), ""),
     "ceph_conf": Key(_short_path, DEFAULT_CONF),
-    "user": Key(_rados_name("a Ceph client id (without 'client.')"), "admin"),
+    "ceph_user": Key(_rados_name("a Ceph client id (without 'client.')"), "admin"),
     "keyring": Key(_short_path, ""),
     "io_timeout": Key(v.int_range(0, 86400), 0),
     "warn_after": Key(v.int_range(1, 86400), 10),
@@ -141,7 +143,7 @@ def _put(field, text: str) -> None:
 def open_store(settings: Settings, name: str, readonly: bool) -> Store:
     """Connect and open the image (blocking); raises OSError saying why not."""
     p = ffi.new("struct vd_rbd_params *")
-    for field, text in ((p.conf, settings.ceph_conf), (p.user, settings.user), (p.keyring, settings.keyring),
+    for field, text in ((p.conf, settings.ceph_conf), (p.user, settings.ceph_user), (p.keyring, settings.keyring),
                         (p.pool, settings.pool), (p.ns, settings.namespace), (p.image, settings.image),
                         (p.snap, settings.snapshot)):
         _put(field, text)
