@@ -169,6 +169,26 @@ def test_a_hung_server_fails_requests_after_io_timeout_and_is_reconnected(vhostd
     g.close()
 
 
+def test_a_slow_server_is_waited_for(vhostd_factory, nbd_server):
+    """Slower than usual is not broken: requests complete, late, on the same
+    connection, while a neighbour disk is served at once."""
+    server = nbd_server(plugin="memory", args=("16M", "delay-read=1"), filters=("delay",))
+    vd = start(vhostd_factory, [nbd_device(server, io_timeout=5), {"name": "f", "size": "4M"}])
+    g = vd.connect("n0")
+    drv = g.blk(0)
+    t0 = time.monotonic()
+    bufs = [drv.submit(BLK_T_IN, 8 * i, in_len=4096)[1] for i in range(4)]
+    f = vd.connect("f")
+    assert f.blk(0).read(0, 4096)[0] == BLK_S_OK and time.monotonic() - t0 < 0.9
+    f.close()
+    assert len(drv.q.wait_used(4, timeout=10)) == 4
+    assert time.monotonic() - t0 >= 0.9
+    assert all(g.mem.read(b[-1], 1)[0] == BLK_S_OK for b in bufs)
+    st = status(vd)["n0"]["store"]
+    assert (st["reconnects"], st["timeouts"]) == (0, 0)
+    g.close()
+
+
 def test_errors_from_the_server_fail_the_request_at_once(vhostd_factory, nbd_server):
     server = nbd_server(plugin="memory", args=("16M", "error=EIO", "error-pread-rate=100%"), filters=("error",))
     vd = start(vhostd_factory, [nbd_device(server)])
