@@ -21,8 +21,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from conftest import Guest, Vhostd, wait_until
 from test_inflight import Area, reconnect
 from vhostd.control import request as control

@@ -98,7 +98,7 @@ def test_restart_redoes_exactly_the_unfinished_requests(vhostd_factory):
     vd = vhostd_factory([{"name": "d0", "size": "4M"}])
     g, area = session(vd, None, None)
     q = g.queue(0, size=QSIZE)
-    done = write_chain(q, 0, 0xAA, True)
+    write_chain(q, 0, 0xAA, True)
     q.wait_used(1)
     # The guest publishes three writes; the back-end "took" them and died.
     pending = [write_chain(q, 8 * (i + 1), 0x10 + i, False) for i in range(3)]

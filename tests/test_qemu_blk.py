@@ -194,7 +194,7 @@ def test_two_guests_two_devices_at_once(vhostd_factory, qemu_guest):
     guests = []
     for name in ("a", "b"):
         data = pattern(name, 4 * MiB)
-        script = f"""
+        script = """
 set -e
 for i in 1 2 3; do
   dd if=/data of=/dev/vda bs=65536 seek=$((i * 64)) conv=fsync 2>/dev/null
