@@ -94,6 +94,23 @@ def measure(proc, sock: str, rw: str, bs: int, qd: int, seconds: float) -> dict:
     return r
 
 
+def measure_rounds(sides: dict, limits: dict, rw: str, bs: int, qd: int, runs: int, seconds: float) -> dict:
+    """One workload, `runs` times on every side (name -> (process, socket)),
+    in an order that rotates so that none is always first; then each limit
+    (name -> a callable giving fio's figure).  Returns name -> summary, and
+    "iops" -> name -> per-run IOPS, for ratio_spread."""
+    results = {k: [] for k in [*sides, *limits]}
+    names = list(sides)
+    for i in range(runs):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            proc, sock = sides[name]
+            results[name].append(measure(proc, sock, rw, bs, qd, seconds))
+        for name, limit in limits.items():
+            results[name].append(limit())
+    return {**{k: summarize(v) for k, v in results.items()},
+            "iops": {k: [r["iops"] for r in v] for k, v in results.items()}}
+
+
 # ------------------------------------------------------------------ part disk
 
 
@@ -109,15 +126,9 @@ def part_disk(args, tmp: str, img: str) -> list[dict]:
           f"{'p50/p99 us vhostd':>18} {'qsd uring':>14}   {'CPU s/M vhostd':>14} {'qsd':>6}")
     try:
         for label, rw, bs, qd in WORKLOADS:
-            runs = {k: [] for k in [*sides, "fio"]}
-            for i in range(args.runs):
-                names = list(sides)
-                for name in names[i % len(names):] + names[: i % len(names)]:
-                    proc, sock = sides[name]
-                    runs[name].append(measure(proc, sock, rw, bs, qd, args.seconds))
-                runs["fio"].append(fio(img, rw, bs, qd, args.seconds))
-            s = {k: summarize(v) for k, v in runs.items()}
-            iops = {k: [r["iops"] for r in v] for k, v in runs.items()}
+            s = measure_rounds(sides, {"fio": lambda: fio(img, rw, bs, qd, args.seconds)}, rw, bs, qd, args.runs,
+                               args.seconds)
+            iops = s["iops"]
             r_u, lo_u, hi_u = ratio_spread(iops["vhostd"], iops["qsd io_uring"])
             r_n, _, _ = ratio_spread(iops["vhostd"], iops["qsd native"])
             r_f, _, _ = ratio_spread(iops["vhostd"], iops["fio"])

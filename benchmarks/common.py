@@ -120,13 +120,20 @@ def ratio_spread(ours: list[float], theirs: list[float]) -> tuple[float, float, 
 
 def fio(path: str, rw: str, bs: int, iodepth: int, seconds: float, cpu: str = LOAD_CPU) -> dict:
     """fio with io_uring and O_DIRECT on a file: the disk's own limit."""
-    cmd = ["taskset", "-c", cpu, "fio", "--name=limit", f"--filename={path}", "--direct=1", "--ioengine=io_uring",
+    return fio_job([f"--filename={path}", "--direct=1", "--ioengine=io_uring"], rw, bs, iodepth, seconds, cpu)
+
+
+def fio_job(target: list[str], rw: str, bs: int, iodepth: int, seconds: float, cpu: str = LOAD_CPU,
+            env: dict | None = None) -> dict:
+    """fio on target (its engine and what the engine opens: a file, an NBD
+    URI, an RBD image)."""
+    cmd = ["taskset", "-c", cpu, "fio", "--name=limit", *target,
            f"--rw={rw}", f"--bs={bs}", f"--iodepth={iodepth}", f"--runtime={seconds}", "--time_based",
            "--output-format=json", "--norandommap"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"fio failed ({out.returncode}): {out.stderr[-1000:]}")
-    job = json.loads(out.stdout)["jobs"][0]
+    job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]  # (engines may print before the JSON)
     side = job["write"] if "write" in rw else job["read"]
     pct = side["clat_ns"].get("percentile", {})
     return {"iops": side["iops"], "lat_p50_us": pct.get("50.000000", 0) / 1000,
