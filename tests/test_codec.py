@@ -15,6 +15,7 @@ from vhostd.protocol.backend import BackendProtocol, RequestError
 from vhostd.protocol.codec import (
     ConfigAccess,
     InflightDesc,
+    LogArea,
     MemoryRegion,
     Message,
     MessageDecoder,
@@ -38,6 +39,7 @@ from vhostd.protocol.constants import (
     MAX_FDS_PER_MESSAGE,
     MAX_PAYLOAD,
     VERSION,
+    VRING_F_LOG,
     VRING_NOFD_MASK,
     ProtocolFeature as PF,
     Request as R,
@@ -327,7 +329,7 @@ class Recorder:
 
     FEATURES = (1 << 32) | (1 << 28) | (1 << 9)
     PROTOCOL = (1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.CONFIG) | (1 << PF.STATUS) | (1 << PF.RESET_DEVICE) | (
-        1 << PF.CONFIGURE_MEM_SLOTS) | (1 << PF.MTU) | (1 << PF.RARP)
+        1 << PF.CONFIGURE_MEM_SLOTS) | (1 << PF.MTU) | (1 << PF.RARP) | (1 << PF.LOG_SHMFD)
 
     def __init__(self, queues: int = 2) -> None:
         self.queues = queues
@@ -427,6 +429,14 @@ class Recorder:
     def get_status(self):
         return self.status
 
+    def set_log_base(self, fd, area):
+        self._own(fd)
+        self._rec("set_log_base", area)
+
+    def set_log_fd(self, fd):
+        self._own(fd)
+        self._rec("set_log_fd")
+
     def reset(self):
         self._rec("reset")
 
@@ -517,7 +527,7 @@ def test_unknown_request_code(rec, code):
     assert rec.calls == []
 
 
-@pytest.mark.parametrize("req", [R.SET_LOG_BASE, R.SET_LOG_FD, R.IOTLB_MSG, R.SET_VRING_ENDIAN,
+@pytest.mark.parametrize("req", [R.IOTLB_MSG, R.SET_VRING_ENDIAN,
                                      R.SET_BACKEND_REQ_FD, R.POSTCOPY_ADVISE, R.VRING_KICK])
 def test_known_but_unsupported_requests_are_refused(rec, req):
     request = req
@@ -658,7 +668,7 @@ def test_set_features_with_unoffered_bits(rec):
 def test_set_protocol_features_with_unoffered_bits(rec):
     p = BackendProtocol(rec)
     with pytest.raises(ProtocolError, match="not offered"):
-        p.handle(Message(R.SET_PROTOCOL_FEATURES, VERSION, pack_u64(1 << PF.LOG_SHMFD)))
+        p.handle(Message(R.SET_PROTOCOL_FEATURES, VERSION, pack_u64(1 << PF.PAGEFAULT)))
     assert p.acked_protocol_features == 0
 
 
@@ -840,3 +850,50 @@ def test_any_message_is_answered_or_refused_cleanly(req, flags, payload, nfds):
             os.close(fd)
         else:
             assert fd_is_closed(fd)
+
+
+# ---------------------------------------------------------------- migration: the dirty log
+
+
+def test_set_log_base_maps_the_log_and_answers_once_mapped(rec):
+    """QEMU waits for an answer to SET_LOG_BASE (LOG_SHMFD), REPLY_ACK or not."""
+    p = proto(rec)
+    fd = new_fds(1)[0]
+    replies = ask(p, R.SET_LOG_BASE, LogArea(8192, 0).pack(), [fd], ack=False)
+    assert ack_value(replies) == 0 and replies[0].request == R.SET_LOG_BASE
+    assert rec.calls == [("set_log_base", LogArea(8192, 0))]
+
+
+@pytest.mark.parametrize("payload, fds, message", [
+    (bytes(8), 1, "log area payload must be 16 bytes"),
+    (LogArea(8192, 0).pack(), 0, "expects exactly one file descriptor, got 0"),
+    (LogArea(8192, 0).pack(), 2, "expects exactly one file descriptor, got 2"),
+])
+def test_set_log_base_with_a_bad_payload_or_fds_is_refused_and_closes_them(rec, payload, fds, message):
+    p = proto(rec)
+    sent = new_fds(fds)
+    with pytest.raises(ProtocolError, match=message):
+        ask(p, R.SET_LOG_BASE, payload, sent, ack=False)
+    assert all(fd_is_closed(fd) for fd in sent) and rec.calls == []
+
+
+def test_set_log_base_needs_log_shmfd(rec):
+    p = proto(rec, protocol=Recorder.PROTOCOL & ~(1 << PF.LOG_SHMFD))
+    fd = new_fds(1)[0]
+    assert ack_value(ask(p, R.SET_LOG_BASE, LogArea(8192, 0).pack(), [fd])) == 1
+    assert fd_is_closed(fd) and rec.calls == []
+
+
+def test_set_log_fd_hands_over_its_fd(rec):
+    p = proto(rec)
+    fd = new_fds(1)[0]
+    assert ack_value(ask(p, R.SET_LOG_FD, b"", [fd])) == 0
+    assert rec.calls == [("set_log_fd",)] and rec.owned_fds == [fd]
+
+
+def test_vring_addr_log_flag_passes_and_unknown_flags_are_refused(rec):
+    p = proto(rec)
+    addr = VringAddr(0, VRING_F_LOG, 0x1000, 0x2000, 0x3000, 0x2000)
+    assert ack_value(ask(p, R.SET_VRING_ADDR, addr.pack())) == 0
+    assert rec.calls == [("set_vring_addr", addr)]
+    assert ack_value(ask(p, R.SET_VRING_ADDR, VringAddr(0, 2, 0x1000, 0x2000, 0x3000, 0).pack())) == 1

@@ -115,10 +115,10 @@ def test_set_features_with_unoffered_bits_without_reply_ack_drops_the_session(vd
 def test_protocol_features(vd, connect):
     g = connect(handshake=False)
     pf = g.fe.get_protocol_features()
-    want = {PF.MQ, PF.REPLY_ACK, PF.CONFIG, PF.RESET_DEVICE, PF.CONFIGURE_MEM_SLOTS, PF.STATUS, PF.INFLIGHT_SHMFD}
+    want = {PF.MQ, PF.REPLY_ACK, PF.CONFIG, PF.RESET_DEVICE, PF.CONFIGURE_MEM_SLOTS, PF.STATUS, PF.INFLIGHT_SHMFD, PF.LOG_SHMFD}
     assert pf == sum(1 << f for f in want)  # blk; net adds MTU and RARP, drops INFLIGHT_SHMFD
     mark = vd.log_mark()
-    g.fe.send(R.SET_PROTOCOL_FEATURES, pack_u64(pf | (1 << PF.LOG_SHMFD)))
+    g.fe.send(R.SET_PROTOCOL_FEATURES, pack_u64(pf | (1 << PF.PAGEFAULT)))
     assert_closed_by_daemon(g.fe)
     vd.wait_log(mark, r"SET_PROTOCOL_FEATURES refused: .*not offered")
 
@@ -612,7 +612,7 @@ def test_unknown_request_with_reply_ack(vd, connect):
 def test_unsupported_request_with_reply_ack(vd, connect):
     g = connect()
     with pytest.raises(BackendError):
-        g.fe.request(R.SET_LOG_BASE, bytes(16), [g.eventfd()])
+        g.fe.request(R.IOTLB_MSG, bytes(64))
     with pytest.raises(BackendError):
         g.fe.request(R.SEND_RARP, bytes(8))
     io_works(vd, g)

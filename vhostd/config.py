@@ -564,7 +564,7 @@ def _check_across_devices(devs: list[v.Draft], ctx: v.Context) -> None:
     names: dict[str, v.Draft] = {}
     sockets: dict[str, v.Draft] = {}
     images: dict[str, list[v.Draft]] = {}
-    writers: dict[str, v.Draft] = {}
+    writers: dict[str, list[v.Draft]] = {}
 
     def who(d: v.Draft) -> str:
         name = d.values.get("name")
@@ -597,15 +597,20 @@ def _check_across_devices(devs: list[v.Draft], ctx: v.Context) -> None:
         if data[id(d)] is None or d.values.get("readonly", False) is not False or not d.ok("readonly"):
             continue
         key, written, what, ident = data[id(d)]
-        if ident in writers:
+        # Writers may share data only if every one of them says so: then the
+        # image's lock lets one run at a time (vhostd/storage).
+        shared = d.values.get("shared") is True and d.ok("shared")
+        clash = next((w for w in writers.get(ident, ()) if not (shared and w.values.get("shared") is True)), None)
+        if clash is not None:
             ctx.report(
                 d.nodes.get(key, d.node),
                 d.key(key),
-                f"{what} {written} is also used by writable {who(writers[ident])}; "
-                "two writable devices would corrupt it, so set 'readonly: true' on one of them",
+                f"{what} {written} is also used by writable {who(clash)}; "
+                "two writable devices would corrupt it, so set 'readonly: true' on one of them, "
+                "or 'shared: true' on both if only one runs at a time (e.g. a migration's source and destination)",
             )
         else:
-            writers[ident] = d
+            writers.setdefault(ident, []).append(d)
 
 
 # --------------------------------------------------------------------------

@@ -138,8 +138,15 @@ class Rings:
     def set_num(self, index: int, num: int) -> None:
         _call(lib.vd_queue_set_num, self._ptr, index, num)
 
-    def set_addr(self, index: int, desc: int, used: int, avail: int) -> None:
-        _call(lib.vd_queue_set_addr, self._ptr, index, desc, used, avail)
+    def set_addr(self, index: int, desc: int, used: int, avail: int, flags: int = 0, log: int = 0) -> None:
+        _call(lib.vd_queue_set_addr, self._ptr, index, desc, used, avail, flags, log)
+
+    def set_log(self, base, size: int) -> None:
+        """The dirty log at base (a cdata pointer; ffi.NULL: none)."""
+        _call(lib.vd_device_set_log, self._ptr, base, size)
+
+    def set_log_fd(self, fd: int) -> None:
+        lib.vd_device_set_log_fd(self._ptr, fd)
 
     def set_base(self, index: int, base: int) -> None:
         _call(lib.vd_queue_set_base, self._ptr, index, base)
@@ -176,6 +183,18 @@ class Rings:
 
     def reset(self) -> None:
         lib.vd_device_reset(self._ptr)
+
+    def fail(self, index: int, message: str) -> None:
+        """Break the queue with message as its error (NEEDS_RESET), as a bad ring would."""
+        _call(lib.vd_device_fail, self._ptr, index, message.encode()[:ERRLEN - 1])
+
+    @property
+    def orphans(self) -> int:
+        """Requests of stopped queues still in flight (event_fd is written when none are left)."""
+        return lib.vd_device_orphans(self._ptr)
+
+    def any_started(self) -> bool:
+        return any(self.queue_info(i).started for i in range(self.num_queues))
 
     # state ----------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import socket
 from vhostd.protocol.codec import (
     ConfigAccess,
     InflightInfo,
+    LogArea,
     MemoryRegion,
     Message,
     MessageDecoder,
@@ -35,6 +36,7 @@ from vhostd.protocol.constants import (
 )
 
 _REPLIES = {
+    Request.SET_LOG_BASE,  # with LOG_SHMFD: answered once the log is mapped
     Request.GET_FEATURES,
     Request.GET_PROTOCOL_FEATURES,
     Request.GET_VRING_BASE,
@@ -157,8 +159,9 @@ class Frontend:
     def set_vring_num(self, index: int, num: int) -> None:
         self.request(Request.SET_VRING_NUM, VringState(index, num).pack())
 
-    def set_vring_addr(self, index: int, desc: int, used: int, avail: int, flags: int = 0) -> None:
-        self.request(Request.SET_VRING_ADDR, VringAddr(index, flags, desc, used, avail, 0).pack())
+    def set_vring_addr(self, index: int, desc: int, used: int, avail: int, flags: int = 0, log: int = 0) -> None:
+        """flags VRING_F_LOG: log used-ring writes at guest address `log`."""
+        self.request(Request.SET_VRING_ADDR, VringAddr(index, flags, desc, used, avail, log).pack())
 
     def set_vring_base(self, index: int, base: int) -> None:
         self.request(Request.SET_VRING_BASE, VringState(index, base).pack())
@@ -222,6 +225,14 @@ class Frontend:
 
     def reset_device(self) -> None:
         self.request(Request.RESET_DEVICE)
+
+    def set_log_base(self, fd: int, size: int, offset: int = 0) -> None:
+        """SET_LOG_BASE (LOG_SHMFD): the back-end maps the dirty log and answers."""
+        if unpack_u64(self.request(Request.SET_LOG_BASE, LogArea(size, offset).pack(), [fd])):
+            raise BackendError("SET_LOG_BASE refused by the back-end")
+
+    def set_log_fd(self, fd: int) -> None:
+        self.request(Request.SET_LOG_FD, b"", [fd])
 
 
 def make_eventfd() -> int:

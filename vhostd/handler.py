@@ -14,8 +14,8 @@ from vhostd.dataplane import DataPlaneError, Engine, Rings
 from vhostd.native import ffi, lib
 from vhostd.devices.base import Device
 from vhostd.protocol.backend import RequestError
-from vhostd.protocol.codec import MemoryRegion, VringAddr
-from vhostd.protocol.constants import ProtocolFeature
+from vhostd.protocol.codec import LogArea, MemoryRegion, VringAddr
+from vhostd.protocol.constants import F_LOG_ALL, ProtocolFeature
 from vhostd.virtio import STATUS_NEEDS_RESET
 
 PROTOCOL_FEATURES = sum(
@@ -27,8 +27,12 @@ PROTOCOL_FEATURES = sum(
         ProtocolFeature.RESET_DEVICE,
         ProtocolFeature.CONFIGURE_MEM_SLOTS,
         ProtocolFeature.STATUS,
+        ProtocolFeature.LOG_SHMFD,
     )
 )
+# The dirty log may be as large as this: a bit per 4 KiB page of 8 TiB of
+# guest-physical address space.
+MAX_LOG_BYTES = 256 << 20
 
 
 def _close(fd: int | None) -> None:
@@ -60,6 +64,27 @@ def _require_eventfd(fd: int | None, what: str) -> None:
     os.set_blocking(fd, False)
 
 
+def _map_shared(fd: int, size: int, offset: int, what: str) -> tuple[mmap.mmap, object]:
+    """Map size bytes at offset of a front-end's memory file: (mmap, its cdata)."""
+    if offset % mmap.PAGESIZE:
+        raise RequestError(f"{what} mmap offset {offset:#x} is not page aligned")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or offset + size > st.st_size:
+        # A shorter file would fault (SIGBUS) where the area goes past its end.
+        raise RequestError(f"{what} fd is not a memory file of at least {offset + size} bytes")
+    try:
+        area = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+    except (OSError, ValueError) as exc:
+        raise RequestError(f"cannot map the {what}: {exc}") from None
+    return area, ffi.from_buffer(area)
+
+
+def _unmap(mapped: tuple[mmap.mmap, object]) -> None:
+    area, base = mapped
+    ffi.release(base)
+    area.close()
+
+
 class DeviceHandler:
     def __init__(self, device: Device, engine: Engine, log: logging.LoggerAdapter | logging.Logger) -> None:
         self.device = device
@@ -68,6 +93,8 @@ class DeviceHandler:
         self.features = 0
         self.event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._inflight = None  # (mmap, cdata) of the inflight area while a front-end set one
+        self._release_wanted = False  # release the device once its orphaned requests are done
+        self._log = None  # (mmap, cdata) of the dirty log while a front-end set one
         self.rings = Rings(engine, device, self.event_fd)
 
     def close(self) -> None:
@@ -82,6 +109,8 @@ class DeviceHandler:
         except BlockingIOError:
             pass
         self._log_errors()
+        if self._release_wanted:
+            self._release_if_stopped()
 
     def _log_errors(self) -> None:
         for queue, message in self.rings.take_errors():
@@ -96,7 +125,8 @@ class DeviceHandler:
     # RequestHandler --------------------------------------------------------
 
     def device_features(self) -> int:
-        return self.device.features()
+        # Logging is the rings' business, not the device model's: every device can.
+        return self.device.features() | (1 << F_LOG_ALL)
 
     def protocol_features(self) -> int:
         return PROTOCOL_FEATURES | self.device.extra_protocol_features()
@@ -129,7 +159,7 @@ class DeviceHandler:
         self._dp(self.rings.set_num, index, num)
 
     def set_vring_addr(self, addr: VringAddr) -> None:
-        self._dp(self.rings.set_addr, addr.index, addr.desc, addr.used, addr.avail)
+        self._dp(self.rings.set_addr, addr.index, addr.desc, addr.used, addr.avail, addr.flags, addr.log)
 
     def set_vring_base(self, index: int, base: int) -> None:
         self._dp(self.rings.set_base, index, base)
@@ -141,11 +171,45 @@ class DeviceHandler:
         return self.rings.pending(index)
 
     def get_vring_base(self, index: int) -> int:
-        return self._dp(self.rings.get_base, index)
+        base = self._dp(self.rings.get_base, index)
+        self._release_if_stopped()
+        return base
 
     def set_vring_kick(self, index: int, fd: int | None) -> None:
         _require_eventfd(fd, "kick")
+        if not self._claim(index, fd):
+            return
         self._dp(self.rings.set_kick, index, fd)
+
+    # A shared image is locked only while the guest runs the device: the
+    # first queue that starts claims it, and it is released once no queue
+    # runs and no request of a stopped one is in flight (an old write must
+    # not land after the next user's).
+
+    def _claim(self, index: int, fd: int | None) -> bool:
+        try:
+            self.device.claim()
+        except OSError as exc:
+            # Refused (another user runs the image): the queue stays stopped
+            # and NEEDS_RESET, and the log names the holder.
+            _close(fd)
+            self._dp(self.rings.fail, index, f"queue {index} cannot start: {exc.strerror or exc}")
+            self._log_errors()
+            return False
+        self._release_wanted = False
+        return True
+
+    def _release_if_stopped(self) -> None:
+        if self.rings.any_started():
+            return
+        if self.rings.orphans:
+            self._release_wanted = True  # event_fd is written when they are done
+            return
+        self._release_wanted = False
+        try:
+            self.device.release()
+        except OSError as exc:
+            self.log.warning("cannot release the device: %s", exc)
 
     def set_vring_call(self, index: int, fd: int | None) -> None:
         _require_eventfd(fd, "call")
@@ -215,18 +279,10 @@ class DeviceHandler:
             raise RequestError(f"inflight queue size {queue_size} exceeds this device's {self.device.max_queue_size}")
         if size < per * num_queues or size > 64 << 20:
             raise RequestError(f"inflight area of {size} bytes; {num_queues} queue(s) of {queue_size} need {per * num_queues}")
-        if offset % mmap.PAGESIZE:
-            raise RequestError(f"inflight mmap offset {offset:#x} is not page aligned")
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or offset + size > st.st_size:
-            raise RequestError(f"inflight fd is not a memory file of at least {offset + size} bytes")
+        area = _map_shared(fd, size, offset, "inflight")
         self._unmap_inflight()
-        try:
-            area = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
-        except (OSError, ValueError) as exc:
-            raise RequestError(f"cannot map the inflight area: {exc}") from None
-        base = ffi.from_buffer(area)
-        self._inflight = (area, base)
+        self._inflight = area
+        base = area[1]
         for i in range(num_queues):
             self._dp(self.rings.set_inflight, i, ffi.cast("uint8_t *", base) + i * per)
 
@@ -235,14 +291,45 @@ class DeviceHandler:
             return
         for i in range(self.device.num_queues):
             self.rings.set_inflight(i, ffi.NULL)
-        area, base = self._inflight
+        _unmap(self._inflight)
         self._inflight = None
-        ffi.release(base)
-        area.close()
+
+    # ------------------------------------------------------------ migration: the dirty log
+
+    def set_log_base(self, fd: int, area: LogArea) -> None:
+        size = area.mmap_size
+        try:
+            if not 0 < size <= MAX_LOG_BYTES:
+                raise RequestError(f"dirty log of {size} bytes (at most {MAX_LOG_BYTES})")
+            mapped = _map_shared(fd, size, area.mmap_offset, "dirty log")
+        finally:
+            os.close(fd)
+        try:
+            self._dp(self.rings.set_log, ffi.cast("void *", mapped[1]), size)
+        except RequestError:
+            _unmap(mapped)
+            raise
+        self._unmap_log(swapped=True)
+        self._log = mapped
+        self.log.info("dirty log: %d bytes (guest memory up to %#x)", size, size * 8 * 4096)
+
+    def set_log_fd(self, fd: int) -> None:
+        _require_eventfd(fd, "log")
+        self.rings.set_log_fd(fd)
+
+    def _unmap_log(self, swapped: bool = False) -> None:
+        """Drop the dirty log; `swapped`: the data plane already uses another."""
+        if self._log is None:
+            return
+        if not swapped:
+            self.rings.set_log(ffi.NULL, 0)
+        _unmap(self._log)
+        self._log = None
 
     def reset(self) -> None:
         self.rings.reset()
         self.device.reset()
+        self._release_if_stopped()
         # A queue may have broken after the last event_fd wake-up; with the
         # rings stopped no new error can come, so collect it now or never.
         self._log_errors()
@@ -252,4 +339,6 @@ class DeviceHandler:
     def disconnected(self) -> None:
         self.reset()
         self._unmap_inflight()
+        self._unmap_log()
+        self.rings.set_log_fd(-1)
         self.rings.clear_memory()

@@ -62,6 +62,14 @@ class Device:
     def send_rarp(self, mac: bytes) -> None:
         raise ValueError("this device cannot announce a MAC address")
 
+    def claim(self) -> None:
+        """The guest starts the device (its first queue): take what it must
+        hold while it runs, e.g. a shared image's lock; OSError says why not."""
+
+    def release(self) -> None:
+        """The front-end stopped the device and none of its I/O is in
+        flight: let go of what claim took."""
+
     def attach(self, rings) -> None:
         """The device's rings exist in the data plane: start back-end work."""
 

@@ -63,6 +63,8 @@ class BlkDevice(Device):
         if store is None:
             store = storage.BACKENDS[cfg.backend].open_store(cfg.store, cfg.name, cfg.readonly)
         self.store = store
+        # Another user of the image is told who holds it.
+        store.owner = f"device {cfg.name!r} (socket {cfg.socket})"
         try:
             self.readonly = cfg.readonly or store.readonly
             self.capacity = store.capacity // SECTOR
@@ -148,6 +150,16 @@ class BlkDevice(Device):
                                                      "get_ids", "read_bytes", "write_bytes", "errors", "unsupported",
                                                      "bounced")})
         return out
+
+    def claim(self) -> None:
+        """Lock a shared image for as long as the guest runs the device;
+        storage.LockError names who has it instead.  (An image that is not
+        shared stays locked from open to close.)"""
+        self.store.claim()
+
+    def release(self) -> None:
+        """Unlock a shared image (the front-end stopped the device, nothing is in flight)."""
+        self.store.release()
 
     def notes_fd(self) -> int | None:
         return self.store.notes_fd()

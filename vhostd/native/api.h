@@ -46,6 +46,14 @@ void vd_device_free(vd_device *d);
 void vd_device_reset(vd_device *d);
 void vd_device_clear_memory(vd_device *d);
 void vd_device_set_features(vd_device *d, uint64_t features);
+/* The dirty-page log (SET_LOG_BASE): size bytes at base, mapped by the
+ * caller, who keeps it mapped until it is replaced (NULL: none).  Refused
+ * when it does not cover the memory table or a logged used ring.  Logging
+ * runs while VHOST_F_LOG_ALL is acked and a log is set. */
+int vd_device_set_log(vd_device *d, void *base, uint64_t size, char *err, size_t errlen);
+/* SET_LOG_FD: an eventfd written after batches that marked the log; the
+ * device owns it from here (-1: none). */
+void vd_device_set_log_fd(vd_device *d, int fd);
 /* Queues in mask are device-driven (net rx): a kick calls rx_kick instead of the handler. */
 void vd_device_set_rx_queues(vd_device *d, uint64_t mask, void (*rx_kick)(void *ctx, int queue));
 /* Busy polling: a queue that ran empty keeps notifications disabled and is
@@ -53,13 +61,19 @@ void vd_device_set_rx_queues(vd_device *d, uint64_t mask, void (*rx_kick)(void *
 void vd_device_set_poll(vd_device *d, uint32_t poll_us);
 int vd_device_needs_reset(vd_device *d);
 int vd_device_take_error(vd_device *d, char *buf, size_t len);
+/* Break queue i with msg as its error (NEEDS_RESET), as a bad ring would. */
+int vd_device_fail(vd_device *d, int i, const char *msg, char *err, size_t errlen);
+/* Stopped queues' requests still in flight (their completion writes the event fd). */
+int vd_device_orphans(vd_device *d);
 
 int vd_mem_set_table(vd_device *d, int n, const struct vd_region_desc *regions, const int *fds, char *err, size_t errlen);
 int vd_mem_add_region(vd_device *d, const struct vd_region_desc *region, int fd, char *err, size_t errlen);
 int vd_mem_remove_region(vd_device *d, const struct vd_region_desc *region, char *err, size_t errlen);
 
 int vd_queue_set_num(vd_device *d, int i, uint32_t num, char *err, size_t errlen);
-int vd_queue_set_addr(vd_device *d, int i, uint64_t desc, uint64_t used, uint64_t avail, char *err, size_t errlen);
+/* flags: VHOST_VRING_F_LOG (1): log used-ring writes at log_gpa while logging is on. */
+int vd_queue_set_addr(vd_device *d, int i, uint64_t desc, uint64_t used, uint64_t avail, uint32_t flags,
+                      uint64_t log_gpa, char *err, size_t errlen);
 int vd_queue_set_base(vd_device *d, int i, uint16_t base, char *err, size_t errlen);
 /* GET_VRING_BASE in two steps, so that the control plane never waits for a
  * disk: drain (take nothing new; pending = requests still in flight; the
@@ -163,6 +177,9 @@ int vd_rbd_available(void);
 vd_store *vd_rbd_store_new(const struct vd_rbd_params *p, char *err, size_t errlen);
 int vd_rbd_store_attach(vd_store *s, vd_engine *e, int worker);
 void vd_rbd_store_info(vd_store *s, struct vd_rbd_info *out);
+/* Take (acquire 1) or drop librbd's exclusive lock on the image; blocks
+ * (cluster round-trips): call it off the event loop and never on a worker. */
+int vd_rbd_store_lock(vd_store *s, int acquire, char *err, size_t errlen);
 
 /* virtio-blk (blk.c) */
 struct vd_blk_params {

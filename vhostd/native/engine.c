@@ -113,9 +113,15 @@ static void orphans_gone(struct vd_device *d)
     pthread_mutex_lock(&d->life);
     int left = __atomic_sub_fetch(&d->orphans, 1, __ATOMIC_RELAXED);
     int dying = d->dying;
-    if (!left && !dying)
+    if (!left && !dying) {
         for (int i = 0; i < d->nqueues; i++)
             vd_queue_poke(d, i);
+        /* The control plane may wait for this: a shared image's lock is
+         * released only once no old write can land any more. */
+        uint64_t one = 1;
+        if (d->event_fd >= 0 && write(d->event_fd, &one, sizeof(one)) < 0) {
+        }
+    }
     pthread_mutex_unlock(&d->life);
     if (!left && dying)
         device_destroy(d);
@@ -588,6 +594,7 @@ vd_device *vd_device_new(vd_engine *e, int nqueues, uint32_t max_queue_size, vd_
     d->req_priv = req_priv;
     d->release = release;
     d->event_fd = event_fd;
+    d->log_fd = -1;
     pthread_mutex_init(&d->life, NULL);
     for (int i = 0; i < nqueues; i++) {
         struct vd_queue *q = &d->q[i];
@@ -730,15 +737,29 @@ int vd_queue_set_num(vd_device *d, int i, uint32_t num, char *err, size_t errlen
     return 0;
 }
 
-int vd_queue_set_addr(vd_device *d, int i, uint64_t desc, uint64_t used, uint64_t avail, char *err, size_t errlen)
+static int used_ring_fits(int index, uint32_t num, uint64_t used_gpa, uint64_t log_size, char *err, size_t errlen);
+
+int vd_queue_set_addr(vd_device *d, int i, uint64_t desc, uint64_t used, uint64_t avail, uint32_t flags,
+                      uint64_t log_gpa, char *err, size_t errlen)
 {
     QUEUE_OR_FAIL(q, d, i);
+    if (flags & ~VD_LOG_USED_FLAG) {
+        snprintf(err, errlen, "queue %d: unknown ring address flags %#x", i, flags);
+        return -EINVAL;
+    }
     pthread_mutex_lock(&q->lock);
+    int log_used = !!(flags & VD_LOG_USED_FLAG);
+    int rc = log_used && d->log ? used_ring_fits(i, q->num, log_gpa, d->log_size, err, errlen) : 0;
+    if (rc) {
+        pthread_mutex_unlock(&q->lock);
+        return rc;
+    }
     q->desc_uva = desc;
     q->used_uva = used;
     q->avail_uva = avail;
+    q->log_used = log_used;
+    q->used_gpa = log_gpa;
     q->addr_set = 1;
-    int rc = 0;
     if (q->started)  /* Ring moved under a running queue (allowed by the spec): re-translate. */
         rc = vd_queue_translate(q, err, errlen);
     if (rc)
@@ -873,9 +894,74 @@ void vd_device_set_poll(vd_device *d, uint32_t poll_us)
     d->poll_ns = (uint64_t)poll_us * 1000; /* set before the queues start */
 }
 
+#define VHOST_F_LOG_ALL 26
+
+static void lock_all(vd_device *d);
+
+static void unlock_all(vd_device *d)
+{
+    for (int i = 0; i < d->nqueues; i++)
+        pthread_mutex_unlock(&d->q[i].lock);
+}
+
 void vd_device_set_features(vd_device *d, uint64_t features)
 {
+    /* VHOST_F_LOG_ALL comes and goes while the queues run (a migration
+     * starts or is cancelled): change log_on with no queue mid-batch. */
+    lock_all(d);
     d->features = features;
+    d->log_on = (features & (1ull << VHOST_F_LOG_ALL)) && d->log;
+    unlock_all(d);
+}
+
+/* A used ring of num entries logged at used_gpa must end inside the log
+ * (the spec: its last byte's bit falls within the log's size). */
+static int used_ring_fits(int index, uint32_t num, uint64_t used_gpa, uint64_t log_size, char *err, size_t errlen)
+{
+    uint64_t end = used_gpa + 6ull + 8ull * (num ? num : VD_MAX_QUEUE_SIZE); /* flags, idx, ring, avail_event */
+    if (end < used_gpa || (end - 1) / VD_LOG_PAGE / 8 >= log_size) {
+        snprintf(err, errlen, "queue %d: its used ring at log address %#llx is beyond the dirty log of %llu bytes",
+                 index, (unsigned long long)used_gpa, (unsigned long long)log_size);
+        return -ERANGE;
+    }
+    return 0;
+}
+
+int vd_device_set_log(vd_device *d, void *base, uint64_t size, char *err, size_t errlen)
+{
+    if (base) {
+        /* The log must cover guest memory from address 0 (vhost-user spec). */
+        uint64_t end = vd_mem_end(d->mem);
+        uint64_t need = (end + VD_LOG_PAGE * 8 - 1) / (VD_LOG_PAGE * 8);
+        if (size < need) {
+            snprintf(err, errlen, "dirty log of %llu bytes covers %#llx bytes of guest memory; the memory table "
+                     "reaches %#llx (%llu bytes needed)", (unsigned long long)size,
+                     (unsigned long long)(size * 8 * VD_LOG_PAGE), (unsigned long long)end, (unsigned long long)need);
+            return -ERANGE;
+        }
+        for (int i = 0; i < d->nqueues; i++) {
+            const struct vd_queue *q = &d->q[i];
+            int rc = q->log_used ? used_ring_fits(i, q->num, q->used_gpa, size, err, errlen) : 0;
+            if (rc)
+                return rc;
+        }
+    }
+    lock_all(d);
+    d->log = base;
+    d->log_size = base ? size : 0;
+    d->log_on = (d->features & (1ull << VHOST_F_LOG_ALL)) && d->log;
+    unlock_all(d);
+    return 0;
+}
+
+void vd_device_set_log_fd(vd_device *d, int fd)
+{
+    lock_all(d);
+    int old = d->log_fd;
+    d->log_fd = fd;
+    unlock_all(d);
+    if (old >= 0)
+        close(old);
 }
 
 /* Memory changes pause every queue: lock all, change, re-translate, unlock. */
@@ -972,7 +1058,12 @@ void vd_device_reset(vd_device *d)
         pthread_mutex_unlock(&q->lock);
     }
     d->needs_reset = 0;
+    lock_all(d);
     d->features = 0;
+    d->log_on = 0;
+    for (int i = 0; i < d->nqueues; i++)
+        d->q[i].log_used = 0;
+    unlock_all(d);
 }
 
 void vd_device_clear_memory(vd_device *d)
@@ -989,6 +1080,8 @@ static void device_destroy(struct vd_device *d)
         pthread_mutex_destroy(&d->q[i].lock);
     }
     vd_mem_put(d->mem);
+    if (d->log_fd >= 0)
+        close(d->log_fd);
     pthread_mutex_destroy(&d->life);
     if (d->release)
         d->release(d->ctx);
@@ -1031,6 +1124,22 @@ int vd_device_take_error(vd_device *d, char *buf, size_t len)
             return i;
     }
     return -1;
+}
+
+/* Break queue i from the control plane (e.g. its image is locked by another
+ * user): NEEDS_RESET, the err fd and the event fd, like a bad ring. */
+int vd_device_fail(vd_device *d, int i, const char *msg, char *err, size_t errlen)
+{
+    QUEUE_OR_FAIL(q, d, i);
+    pthread_mutex_lock(&q->lock);
+    vd_queue_fail(q, "%s", msg);
+    pthread_mutex_unlock(&q->lock);
+    return 0;
+}
+
+int vd_device_orphans(vd_device *d)
+{
+    return __atomic_load_n(&d->orphans, __ATOMIC_RELAXED);
 }
 
 int vd_queue_set_inflight(vd_device *d, int i, void *region, char *err, size_t errlen)

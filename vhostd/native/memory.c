@@ -273,3 +273,22 @@ int vd_mem_owns(const struct vd_mem *m, const void *host)
     }
     return 0;
 }
+
+int vd_mem_host_gpa(const struct vd_mem *m, const void *host, uint64_t *gpa)
+{
+    const uint8_t *p = host;
+    for (uint32_t i = 0; m && i < m->n; i++) {
+        const struct vd_region *r = &m->r[i];
+        if (p >= r->host && (uint64_t)(p - r->host) < r->size) {
+            *gpa = r->gpa + (uint64_t)(p - r->host);
+            return 0;
+        }
+    }
+    return -1;
+}
+
+uint64_t vd_mem_end(const struct vd_mem *m)
+{
+    /* sorted by gpa, non-overlapping: the last region ends highest */
+    return m && m->n ? m->r[m->n - 1].gpa + m->r[m->n - 1].size : 0;
+}

@@ -367,6 +367,8 @@ static int fill_buffers(void *arg)
             room -= chunk;
             put += chunk;
         }
+        if (__builtin_expect(q->dev->log_on, 0))
+            vd_log_iov(q, q->dev->mem, in, req.nin, put);
         heads[nbufs] = req.head;
         lens[nbufs] = put;
         nbufs++;

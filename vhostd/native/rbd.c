@@ -412,6 +412,50 @@ void vd_rbd_store_info(vd_store *s, struct vd_rbd_info *out)
     pthread_mutex_unlock(&st->lock);
 }
 
+/* Take (acquire = 1) or drop librbd's exclusive lock, managed by hand
+ * (RBD_LOCK_MODE_EXCLUSIVE: librbd does not hand it to another client that
+ * asks).  Blocks for cluster round-trips: never call it on a worker.
+ * -EBUSY: another client holds it (err names it). */
+int vd_rbd_store_lock(vd_store *s, int acquire, char *err, size_t errlen)
+{
+    struct rbd_store *st = (struct rbd_store *)s;
+    if (!acquire) {
+        int rc = rbd_lock_release(st->image);
+        if (rc < 0 && rc != -EINVAL) /* -EINVAL: not held */
+            snprintf(err, errlen, "cannot release the lock of image %s: %s", st->name, strerror(-rc));
+        return rc == -EINVAL ? 0 : rc;
+    }
+    uint64_t features = 0;
+    int rc = rbd_get_features(st->image, &features);
+    if (rc < 0) {
+        snprintf(err, errlen, "cannot read the features of image %s: %s", st->name, strerror(-rc));
+        return rc;
+    }
+    if (!(features & RBD_FEATURE_EXCLUSIVE_LOCK)) {
+        snprintf(err, errlen, "image %s has no exclusive-lock feature, so it cannot be locked "
+                 "(rbd feature enable %s exclusive-lock)", st->name, st->name);
+        return -EOPNOTSUPP;
+    }
+    rc = rbd_lock_acquire(st->image, RBD_LOCK_MODE_EXCLUSIVE);
+    if (rc == 0)
+        return 0;
+    char *owners[4];
+    size_t n = 4;
+    rbd_lock_mode_t mode;
+    char who[256] = "";
+    if (rbd_lock_get_owners(st->image, &mode, owners, &n) == 0) {
+        size_t used = 0;
+        for (size_t i = 0; i < n && used < sizeof(who); i++)
+            used += snprintf(who + used, sizeof(who) - used, "%s%s", i ? ", " : "", owners[i]);
+        rbd_lock_get_owners_cleanup(owners, n);
+    }
+    if (who[0])
+        snprintf(err, errlen, "image %s is locked by the Ceph client at %s", st->name, who);
+    else
+        snprintf(err, errlen, "cannot lock image %s: %s", st->name, strerror(-rc));
+    return who[0] ? -EBUSY : rc;
+}
+
 #else /* no librbd */
 
 int vd_rbd_available(void)
@@ -433,6 +477,12 @@ int vd_rbd_store_attach(vd_store *s, vd_engine *e, int worker)
 void vd_rbd_store_info(vd_store *s, struct vd_rbd_info *out)
 {
     memset(out, 0, sizeof(*out));
+}
+
+int vd_rbd_store_lock(vd_store *s, int acquire, char *err, size_t errlen)
+{
+    snprintf(err, errlen, "vhostd was built without librbd");
+    return -ENOSYS;
 }
 
 #endif

@@ -147,6 +147,13 @@ static void record_latency(struct vd_queue *q, uint64_t ns)
 /* The used entry and the accounting of a request completed on a running queue. */
 static void finish(struct vd_queue *q, struct vd_req *req)
 {
+    if (__builtin_expect(q->dev->log_on, 0)) {
+        /* All of the writable part, not just used_len: a device may write
+         * at its end (blk's status byte) without counting what lies between.
+         * A pending request's iovecs point into the table it was taken with. */
+        const struct vd_mem *m = req->pending ? req->mem : q->dev->mem;
+        vd_log_iov(q, m, req->iov + req->nout, req->nin, UINT64_MAX);
+    }
     vd_ring_put_used(q, req->head, req->used_len);
     if (q->inflight)
         vd_inflight_end(q, req->head);

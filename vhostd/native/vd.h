@@ -2,6 +2,7 @@
  *
  * Layers (each in its own file):
  *   memory.c   guest memory table: map regions, translate addresses with bounds checks
+ *   log.c      the dirty-page log of a live migration: what we wrote into guest memory
  *   vring.c    split virtqueue: walk descriptor chains, read the avail ring, fill the
  *              used ring, notify
  *   inflight.c the front-end's inflight area: what was taken and not completed
@@ -77,6 +78,26 @@ void *vd_mem_uva(const struct vd_mem *m, uint64_t uva, uint64_t len);
 int vd_mem_map(const struct vd_mem *m, uint64_t gpa, uint64_t len, struct iovec *iov, int max);
 /* Whether a host address lies inside one of the table's mappings. */
 int vd_mem_owns(const struct vd_mem *m, const void *host);
+/* The guest-physical address of a host address inside one region: 0 and
+ * *gpa set, or -1 when it is in none. */
+int vd_mem_host_gpa(const struct vd_mem *m, const void *host, uint64_t *gpa);
+/* End of the highest region: the guest-physical span a dirty log must cover. */
+uint64_t vd_mem_end(const struct vd_mem *m);
+
+/* ---------------------------------------------------------------- dirty log (log.c) */
+
+#define VD_LOG_PAGE 4096ull        /* one bit of the log per page of guest-physical memory */
+#define VD_LOG_USED_FLAG 1u        /* VHOST_VRING_F_LOG in SET_VRING_ADDR's flags */
+
+struct vd_queue;
+/* Mark what the device wrote into guest memory, while logging is on
+ * (dev->log_on): the first len bytes of iov[0..n) (host addresses inside m),
+ * or [off, off+len) of q's used ring.  A write the log does not cover fails
+ * the queue (the front-end sized the log too small): never outside it. */
+void vd_log_iov(struct vd_queue *q, const struct vd_mem *m, const struct iovec *iov, int n, uint64_t len);
+void vd_log_used(struct vd_queue *q, uint64_t off, uint64_t len);
+/* After a batch that logged: tell the front-end through the log fd, if any. */
+void vd_log_kick(struct vd_queue *q);
 
 /* ---------------------------------------------------------------- requests (request.c) */
 
@@ -186,6 +207,9 @@ struct vd_queue {
     int enabled;
     int draining;           /* GET_VRING_BASE asked: take nothing new, finish what is pending */
     int event_idx, indirect;
+    int log_used;           /* VHOST_VRING_F_LOG: log used-ring writes at used_gpa */
+    uint64_t used_gpa;      /* SET_VRING_ADDR's log_guest_addr */
+    int log_marked;         /* marked the log since the last vd_log_kick */
     uint32_t chain_limit;
     /* ring state, owned by the worker while started */
     uint8_t *desc, *avail, *used; /* host pointers */
@@ -236,6 +260,12 @@ struct vd_device {
     uint64_t poll_ns;       /* busy-poll window of a queue that ran empty; 0 = off */
     int needs_reset;
     int timing;             /* measure request latency (metrics on): two clock reads per request */
+    /* Dirty-page logging (live migration), changed with every queue lock
+     * held: log_on = VHOST_F_LOG_ALL acked and a log area mapped. */
+    int log_on;
+    uint8_t *log;           /* the front-end's bitmap, one bit per VD_LOG_PAGE */
+    uint64_t log_size;      /* its bytes */
+    int log_fd;             /* SET_LOG_FD's eventfd, or -1 */
     /* Requests still pending when their queue stopped (disconnect, reset)
      * are orphans: their I/O finishes, nothing is written back.  Until the
      * last one is done no queue of the device takes new requests (an old

@@ -25,6 +25,13 @@ static inline uint16_t avail_flags(const struct vd_queue *q) { return vd_rd16(q-
 static inline uint16_t used_event(const struct vd_queue *q) { return vd_rd16(q->avail + AVAIL_RING + 2 * q->num); }
 static inline void set_avail_event(struct vd_queue *q, uint16_t v) { vd_wr16(q->used + USED_RING + 8 * q->num, v); }
 
+/* Every write into the used ring is logged while a migration runs. */
+static inline void log_used(struct vd_queue *q, uint64_t off, uint64_t len)
+{
+    if (__builtin_expect(q->dev->log_on, 0))
+        vd_log_used(q, off, len);
+}
+
 void vd_queue_fail(struct vd_queue *q, const char *fmt, ...)
 {
     va_list ap;
@@ -184,6 +191,7 @@ void vd_ring_expose_used(struct vd_queue *q)
 {
     __atomic_thread_fence(__ATOMIC_RELEASE); /* ring entries before idx */
     vd_wr16(q->used + USED_IDX, q->used_idx);
+    log_used(q, USED_IDX, 2);
 }
 
 /* End of a batch that began at used index `old`: make its entries visible
@@ -209,25 +217,35 @@ void vd_ring_publish_used(struct vd_queue *q, uint16_t old)
         if (write(q->call_fd, &one, sizeof(one)) == sizeof(one))
             q->st.notifies++;
     }
+    if (__builtin_expect(q->dev->log_on, 0))
+        vd_log_kick(q);
 }
 
 void vd_ring_notify_enable(struct vd_queue *q, int on)
 {
     if (q->event_idx) {
-        if (on)
+        if (on) {
             set_avail_event(q, q->last_avail);
+            log_used(q, USED_RING + 8ull * q->num, 2);
+        }
     } else {
         uint16_t f = vd_rd16(q->used + USED_FLAGS);
-        vd_wr16(q->used + USED_FLAGS, on ? (f & ~VRING_USED_F_NO_NOTIFY) : (f | VRING_USED_F_NO_NOTIFY));
+        uint16_t want = on ? (f & ~VRING_USED_F_NO_NOTIFY) : (f | VRING_USED_F_NO_NOTIFY);
+        if (want != f) {
+            vd_wr16(q->used + USED_FLAGS, want);
+            log_used(q, USED_FLAGS, 2);
+        }
     }
 }
 
 void vd_ring_put_used(struct vd_queue *q, uint16_t head, uint32_t len)
 {
-    uint8_t *elem = q->used + USED_RING + 8 * (q->used_idx % q->num);
+    uint64_t off = USED_RING + 8ull * (q->used_idx % q->num);
+    uint8_t *elem = q->used + off;
     uint32_t id = head;
     memcpy(elem, &id, 4);
     memcpy(elem + 4, &len, 4);
+    log_used(q, off, 8);
     q->used_idx++;
 }
 

@@ -29,6 +29,7 @@ from typing import Callable, Protocol
 from vhostd.protocol.codec import (
     ConfigAccess,
     InflightInfo,
+    LogArea,
     MemoryRegion,
     Message,
     PayloadError,
@@ -43,6 +44,7 @@ from vhostd.protocol.codec import (
 from vhostd.protocol.constants import (
     F_PROTOCOL_FEATURES,
     MAX_CONFIG_SPACE,
+    VRING_F_LOG,
     MAX_MEM_SLOTS,
     VRING_IDX_MASK,
     VRING_NOFD_MASK,
@@ -93,6 +95,10 @@ class RequestHandler(Protocol):
         """A new zeroed inflight area: (fd to send, its size).  The fd is
         the protocol's to send and close."""
     def set_inflight_fd(self, fd: int, info: InflightInfo) -> None: ...
+    def set_log_base(self, fd: int, area: LogArea) -> None:
+        """Map the dirty log (migration) from fd; replaces the one before."""
+    def set_log_fd(self, fd: int) -> None:
+        """The eventfd to write when the log changed."""
     def reset(self) -> None:
         """RESET_DEVICE: stop and forget all rings and features; keep memory."""
     def disconnected(self) -> None:
@@ -116,7 +122,7 @@ class _Wait:
 
 # Requests that carry exactly one fd (unless the NOFD bit says otherwise).
 _ONE_FD = {Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR, Request.ADD_MEM_REG,
-           Request.SET_INFLIGHT_FD}
+           Request.SET_INFLIGHT_FD, Request.SET_LOG_BASE, Request.SET_LOG_FD}
 # Requests allowed to carry an fd we ignore (spec: REM_MEM_REG "MAY accept").
 _TOLERATED_FD = {Request.REM_MEM_REG}
 
@@ -135,6 +141,7 @@ _NEEDS = {
     Request.SEND_RARP: ProtocolFeature.RARP,
     Request.GET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
     Request.SET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
+    Request.SET_LOG_BASE: ProtocolFeature.LOG_SHMFD,
 }
 
 
@@ -175,6 +182,8 @@ class BackendProtocol:
             Request.SEND_RARP: self._send_rarp,
             Request.GET_INFLIGHT_FD: self._get_inflight_fd,
             Request.SET_INFLIGHT_FD: self._set_inflight_fd,
+            Request.SET_LOG_BASE: self._set_log_base,
+            Request.SET_LOG_FD: self._set_log_fd,
         }
 
     # ------------------------------------------------------------ public
@@ -281,9 +290,12 @@ class BackendProtocol:
             if msg.fds:
                 raise RequestError("no-fd flag set but a file descriptor was sent")
             return index, None
+        return index, self._one_fd(msg)
+
+    def _one_fd(self, msg: Message) -> int:
         if len(msg.fds) != 1:
             raise RequestError(f"expects exactly one file descriptor, got {len(msg.fds)}")
-        return index, msg.take_fd()
+        return msg.take_fd()
 
     # ------------------------------------------------------------ features
 
@@ -340,9 +352,7 @@ class BackendProtocol:
 
     def _add_mem_reg(self, msg: Message) -> None:
         region = unpack_single_region(msg.payload)
-        if len(msg.fds) != 1:
-            raise RequestError(f"expects exactly one file descriptor, got {len(msg.fds)}")
-        self.handler.add_mem_region(region, msg.take_fd())
+        self.handler.add_mem_region(region, self._one_fd(msg))
 
     def _rem_mem_reg(self, msg: Message) -> None:
         self.handler.remove_mem_region(unpack_single_region(msg.payload))
@@ -356,6 +366,8 @@ class BackendProtocol:
     def _set_vring_addr(self, msg: Message) -> None:
         addr = VringAddr.unpack(msg.payload)
         self._ring(addr.index)
+        if addr.flags & ~VRING_F_LOG:
+            raise RequestError(f"unknown ring address flags {addr.flags:#x}")
         self.handler.set_vring_addr(addr)
 
     def _set_vring_base(self, msg: Message) -> None:
@@ -459,10 +471,19 @@ class BackendProtocol:
         return reply
 
     def _set_inflight_fd(self, msg: Message) -> None:
-        if len(msg.fds) != 1:
-            raise RequestError(f"expects exactly one file descriptor, got {len(msg.fds)}")
         info = self._inflight_info(msg)
-        self.handler.set_inflight_fd(msg.take_fd(), info)
+        self.handler.set_inflight_fd(self._one_fd(msg), info)
 
     def _get_status(self, msg: Message) -> bytes:
         return pack_u64(self.handler.get_status())
+
+    # ------------------------------------------------------------ migration
+
+    def _set_log_base(self, msg: Message) -> bytes:
+        area = LogArea.unpack(msg.payload)
+        self.handler.set_log_base(self._one_fd(msg), area)
+        # QEMU waits for an answer once the log is mapped, REPLY_ACK or not.
+        return pack_u64(0)
+
+    def _set_log_fd(self, msg: Message) -> None:
+        self.handler.set_log_fd(self._one_fd(msg))

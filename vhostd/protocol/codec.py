@@ -207,6 +207,22 @@ class InflightInfo:
 
 
 @dataclass(frozen=True)
+class LogArea:
+    """SET_LOG_BASE payload: where in the fd that comes with it the dirty log lies."""
+
+    mmap_size: int
+    mmap_offset: int
+    _S = struct.Struct("<QQ")
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> LogArea:
+        return cls(*_unpack(cls._S, payload, "log area"))
+
+    def pack(self) -> bytes:
+        return self._S.pack(self.mmap_size, self.mmap_offset)
+
+
+@dataclass(frozen=True)
 class VringState:
     index: int
     num: int

@@ -78,6 +78,10 @@ FLAG_NEED_REPLY = 1 << 3
 
 # Virtio feature bit that vhost-user reuses to announce protocol features.
 F_PROTOCOL_FEATURES = 30
+# vhost feature bit: the back-end logs its writes into guest memory (migration).
+F_LOG_ALL = 26
+# SET_VRING_ADDR flag: log the used ring's writes at log_guest_addr.
+VRING_F_LOG = 1
 
 # SET_VRING_KICK/CALL/ERR payload: low byte is the ring index, bit 8 means "no fd".
 VRING_IDX_MASK = 0xFF

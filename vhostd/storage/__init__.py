@@ -12,6 +12,13 @@ Each module holds everything about its kind of store in one place:
   to.  A store with ``BLOCKING_OPEN`` may take long to open (it reaches a
   server): the daemon opens it off its event loop.
 
+Locking (file and rbd, whose Settings have ``shared``): a store is locked
+against other users of its image -- OFD locks on an image file, librbd's
+exclusive lock on an RBD image.  Not shared: open_store takes the lock and
+it stays while the store does.  Shared: ``claim()`` takes it when the guest
+starts the device and ``release()`` drops it when the front-end stops it,
+so a migration's destination can take over from its source.
+
 The device model (vhostd/devices/blk.py) sees only the Store.
 """
 
@@ -37,11 +44,21 @@ class Store:
     discard: bool = True
     write_zeroes: bool = True
     facts: dict = field(default_factory=dict)  # for `vhostd status`: engine, server, ...
+    #: who uses it, for another user's lock error ("device 'a' (socket ...)")
+    owner: str = ""
+    #: locked only while the device runs (claim/release), not for the store's life
+    shared: bool = False
     _notes_fd: int | None = field(default=None, repr=False)
     _worker: int | None = field(default=None, repr=False)  # once placed
 
     #: whether it has lines for the log (a remote store's connection coming and going)
     TALKS = False
+
+    def claim(self) -> None:
+        """Take the image's lock if not held; LockError says who holds it."""
+
+    def release(self) -> None:
+        """A shared store drops its lock (nothing of it is in flight any more)."""
 
     def place(self, engine) -> int:
         """The worker the store (and so the device's queues) runs on, or -1
@@ -89,6 +106,32 @@ class Store:
             os.close(self._notes_fd)
             self._notes_fd = None
         self.ptr = None
+
+
+class LockError(OSError):
+    """The image is locked by another user; the message names it."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+#: image key -> the store of this daemon holding its lock, to name it to a second
+_holders: dict = {}
+
+
+def hold(key, store: Store) -> None:
+    _holders[key] = store
+
+
+def unhold(key, store: Store) -> None:
+    if _holders.get(key) is store:
+        del _holders[key]
+
+
+def holder(key) -> str | None:
+    """Which device of this daemon holds the image's lock, if one does."""
+    store = _holders.get(key)
+    return f"{store.owner or 'another device'} of this daemon" if store is not None else None
 
 
 def wait_closed(timeout: float) -> int:

@@ -14,6 +14,7 @@ Its I/O runs where `aio:` says (native/file.c, native/aio.c):
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -22,9 +23,10 @@ import struct
 from dataclasses import dataclass, field
 
 from vhostd import configkeys as v
+from vhostd import storage
 from vhostd.configkeys import SECTOR, Key
 from vhostd.native import ffi, lib
-from vhostd.storage import Store
+from vhostd.storage import LockError, Store
 
 log = logging.getLogger("vhostd.blk")
 
@@ -50,6 +52,7 @@ class Settings:
     size: int | None = field(default=None, compare=False)
     direct: bool = False  # open the image with O_DIRECT
     aio: str = "auto"  # one of AIO: where the image's I/O runs
+    shared: bool = False  # others may name the image: locked only while the device runs
 
 
 KEYS: dict[str, Key] = {
@@ -57,6 +60,7 @@ KEYS: dict[str, Key] = {
     "size": Key(v.size(SECTOR), None),
     "direct": Key(v.boolean, False),
     "aio": Key(v.choice(AIO), "auto"),
+    "shared": Key(v.boolean, False),
 }
 
 
@@ -143,9 +147,84 @@ def open_image(path: str, readonly: bool, direct: bool, create_size: int | None)
         raise
 
 
+# OFD locks on the bytes QEMU's file-posix uses for its permissions (100 +
+# perm: it uses the permission; 200 + perm: it does not let others have it;
+# perm 0 consistent read, 1 write), so qemu and qemu-storage-daemon refuse
+# an image vhostd writes, and the other way round.  A writer locks 101 and
+# 201 exclusively: one writer at a time, and none while a QEMU reader that
+# does not share writes has it; a reader takes a shared lock on 100, which
+# conflicts with nobody (a read-only device beside a writer is allowed).
+_WRITER_BYTES = ((fcntl.F_WRLCK, 101), (fcntl.F_WRLCK, 201))
+_READER_BYTES = ((fcntl.F_RDLCK, 100),)
+_FLOCK = struct.Struct("@hhqqi4x")  # struct flock: type, whence, start, len, pid
+
+
+def _setlk(fd: int, kind: int, start: int) -> None:
+    # F_OFD_SETLK, never F_OFD_SETLKW: a held lock is an error, not a wait.
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, start, 1, 0))
+
+
+class FileStore(Store):
+    _lock_fd: int | None = None  # (class defaults: not dataclass fields)
+    _held = False
+
+    def setup_lock(self, fd: int, path: str, shared: bool, readonly: bool) -> None:
+        st = os.fstat(fd)
+        # Our own open file description (a dup shares it): the lock belongs to
+        # it, so it lasts until both this fd and the native store's are closed.
+        self._lock_fd = os.dup(fd)
+        self._key = ("file", st.st_dev, st.st_ino)
+        self._path = path
+        self._bytes = _READER_BYTES if readonly else _WRITER_BYTES
+        self._held = False
+        self.shared = shared
+
+    def claim(self) -> None:
+        if self._held or self._lock_fd is None:
+            return
+        taken = []
+        try:
+            for kind, start in self._bytes:
+                _setlk(self._lock_fd, kind, start)
+                taken.append(start)
+        except OSError as exc:
+            for start in taken:
+                _setlk(self._lock_fd, fcntl.F_UNLCK, start)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise LockError(exc.errno, f"cannot lock image {self._path}: {exc.strerror}") from None
+            who = storage.holder(self._key) or "another process (e.g. another vhostd, qemu or qemu-storage-daemon)"
+            raise LockError(errno.EBUSY, f"image {self._path} is in use by {who}") from None
+        self._held = True
+        storage.hold(self._key, self)
+
+    def release(self) -> None:
+        if self.shared and self._held:
+            for _, start in self._bytes:
+                _setlk(self._lock_fd, fcntl.F_UNLCK, start)
+            self._held = False
+            storage.unhold(self._key, self)
+
+    def close(self) -> None:
+        # No explicit unlock: the native store's fd keeps the lock until its
+        # last I/O is done (so no old write lands after another user's).
+        if self._lock_fd is not None:
+            storage.unhold(self._key, self)
+            try:
+                os.close(self._lock_fd)
+            except OSError:
+                pass  # closed all the same (e.g. ENOTCONN from a FUSE file system gone)
+            self._lock_fd = None
+            self._held = False
+        super().close()
+
+
 def open_store(settings: Settings, name: str, readonly: bool) -> Store:
     fd, size, is_blockdev = open_image(settings.path, readonly, settings.direct, settings.size)
+    store = FileStore(ffi.NULL, size, owner=f"device {name!r}")
     try:
+        store.setup_lock(fd, settings.path, settings.shared, readonly)
+        if not settings.shared:
+            store.claim()  # held for the device's life
         info = ffi.new("struct vd_file_info *")
         lib.vd_file_probe(fd, info)
         engine, punt, note = choose_engine(settings.aio, info, name)
@@ -162,7 +241,9 @@ def open_store(settings: Settings, name: str, readonly: bool) -> Store:
         if ptr == ffi.NULL:
             raise MemoryError("cannot allocate the file store")
     except BaseException:
+        store.close()
         os.close(fd)
         raise
     # From here on the native store owns fd (closed with its last reference).
-    return Store(ptr, size, block_size=block, facts={"aio": engine, "aio_note": note})
+    store.ptr, store.block_size, store.facts = ptr, block, {"aio": engine, "aio_note": note}
+    return store

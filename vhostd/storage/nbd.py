@@ -30,6 +30,7 @@ class Settings:
     connections: int = 1  # wanted; more than 1 only where the server allows multi-conn
     reconnect_delay: int = 5  # seconds: the longest wait between reconnect attempts
     io_timeout: int = 30  # seconds a request may wait for the server before it fails; 0 = never
+    shared: bool = False  # never set: see _no_lock
 
 
 def _uri(node, ctx: v.Context) -> str:
@@ -53,11 +54,19 @@ def _uri(node, ctx: v.Context) -> str:
     return text
 
 
+def _no_lock(node, ctx: v.Context) -> bool:
+    # vhostd takes no lock on an export: who may connect and write is the
+    # NBD server's business (qemu-nbd serves one client unless given -e).
+    raise v.Invalid("backend nbd takes no lock, so 'shared' does not apply: whether two clients may use "
+                    "one export is the NBD server's business (e.g. qemu-nbd's --shared); drop the key")
+
+
 KEYS: dict[str, Key] = {
     "uri": Key(_uri, help="the export: nbd://host[:port]/export or nbd+unix:///export?socket=PATH"),
     "connections": Key(v.int_range(1, lib.VD_NBD_MAX_CONN), 1),
     "reconnect_delay": Key(v.int_range(1, 3600), 5),
     "io_timeout": Key(v.int_range(0, 86400), 30),
+    "shared": Key(_no_lock, False),
 }
 
 

@@ -14,16 +14,23 @@ does it off its event loop and tries again while the cluster is not there
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
 
 from vhostd import configkeys as v
+from vhostd import storage
 from vhostd.configkeys import Key
 from vhostd.native import ffi, lib
-from vhostd.storage import Store
+from vhostd.storage import LockError, Store
+
+log = logging.getLogger("vhostd.blk")
 
 BLOCKING_OPEN = True
+LOCK_WAIT = 5.0  # seconds the event loop waits for the cluster to answer a lock call
 ERRLEN = 512
 DEFAULT_CONF = "/etc/ceph/ceph.conf"
 
@@ -43,6 +50,7 @@ class Settings:
     keyring: str = ""  # "": where ceph.conf says
     io_timeout: int = 0  # seconds a request may wait for the cluster before it fails; 0 = as long as it takes
     warn_after: int = 10  # seconds a request may wait before the log says the cluster does not answer
+    shared: bool = False  # others may name the image: locked only while the device runs
 
 
 def _rados_name(what: str):
@@ -81,6 +89,7 @@ KEYS: dict[str, Key] = {
     "keyring": Key(_short_path, ""),
     "io_timeout": Key(v.int_range(0, 86400), 0),
     "warn_after": Key(v.int_range(1, 86400), 10),
+    "shared": Key(v.boolean, False),
 }
 
 
@@ -134,6 +143,69 @@ class RbdStore(Store):
                                         "timeouts": info.timeouts, "in_flight": info.inflight,
                                         "oldest_ms": info.oldest_ms, "stalls": info.stalls}}
 
+    # Locking: librbd's exclusive lock, taken by hand.  Its calls wait for the
+    # cluster, so on the event loop (claim/release at ring start and stop)
+    # they run on a thread of their own and are waited for LOCK_WAIT seconds
+    # at most; one that answers later is undone.
+    _held = False
+    _lockable = False  # writable: a read-only image takes no lock
+    _key = None
+
+    def _lock_call(self, acquire: bool, wait: float | None) -> None:
+        done = threading.Event()
+        out: dict = {}
+        mu = threading.Lock()
+        ptr = self.ptr
+        lib.vd_store_ref(ptr)  # the store stays while the call runs
+
+        def run() -> None:
+            err = ffi.new("char[]", ERRLEN)
+            rc = lib.vd_rbd_store_lock(ptr, int(acquire), err, ERRLEN)
+            with mu:
+                out["rc"], out["err"] = rc, ffi.string(err).decode(errors="replace")
+                late = "gave_up" in out
+            if late and acquire and rc == 0:
+                lib.vd_rbd_store_lock(ptr, 0, err, ERRLEN)  # nobody waits for it any more
+            lib.vd_store_unref(ptr)
+            done.set()
+
+        threading.Thread(target=run, name="vhostd-rbd-lock", daemon=True).start()
+        done.wait(wait)
+        with mu:
+            if "rc" not in out:
+                out["gave_up"] = True
+                raise LockError(errno.ETIMEDOUT, f"the Ceph cluster did not answer for {self.facts['server']}'s "
+                                                 f"lock within {wait:g} s")
+        rc, err = out["rc"], out["err"]
+        if rc == -errno.EBUSY:
+            who = storage.holder(self._key)
+            raise LockError(errno.EBUSY, f"{err}" + (f" ({who})" if who else ""))
+        if rc < 0:
+            raise LockError(-rc, err)
+
+    def claim(self) -> None:
+        if self._held or not self._lockable or self.ptr in (None, ffi.NULL):
+            return
+        self._lock_call(True, LOCK_WAIT)
+        self._held = True
+        storage.hold(self._key, self)
+
+    def release(self) -> None:
+        if self.shared and self._held and self.ptr not in (None, ffi.NULL):
+            self._held = False
+            storage.unhold(self._key, self)
+            try:
+                self._lock_call(False, LOCK_WAIT)
+            except LockError as exc:
+                log.warning("%s: %s (closing the image drops it)", self.facts["server"], exc)
+
+    def close(self) -> None:
+        # rbd_close (when the last I/O is done) releases the lock.
+        if self._key is not None:
+            storage.unhold(self._key, self)
+        self._held = False
+        super().close()
+
 
 def _put(field, text: str) -> None:
     raw = text.encode()
@@ -156,6 +228,34 @@ def open_store(settings: Settings, name: str, readonly: bool) -> Store:
         raise OSError(ffi.string(err).decode(errors="replace"))
     info = ffi.new("struct vd_rbd_info *")
     lib.vd_rbd_store_info(ptr, info)
-    return RbdStore(ptr, info.size, readonly=bool(info.readonly),
-                    facts={"aio": "rbd", "aio_note": f"objects of {info.object_size >> 10} KiB",
-                           "server": f"rbd:{image_name(settings)}"})
+    store = RbdStore(ptr, info.size, readonly=bool(info.readonly), owner=f"device {name!r}", shared=settings.shared,
+                     facts={"aio": "rbd", "aio_note": f"objects of {info.object_size >> 10} KiB",
+                            "server": f"rbd:{image_name(settings)}"})
+    store._key = ("rbd",) + identity(settings)[1:]
+    store._lockable = not store.readonly
+    try:
+        if store._lockable and not settings.shared:
+            # We are off the event loop here: wait as long as the cluster takes.
+            try:
+                store._lock_call(True, None)
+            except LockError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise
+                log.warning("%s: %s; it is not locked against other users", name, exc.strerror)
+                store._lockable = False
+            else:
+                store._held = True
+                storage.hold(store._key, store)
+        elif store._lockable:
+            # A shared image that cannot be locked would let two writers in:
+            # find out now (held by another user, e.g. a migration's source, is fine).
+            try:
+                store._lock_call(True, None)
+                store._lock_call(False, None)
+            except LockError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+    except BaseException:
+        store.close()
+        raise
+    return store
