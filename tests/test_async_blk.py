@@ -45,8 +45,17 @@ def counters(vd, name: str, queue: int = 0) -> dict:
 
 def start(vhostd_factory, devices: list[dict], **daemon):
     vd = vhostd_factory(devices, {"control_socket": "ctl.sock", **daemon})
-    wait_until(lambda: (vd.workdir / "ctl.sock").exists(), what="the control socket")
+    wait_until(lambda: answers(vd), what="the control socket")
     return vd
+
+
+def answers(vd) -> bool:
+    # The socket file appears at bind(), a moment before listen(): ask.
+    try:
+        status(vd)
+    except OSError:
+        return False
+    return True
 
 
 def hang_device(disk, name: str = "hang", **kw) -> dict:
@@ -435,7 +444,7 @@ def test_each_image_gets_the_engine_its_file_system_wants(vhostd_factory, hangin
 def test_where_seccomp_forbids_io_uring_the_thread_pool_serves(vhostd_factory):
     vd = vhostd_factory([{"name": "d", "size": "4M"}], {"control_socket": "ctl.sock"},
                         prefix=[sys.executable, str(HERE / "no_io_uring.py")])
-    wait_until(lambda: (vd.workdir / "ctl.sock").exists(), what="the control socket")
+    wait_until(lambda: answers(vd), what="the control socket")
     assert len(vd.log_lines(0, r"io_uring is unavailable \(io_uring_setup failed: Operation not permitted\): "
                                r"disk I/O runs on a thread pool")) == 1
     st = status(vd)["d"]
@@ -480,7 +489,7 @@ def test_sigkill_with_writes_in_flight_loses_none_that_completed_and_redoes_the_
     (tmp_path / "first").mkdir()
     first = Vhostd(tmp_path / "first", sockdir, devices, {"control_socket": "ctl.sock"})
     first.start()
-    wait_until(lambda: (first.workdir / "ctl.sock").exists(), what="the control socket")
+    wait_until(lambda: answers(first), what="the control socket")
     try:
         g = Guest(first, "d0")
         fd, info = g.fe.get_inflight_fd(1, 128)
