@@ -69,6 +69,16 @@ def test_queues_poll_and_json(vhostd_factory):
     assert result["lat_p50_us"] <= result["lat_p99_us"]
 
 
+def test_dirty_log_as_during_a_migration(vhostd_factory, tmp_path, sockdir):
+    vd = vhostd_factory([{"name": "d0", "size": "16M"}])
+    ok_line(bench(vd.socket("d0"), "--dirty-log", "--rw", "randwrite"))
+    assert "dirty log: " in vd.log()
+    img = tmp_path / "q.img"
+    img.write_bytes(b"\0" * (8 << 20))
+    with StorageDaemon(img, f"{sockdir}/q.sock") as qsd:  # libvhost-user logs too: the anchor
+        ok_line(bench(str(qsd.socket), "--dirty-log"))
+
+
 def test_against_qemu_storage_daemon(tmp_path, sockdir):
     img = tmp_path / "q.img"
     img.write_bytes(b"\0" * (8 << 20))

@@ -227,7 +227,7 @@ def cmd_bench_blk(args) -> int:
         os.sched_setaffinity(0, {args.cpu})
     try:
         result = run_blk(args.socket, args.rw, bs=args.bs, iodepth=args.iodepth, queues=args.queues,
-                         seconds=args.seconds, poll=args.poll)
+                         seconds=args.seconds, poll=args.poll, dirty_log=args.dirty_log)
     except BenchError as exc:
         print(f"vhostd bench blk: {exc}", file=sys.stderr)
         return 1
@@ -282,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="run time (default 10)")
     p.add_argument("--poll", action="store_true", help="spin on the used ring instead of waiting for calls")
     p.add_argument("--cpu", type=int, help="pin the load generator to this CPU")
+    p.add_argument("--dirty-log", action="store_true",
+                   help="log dirty pages as during a live migration (what logging costs the back-end)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_bench_blk)
 

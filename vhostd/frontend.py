@@ -227,9 +227,10 @@ class Frontend:
         self.request(Request.RESET_DEVICE)
 
     def set_log_base(self, fd: int, size: int, offset: int = 0) -> None:
-        """SET_LOG_BASE (LOG_SHMFD): the back-end maps the dirty log and answers."""
-        if unpack_u64(self.request(Request.SET_LOG_BASE, LogArea(size, offset).pack(), [fd])):
-            raise BackendError("SET_LOG_BASE refused by the back-end")
+        """SET_LOG_BASE (LOG_SHMFD): the back-end maps the dirty log and answers.
+        The answer's value means nothing (libvhost-user echoes the log's size,
+        QEMU ignores it); a back-end that refuses closes the session."""
+        self.request(Request.SET_LOG_BASE, LogArea(size, offset).pack(), [fd])
 
     def set_log_fd(self, fd: int) -> None:
         self.request(Request.SET_LOG_FD, b"", [fd])

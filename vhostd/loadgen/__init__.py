@@ -14,13 +14,14 @@ from dataclasses import dataclass
 
 from vhostd.frontend import BackendError, Frontend, make_eventfd
 from vhostd.protocol.codec import MemoryRegion
-from vhostd.protocol.constants import F_PROTOCOL_FEATURES, ProtocolFeature
+from vhostd.protocol.constants import F_LOG_ALL, F_PROTOCOL_FEATURES, VRING_F_LOG, ProtocolFeature
 
 F_SIZE_MAX, F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH, F_MQ = 1, 2, 5, 6, 9, 12
 F_EVENT_IDX, F_VERSION_1 = 29, 32
 WANT_FEATURES = sum(1 << b for b in (F_SIZE_MAX, F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH, F_MQ, F_EVENT_IDX,
                                      F_VERSION_1, F_PROTOCOL_FEATURES))
-WANT_PROTOCOL = sum(1 << b for b in (ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG))
+WANT_PROTOCOL = sum(1 << b for b in (ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG,
+                                     ProtocolFeature.LOG_SHMFD))
 RW_MODES = {"read": (0, 0), "write": (1, 0), "randread": (0, 1), "randwrite": (1, 1)}
 SLOT_BYTES = 32
 PAGE = 4096
@@ -66,7 +67,10 @@ def ring_size(iodepth: int) -> int:
 
 
 def run_blk(socket_path: str, rw: str, bs: int = 4096, iodepth: int = 32, queues: int = 1, seconds: float = 10.0,
-            poll: bool = False, seed: int = 1) -> BlkResult:
+            poll: bool = False, seed: int = 1, dirty_log: bool = False) -> BlkResult:
+    """dirty_log: run as a front-end does while it migrates the guest (a
+    dirty log mapped, VHOST_F_LOG_ALL acked, used rings logged), to measure
+    what logging costs the back-end."""
     from vhostd._loadgen import ffi, lib
 
     if rw not in RW_MODES:
@@ -90,6 +94,7 @@ def run_blk(socket_path: str, rw: str, bs: int = 4096, iodepth: int = 32, queues
     except OSError as exc:
         raise BenchError(f"cannot connect to {socket_path}: {exc.strerror or exc}") from None
     fd = os.memfd_create("vhostd-bench", os.MFD_CLOEXEC)
+    log_fd = os.memfd_create("vhostd-bench-log", os.MFD_CLOEXEC)
     kicks, calls = [], []
     try:
         os.ftruncate(fd, mem_size)
@@ -117,6 +122,14 @@ def run_blk(socket_path: str, rw: str, bs: int = 4096, iodepth: int = 32, queues
         features = offered & WANT_FEATURES
         fe.set_features(features)
         fe.set_mem_table([MemoryRegion(0, mem_size, uva, 0)], [fd])
+        if dirty_log:
+            if not offered & (1 << F_LOG_ALL) or not pf & (1 << ProtocolFeature.LOG_SHMFD):
+                raise BenchError(f"{socket_path}: the back-end cannot log dirty pages (no LOG_ALL or LOG_SHMFD)")
+            log_size = _align(mem_size // PAGE // 8, PAGE)
+            os.ftruncate(log_fd, log_size)
+            fe.set_log_base(log_fd, log_size)
+            features |= 1 << F_LOG_ALL
+            fe.set_features(features)
 
         lqs = ffi.new("struct lg_queue[]", queues)
         off = 0
@@ -136,7 +149,8 @@ def run_blk(socket_path: str, rw: str, bs: int = 4096, iodepth: int = 32, queues
             q.kick_fd, q.call_fd = kicks[-1], calls[-1]
             fe.set_vring_num(i, num)
             fe.set_vring_base(i, 0)
-            fe.set_vring_addr(i, uva + layout["desc"], uva + layout["used"], uva + layout["avail"])
+            fe.set_vring_addr(i, uva + layout["desc"], uva + layout["used"], uva + layout["avail"],
+                              VRING_F_LOG if dirty_log else 0, layout["used"])
             fe.set_vring_call(i, calls[-1])
             fe.set_vring_kick(i, kicks[-1])
             if pf:
@@ -160,7 +174,7 @@ def run_blk(socket_path: str, rw: str, bs: int = 4096, iodepth: int = 32, queues
         raise BenchError(f"{socket_path}: connection failed: {exc}") from None
     finally:
         fe.close()
-        for f in (fd, *kicks, *calls):
+        for f in (fd, log_fd, *kicks, *calls):
             os.close(f)
     elapsed = res.elapsed or seconds
     return BlkResult(rw=rw, bs=bs, iodepth=iodepth, queues=queues, seconds=elapsed, ios=res.ios,
