@@ -22,8 +22,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def pinned(cmd: list[str], cpu: str, log: str, **kw) -> subprocess.Popen:
     """Start cmd on one CPU with stdout and stderr going to log."""
+    kw.setdefault("cwd", ROOT)
     return subprocess.Popen(["taskset", "-c", cpu, *cmd], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, cwd=ROOT, **kw)
+                            stdin=subprocess.DEVNULL, **kw)
 
 
 def listening(paths: set[str], table: str = "/proc/net/unix") -> set[str]:
