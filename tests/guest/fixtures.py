@@ -88,22 +88,24 @@ def sock_dir(tmp_path):
 
 @pytest.fixture
 def storage_daemon(tmp_path, sock_dir):
-    """Factory: storage_daemon(size="64M" | image=path, num_queues=None) -> started StorageDaemon.
+    """Factory: storage_daemon(size="64M" | image=path, num_queues=None, extra_exports=0) -> started StorageDaemon.
 
     Creates a sparse raw image in tmp_path unless `image` is given; the socket
-    goes to sock_dir.
+    goes to sock_dir.  extra_exports: more sockets on the same image
+    (d.extra_sockets), e.g. for a live-migration destination.
     """
     daemons: list[StorageDaemon] = []
 
     def make(size: str | int = "64M", *, image: str | os.PathLike | None = None,
-             num_queues: int | None = None, name: str | None = None) -> StorageDaemon:
+             num_queues: int | None = None, name: str | None = None, extra_exports: int = 0) -> StorageDaemon:
         name = name or f"qsd{len(daemons)}"
         if image is None:
             image = tmp_path / f"{name}.img"
             with open(image, "wb") as f:
                 f.truncate(_parse_size(size))
         sock = sock_dir / f"{name}.sock"
-        d = StorageDaemon(image, sock, num_queues=num_queues, log=tmp_path / f"{name}.log")
+        extra = [sock_dir / f"{name}-{i + 1}.sock" for i in range(extra_exports)]
+        d = StorageDaemon(image, sock, num_queues=num_queues, log=tmp_path / f"{name}.log", extra_sockets=extra)
         daemons.append(d)
         return d.start()
 

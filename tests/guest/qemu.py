@@ -63,6 +63,19 @@ in that order (virtio-net-pci, MSI-X off: see NetNic), and /etc/vhostd-net.sh
 Each NIC gets a MAC unique per test process (QEMU's default, 52:54:00:12:34:56,
 is the same in every QEMU) unless given; `g.macs[i]` is the MAC of eth<i>.
 
+Live migration: a second QemuGuest built from `destination_args()` (same
+machine, `incoming=True`: QEMU -incoming on a unix socket) and QMP `migrate`::
+
+    src = QemuGuest(script, disks=[sock_a], qmp=True, ...).start()
+    src.wait_for("LOOPING")
+    dst = QemuGuest(**src.destination_args(disks=[sock_b])).start()
+    info = src.migrate(dst)        # until completed; info["downtime"], info["total-time"] (ms)
+    dst.wait()                     # the guest's later output is on dst's console
+
+A vhost-user socket serves one front-end at a time, so the destination needs
+another socket on the same back-end (vhostd: a second `shared: true` device on
+the same image, or another switch port; qsd: another export of the node).
+
 Set VHOSTD_GUEST_TIMEOUT_SCALE (e.g. 3) to stretch every timeout on a slow
 machine.
 """
@@ -281,6 +294,7 @@ class QemuGuest:
         cmdline_extra: str = "",
         qmp: bool = False,
         nics: Sequence[NicSpec] = (),
+        incoming: Union[bool, str, None] = None,
     ):
         """
         script:      shell script run as /test.sh in the guest.
@@ -300,6 +314,9 @@ class QemuGuest:
         qmp:         open a QMP socket; use qmp("cmd", **args).
         nics:        socket paths or NetNic objects: vhost-user-net NICs eth0, eth1, ...
                      (see NetNic); self.macs[i] is the MAC of eth<i>.
+        incoming:    a live-migration destination: True waits for the stream on a unix
+                     socket of its own (self.migrate_path), a string is QEMU's -incoming
+                     value as is.  See destination_args() and migrate().
         """
         self.script = script
         self.disks = [_as_disk(d) for d in disks]
@@ -327,7 +344,12 @@ class QemuGuest:
         self.qmp_path = self.workdir / "qmp.sock"
         if len(str(self.qmp_path)) > 100:  # sun_path holds 107 bytes
             self.qmp_path = Path(tempfile.mkdtemp(prefix="vhostd-qmp-")) / "qmp.sock"
+        self.migrate_path = self.workdir / "migrate.sock"
+        if len(str(self.migrate_path)) > 100:
+            self.migrate_path = Path(tempfile.mkdtemp(prefix="vhostd-mig-")) / "migrate.sock"
+        self.incoming = f"unix:{self.migrate_path}" if incoming is True else (incoming or None)
         self.proc: subprocess.Popen | None = None
+        self.last_migration: dict | None = None  # see migrate()
         self._qemu_log = None
         self._cursor = 0
         self._final_console: str | None = None
@@ -378,6 +400,8 @@ class QemuGuest:
             cmd.append("-no-reboot")
         if self.use_qmp:
             cmd += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        if self.incoming:
+            cmd += ["-incoming", self.incoming]
         for i, d in enumerate(self.disks):
             chardev = f"socket,id=vub{i},path={_qemu_opt(os.fspath(d.socket))}"
             if d.reconnect is not None:
@@ -506,8 +530,9 @@ class QemuGuest:
 
     def close(self) -> None:
         self.kill()
-        if self.qmp_path.parent.name.startswith("vhostd-qmp-"):
-            shutil.rmtree(self.qmp_path.parent, ignore_errors=True)
+        for p in (self.qmp_path, self.migrate_path):
+            if p.parent.name.startswith(("vhostd-qmp-", "vhostd-mig-")):
+                shutil.rmtree(p.parent, ignore_errors=True)
         if self._own_workdir and self.workdir.exists():
             self._final_console = self.console
             self._final_qemu_log = self.qemu_log
@@ -619,6 +644,83 @@ class QemuGuest:
             json.loads(f.readline())  # greeting
             call("qmp_capabilities")
             return call(command, arguments)
+
+    # ------------------------------------------------------------------ migration
+
+    def destination_args(self, **overrides) -> dict:
+        """Keyword arguments (script included) for a QemuGuest that can take this
+        guest by live migration: the same machine (RAM, CPUs, kernel, initramfs,
+        devices in the same order, NICs with the same MACs), QMP on and
+        `incoming=True`.  Override `disks` / `nics` to attach the destination to
+        other back-end sockets: a vhost-user socket serves one front-end at a
+        time, and the source keeps its connection until it is killed::
+
+            dst = qemu_guest(**src.destination_args(disks=[sock_b])).start()
+            info = src.migrate(dst)          # dst now runs the guest
+            dst.wait_for("DONE")             # guest output continues on dst's console
+        """
+        nics = [_as_nic(n) for n in overrides.pop("nics", self.nics)]
+        # The guest must keep its MACs: its driver read them at boot.
+        nics = [dataclasses.replace(n, mac=n.mac or mac) for n, mac in zip(nics, self.macs)]
+        kw = dict(script=self.script, disks=list(self.disks), nics=nics, extra_args=list(self.extra_args),
+                  memory=self.memory, smp=self.smp, cpu=self.cpu, timeout=self.timeout,
+                  allow_reboot=self.allow_reboot, max_boots=self.max_boots, image=self._image,
+                  files=dict(self.files), cmdline_extra=self.cmdline_extra, qmp=True, incoming=True)
+        kw.update(overrides)
+        return kw
+
+    def migrate(self, dest: "QemuGuest", *, timeout: float = 120.0, max_bandwidth: int | None = None,
+                downtime_limit_ms: int | None = None, kill_source: bool = True) -> dict:
+        """Live-migrate this (running, qmp=True) guest to `dest` (started, incoming=True)
+        over a unix socket; wait until the migration completes and `dest` runs.
+        Returns QEMU's final query-migrate answer: "total-time" and "downtime"
+        (ms), "setup-time", "ram" statistics.  Raises GuestError when QEMU refuses
+        (e.g. a migration blocker: a vhost-user back-end without dirty logging)
+        or the migration fails.  max_bandwidth (bytes/s) stretches the
+        migration so that a guest workload overlaps it for long enough.
+        kill_source: end the source QEMU afterwards (it stays paused otherwise,
+        holding its back-end connections)."""
+        self.last_migration = None
+        if not dest.incoming or not dest.incoming.startswith("unix:"):
+            raise GuestError("the destination needs incoming=True (or 'unix:PATH')")
+        # QEMU listens for the incoming stream before it serves QMP.
+        status = dest.qmp("query-status")["status"]
+        if status != "inmigrate":
+            raise GuestError(f"destination is {status!r}, not waiting for a migration\n" + dest._diagnostics())
+        params = {}
+        if max_bandwidth is not None:
+            params["max-bandwidth"] = int(max_bandwidth)
+        if downtime_limit_ms is not None:
+            params["downtime-limit"] = int(downtime_limit_ms)
+        if params:
+            self.qmp("migrate-set-parameters", **params)
+        self.qmp("migrate", uri=dest.incoming)
+        limit = timeout * timeout_scale()
+        deadline = time.monotonic() + limit
+        while True:
+            info = self.qmp("query-migrate")
+            state = info.get("status")
+            if state == "completed":
+                break
+            if state in ("failed", "cancelled"):
+                raise GuestError(f"migration {state}: {info.get('error-desc', '?')}\n--- source ---\n"
+                                 f"{self._diagnostics()}\n--- destination ---\n{dest._diagnostics()}")
+            if time.monotonic() > deadline:
+                try:
+                    self.qmp("migrate_cancel")
+                except GuestError:
+                    pass
+                raise GuestTimeout(f"migration not done within {limit:.0f}s: {info}\n" + self._diagnostics())
+            time.sleep(0.1)
+        self.last_migration = info  # for callers that catch what follows
+        while dest.qmp("query-status")["status"] != "running":
+            if time.monotonic() > deadline:
+                raise GuestTimeout("destination did not start running after the migration\n"
+                                   + dest._diagnostics())
+            time.sleep(0.05)
+        if kill_source:
+            self.kill()
+        return info
 
 
 def _shell_quote(s: str) -> str:

@@ -2,6 +2,10 @@
 
     with StorageDaemon(img_path, sock_path) as qsd:     # waits until the socket listens
         QemuGuest(script, disks=[qsd.socket]).run()
+
+`extra_sockets` exports the same image on more sockets (one block node, so
+one cache and no image locking between them): e.g. the source and the
+destination QEMU of a live migration, each on its own export.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Union
+from typing import Sequence, Union
 
 from .qemu import GuestError, timeout_scale
 
@@ -54,32 +58,37 @@ class StorageDaemon:
 
     def __init__(self, image: Union[str, os.PathLike], sock: Union[str, os.PathLike], *,
                  num_queues: int | None = None, writable: bool = True,
-                 log: Union[str, os.PathLike, None] = None):
+                 log: Union[str, os.PathLike, None] = None,
+                 extra_sockets: Sequence[Union[str, os.PathLike]] = ()):
         self.image = Path(image).absolute()
         self.socket = Path(sock).absolute()
+        self.extra_sockets = [Path(s).absolute() for s in extra_sockets]
         self.num_queues = num_queues
         self.writable = writable
         self.log_path = Path(log) if log else self.socket.with_name(self.socket.name + ".qsd.log")
         self.proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
-        export = (f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
-                  f"addr.path={self.socket},writable={'on' if self.writable else 'off'}")
-        if self.num_queues is not None:
-            export += f",num-queues={self.num_queues}"
-        return [QSD_BINARY,
-                "--blockdev", f"driver=file,node-name=f0,filename={self.image}",
-                "--export", export]
+        cmd = [QSD_BINARY, "--blockdev", f"driver=file,node-name=f0,filename={self.image}"]
+        for i, sock in enumerate([self.socket, *self.extra_sockets]):
+            export = (f"type=vhost-user-blk,id=e{i},node-name=f0,addr.type=unix,"
+                      f"addr.path={sock},writable={'on' if self.writable else 'off'}")
+            if self.num_queues is not None:
+                export += f",num-queues={self.num_queues}"
+            cmd += ["--export", export]
+        return cmd
 
     def start(self, timeout: float = 10.0) -> "StorageDaemon":
         if not shutil.which(QSD_BINARY):
             raise GuestError(f"{QSD_BINARY} not found (package qemu-system-common)")
-        if self.socket.exists():
-            self.socket.unlink()
+        for sock in (self.socket, *self.extra_sockets):
+            if sock.exists():
+                sock.unlink()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for_unix_socket(self.socket, timeout, self.proc)
+        for sock in (self.socket, *self.extra_sockets):
+            wait_for_unix_socket(sock, timeout, self.proc)
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
