@@ -52,8 +52,9 @@ def start_vhostd(tmp: str, tag: str, env: dict | None = None, cwd: str = ROOT) -
     sock = os.path.join(tmp, f"{tag}.sock")
     cfg = os.path.join(tmp, f"{tag}.yaml")
     with open(cfg, "w") as f:
+        # poll_us 32: qemu-storage-daemon polls 32 us too (its default)
         f.write(f"daemon: {{workers: 1}}\ndevices:\n  - {{name: n, type: blk, socket: {sock}, backend: null, "
-                f"size: {SIZE}}}\n")
+                f"size: {SIZE}, poll_us: 32}}\n")
     p = pinned([sys.executable, "-m", "vhostd", "serve", "--config", cfg], BACKEND_CPU,
                os.path.join(tmp, f"{tag}.log"), env=env, cwd=cwd)
     wait_listening([sock], p)

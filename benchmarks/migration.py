@@ -112,7 +112,9 @@ def migrate_once(tmp: str, name: str, socks: dict, memory: str, image, bandwidth
         pin_to_load_cpu(dst)
         try:
             src.migrate(dst, max_bandwidth=bandwidth, timeout=600)
-        except GuestError:
+        except (GuestError, OSError):
+            # Completed, but the destination died while starting the guest:
+            # counted below like a guest that fails afterwards.
             if src.last_migration is None:  # the migration itself failed
                 raise
         info = src.last_migration

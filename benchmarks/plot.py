@@ -18,7 +18,8 @@ from common import RESULTS_DIR, ROOT  # noqa: E402
 
 ANCHORS = {"blk_qsd": "qemu-storage-daemon (tmpfs)", "blk_disk": "qemu-storage-daemon (own disk, O_DIRECT)",
            "blk_vmm": "qemu-storage-daemon (guest in vhostd's VMM)", "net_testpmd": "DPDK vhost PMD",
-           "blk_nbd": "qemu-storage-daemon (nbdkit export)", "blk_rbd": "qemu-storage-daemon (Ceph RBD image)"}
+           "blk_nbd": "qemu-storage-daemon (nbdkit export)", "blk_rbd": "qemu-storage-daemon (Ceph RBD image)",
+           "blk_log": "vhostd before dirty logging (null disk, logging off)"}
 # Minimum ratios the issues ask for ((results file, workload label) -> target).
 TARGETS = {("blk_disk", "4K randread qd32"): 1.0, ("blk_disk", "4K randread qd1"): 0.9,
            ("blk_qsd", "4K randread qd32"): 1.5, ("net_testpmd", "64 B frames"): 0.5,
@@ -33,7 +34,7 @@ def main() -> int:
 
     labels, ratios, colours, targets = [], [], [], []
     palette = {"blk_qsd": "#3b75af", "blk_disk": "#2a9d6f", "blk_vmm": "#6a9fd0", "net_testpmd": "#e08a2c",
-               "blk_nbd": "#8e5ea2", "blk_rbd": "#c0504d"}
+               "blk_nbd": "#8e5ea2", "blk_rbd": "#c0504d", "blk_log": "#7f7f7f"}
     for path in sorted(glob.glob(os.path.join(RESULTS_DIR, "*.json"))):
         name = os.path.splitext(os.path.basename(path))[0]
         if name not in ANCHORS:
