@@ -9,11 +9,13 @@ import logging
 import mmap
 import os
 import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from vhostd.dataplane import DataPlaneError, Engine, Rings
 from vhostd.native import ffi, lib
 from vhostd.devices.base import Device
-from vhostd.protocol.backend import RequestError
+from vhostd.protocol.backend import RequestError, Wait
 from vhostd.protocol.codec import LogArea, MemoryRegion, VringAddr
 from vhostd.protocol.constants import F_LOG_ALL, ProtocolFeature
 from vhostd.virtio import STATUS_NEEDS_RESET
@@ -95,9 +97,13 @@ class DeviceHandler:
         self._inflight = None  # (mmap, cdata) of the inflight area while a front-end set one
         self._release_wanted = False  # release the device once its orphaned requests are done
         self._log = None  # (mmap, cdata) of the dirty log while a front-end set one
+        self._pending_claim = None  # abandons a claim running off the loop (see _claim_off_loop)
+        self._lock_thread: ThreadPoolExecutor | None = None
         self.rings = Rings(engine, device, self.event_fd)
 
     def close(self) -> None:
+        if self._lock_thread is not None:
+            self._lock_thread.shutdown(wait=True)  # (bounded: each lock call gives up after LOCK_WAIT)
         self.rings.close()
         _close(self.event_fd)
 
@@ -175,11 +181,14 @@ class DeviceHandler:
         self._release_if_stopped()
         return base
 
-    def set_vring_kick(self, index: int, fd: int | None) -> None:
+    def set_vring_kick(self, index: int, fd: int | None) -> Wait | None:
         _require_eventfd(fd, "kick")
+        if self.device.claim_waits() and not self.rings.any_started():
+            return self._claim_off_loop(index, fd)
         if not self._claim(index, fd):
-            return
+            return None
         self._dp(self.rings.set_kick, index, fd)
+        return None
 
     # A shared image is locked only while the guest runs the device: the
     # first queue that starts claims it, and it is released once no queue
@@ -190,14 +199,66 @@ class DeviceHandler:
         try:
             self.device.claim()
         except OSError as exc:
-            # Refused (another user runs the image): the queue stays stopped
-            # and NEEDS_RESET, and the log names the holder.
-            _close(fd)
-            self._dp(self.rings.fail, index, f"queue {index} cannot start: {exc.strerror or exc}")
-            self._log_errors()
+            self._refuse_start(index, fd, exc)
             return False
         self._release_wanted = False
         return True
+
+    def _refuse_start(self, index: int, fd: int | None, exc: OSError) -> None:
+        # Refused (another user runs the image): the queue stays stopped
+        # and NEEDS_RESET, and the log names the holder.
+        _close(fd)
+        self._dp(self.rings.fail, index, f"queue {index} cannot start: {exc.strerror or exc}")
+        self._log_errors()
+
+    def _locker(self) -> ThreadPoolExecutor:
+        """One thread for a device's lock calls that wait for a cluster: in
+        order, so a release is never overtaken by the next claim."""
+        if self._lock_thread is None:
+            self._lock_thread = ThreadPoolExecutor(1, thread_name_prefix=f"vhostd-lock-{self.device.name}")
+        return self._lock_thread
+
+    def _claim_off_loop(self, index: int, fd: int | None) -> Wait:
+        """Take a lock that waits for a cluster on a thread of its own: the
+        event loop serves everything else meanwhile; the answer to this
+        SET_VRING_KICK waits (the front-end's next message is read after it).
+        The thread writes event_fd when done, which makes the server poll."""
+        state = {"done": False, "error": None, "abandoned": False}
+        guard = threading.Lock()
+
+        def run() -> None:
+            error = None
+            try:
+                self.device.claim()
+            except OSError as exc:
+                error = exc
+            with guard:
+                state["done"], state["error"] = True, error
+                abandoned = state["abandoned"]
+            if abandoned and error is None:
+                self.device.release()  # the front-end left meanwhile: nobody runs the image
+            try:
+                os.eventfd_write(self.event_fd, 1)
+            except OSError:
+                pass  # the handler was closed meanwhile
+
+        def finish() -> None:
+            self._pending_claim = None
+            if state["error"] is not None:
+                self._refuse_start(index, fd, state["error"])
+                return None
+            self._release_wanted = False
+            self._dp(self.rings.set_kick, index, fd)
+            return None
+
+        def abandon() -> None:
+            with guard:
+                state["abandoned"] = not state["done"]
+            _close(fd)
+
+        self._pending_claim = abandon
+        self._locker().submit(run)
+        return Wait(f"SET_VRING_KICK of ring {index} (taking the image's lock)", lambda: state["done"], finish)
 
     def _release_if_stopped(self) -> None:
         if self.rings.any_started():
@@ -206,6 +267,12 @@ class DeviceHandler:
             self._release_wanted = True  # event_fd is written when they are done
             return
         self._release_wanted = False
+        if self.device.claim_waits():
+            self._locker().submit(self._release)
+        else:
+            self._release()
+
+    def _release(self) -> None:
         try:
             self.device.release()
         except OSError as exc:
@@ -337,6 +404,9 @@ class DeviceHandler:
         self.features = 0
 
     def disconnected(self) -> None:
+        if self._pending_claim is not None:  # its answer will never be sent
+            self._pending_claim()
+            self._pending_claim = None
         self.reset()
         self._unmap_inflight()
         self._unmap_log()

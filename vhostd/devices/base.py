@@ -66,6 +66,10 @@ class Device:
         """The guest starts the device (its first queue): take what it must
         hold while it runs, e.g. a shared image's lock; OSError says why not."""
 
+    def claim_waits(self) -> bool:
+        """Whether claim may wait for a network (run it off the event loop)."""
+        return False
+
     def release(self) -> None:
         """The front-end stopped the device and none of its I/O is in
         flight: let go of what claim took."""

@@ -161,6 +161,9 @@ class BlkDevice(Device):
         """Unlock a shared image (the front-end stopped the device, nothing is in flight)."""
         self.store.release()
 
+    def claim_waits(self) -> bool:
+        return self.store.CLAIM_WAITS
+
     def notes_fd(self) -> int | None:
         return self.store.notes_fd()
 

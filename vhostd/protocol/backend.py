@@ -14,7 +14,8 @@ protocol.  Errors come in two kinds:
 
 Some requests must wait for the data plane before they are answered:
 GET_VRING_BASE and RESET_DEVICE finish the requests still in flight on the
-rings first (their I/O may take long, a hung disk forever).  `handle` then
+rings first (their I/O may take long, a hung disk forever); SET_VRING_KICK
+may have to take a shared image's lock in a cluster first.  `handle` then
 returns no reply and the protocol is `waiting`; the caller stops feeding it
 messages and calls `poll()` whenever the device may have made progress,
 until `poll()` returns the replies.  Nothing blocks.
@@ -81,7 +82,8 @@ class RequestHandler(Protocol):
         """Requests of the ring still in flight."""
     def get_vring_base(self, index: int) -> int:
         """Stop the ring (drained) and return its next avail index."""
-    def set_vring_kick(self, index: int, fd: int | None) -> None: ...
+    def set_vring_kick(self, index: int, fd: int | None) -> Wait | None:
+        """May answer later (a Wait): starting the ring waits for something."""
     def set_vring_call(self, index: int, fd: int | None) -> None: ...
     def set_vring_err(self, index: int, fd: int | None) -> None: ...
     def set_vring_enable(self, index: int, enable: bool) -> None: ...
@@ -110,7 +112,7 @@ def _bit(feature: int) -> int:
 
 
 @dataclass
-class _Wait:
+class Wait:
     """A request whose answer waits until ready() is true; then finish()
     gives what the request's function would have returned."""
 
@@ -152,7 +154,7 @@ class BackendProtocol:
         self.acked_features = 0
         self.acked_protocol_features = 0
         self.owner = False
-        self._waiting: _Wait | None = None
+        self._waiting: Wait | None = None
         self._dispatch = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -234,7 +236,7 @@ class BackendProtocol:
             msg.close_fds()
             raise
         msg.close_fds()  # anything the handler did not take
-        if isinstance(explicit, _Wait):
+        if isinstance(explicit, Wait):
             if not explicit.ready():
                 explicit.msg = msg
                 self._waiting = explicit
@@ -376,17 +378,17 @@ class BackendProtocol:
             raise RequestError(f"ring base {st.num} does not fit 16 bits")
         self.handler.set_vring_base(self._ring(st.index), st.num)
 
-    def _get_vring_base(self, msg: Message) -> _Wait:
+    def _get_vring_base(self, msg: Message) -> Wait:
         # The front-end resumes from the index we return (the destination of
         # a migration, a reconnect): every request before it must be complete.
         st = VringState.unpack(msg.payload)
         index = self._ring(st.index)
         self.handler.drain_vring(index)
-        return _Wait(f"GET_VRING_BASE of ring {index}", lambda: self.handler.vring_pending(index) == 0,
+        return Wait(f"GET_VRING_BASE of ring {index}", lambda: self.handler.vring_pending(index) == 0,
                      lambda: VringState(index, self.handler.get_vring_base(index)).pack())
 
-    def _set_vring_kick(self, msg: Message) -> None:
-        self.handler.set_vring_kick(*self._ring_fd(msg))
+    def _set_vring_kick(self, msg: Message) -> Wait | None:
+        return self.handler.set_vring_kick(*self._ring_fd(msg))
 
     def _set_vring_call(self, msg: Message) -> None:
         self.handler.set_vring_call(*self._ring_fd(msg))
@@ -422,7 +424,7 @@ class BackendProtocol:
             raise RequestError(f"{access.size} bytes at offset {access.offset} is outside the config space")
         self.handler.set_config(access.offset, access.data, access.flags)
 
-    def _reset_device(self, msg: Message) -> _Wait:
+    def _reset_device(self, msg: Message) -> Wait:
         # After the reset the guest may reuse any buffer: no I/O may still write into one.
         rings = range(self.handler.num_queues())
         for index in rings:
@@ -432,7 +434,7 @@ class BackendProtocol:
             self.acked_features = 0
             self.handler.reset()
 
-        return _Wait("RESET_DEVICE", lambda: all(self.handler.vring_pending(i) == 0 for i in rings), reset)
+        return Wait("RESET_DEVICE", lambda: all(self.handler.vring_pending(i) == 0 for i in rings), reset)
 
     def _set_status(self, msg: Message) -> None:
         status = unpack_u64(msg.payload)

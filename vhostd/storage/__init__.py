@@ -53,6 +53,9 @@ class Store:
 
     #: whether it has lines for the log (a remote store's connection coming and going)
     TALKS = False
+    #: whether claim/release wait for a network (a cluster's lock): then the
+    #: control plane runs them on a thread of their own
+    CLAIM_WAITS = False
 
     def claim(self) -> None:
         """Take the image's lock if not held; LockError says who holds it."""

@@ -30,7 +30,7 @@ from vhostd.storage import LockError, Store
 log = logging.getLogger("vhostd.blk")
 
 BLOCKING_OPEN = True
-LOCK_WAIT = 5.0  # seconds the event loop waits for the cluster to answer a lock call
+LOCK_WAIT = 5.0  # seconds a lock call waits for the cluster to answer
 ERRLEN = 512
 DEFAULT_CONF = "/etc/ceph/ceph.conf"
 
@@ -126,6 +126,7 @@ def identity(settings: Settings) -> tuple[str, str, str]:
 
 class RbdStore(Store):
     TALKS = True
+    CLAIM_WAITS = True
 
     def _attach(self, engine) -> int:
         # Any worker may issue and complete its requests (librbd calls back
@@ -144,9 +145,10 @@ class RbdStore(Store):
                                         "oldest_ms": info.oldest_ms, "stalls": info.stalls}}
 
     # Locking: librbd's exclusive lock, taken by hand.  Its calls wait for the
-    # cluster, so on the event loop (claim/release at ring start and stop)
-    # they run on a thread of their own and are waited for LOCK_WAIT seconds
-    # at most; one that answers later is undone.
+    # cluster: the control plane makes claim/release (ring start and stop) on
+    # a lock thread of the device's (CLAIM_WAITS, handler.py), never on the
+    # event loop, and each waits LOCK_WAIT seconds at most; one that answers
+    # later is undone.
     _held = False
     _lockable = False  # writable: a read-only image takes no lock
     _key = None
