@@ -216,9 +216,10 @@ _NIC_KEYS = {f.name for f in dataclasses.fields(PortStats)}
 _FWD_KEYS = {f.name for f in dataclasses.fields(ForwardStats)}
 
 
-def _blocks(text: str, header: re.Pattern) -> list[tuple[int, str]]:
+def _blocks(text: str, header: re.Pattern, complete_only: bool = False) -> list[tuple[int, str]]:
     """[(port, body)] for every header match; a body ends at the next header or
-    at the closing line of '#' / '-' characters."""
+    at the closing line of '#' / '-' characters.  complete_only: skip a body
+    with no closing line (testpmd is still printing it)."""
     out = []
     ms = list(header.finditer(text))
     for i, m in enumerate(ms):
@@ -227,6 +228,8 @@ def _blocks(text: str, header: re.Pattern) -> list[tuple[int, str]]:
         close = re.search(r"\n\s*(?:#{20,}|-{20,})\s*(?:\n|$)", body)
         if close:
             body = body[:close.start()]
+        elif complete_only:
+            continue
         out.append((int(m.group(1)), body))
     return out
 
@@ -235,10 +238,10 @@ def _counters(body: str) -> dict[str, int]:
     return {k.lower().replace("-", "_"): int(v) for k, v in _COUNTER.findall(body)}
 
 
-def parse_port_stats(text: str) -> dict[int, PortStats]:
+def parse_port_stats(text: str, complete_only: bool = False) -> dict[int, PortStats]:
     """Every 'NIC statistics for port N' block in `text`; the last one per port wins."""
     out: dict[int, PortStats] = {}
-    for port, body in _blocks(text, _NIC_HDR):
+    for port, body in _blocks(text, _NIC_HDR, complete_only):
         c = {k: v for k, v in _counters(body).items() if k in _NIC_KEYS}
         out[port] = PortStats(port, **c)
     return out
@@ -582,10 +585,10 @@ class Testpmd:
         self._check_alive("statistics")
         text = self.output
         i = text.rfind("Port statistics ====")
-        stats = parse_port_stats(text[i:] if i >= 0 else "")
-        if len(stats) < len(self.ports):  # a block still being printed: take the previous one
+        stats = parse_port_stats(text[i:] if i >= 0 else "", complete_only=True)
+        if len(stats) < len(self.ports):  # a block still being printed (RX lines, no TX yet): the previous one
             j = text.rfind("Port statistics ====", 0, i) if i > 0 else -1
-            stats = parse_port_stats(text[j:i] if j >= 0 else "")
+            stats = parse_port_stats(text[j:i] if j >= 0 else "", complete_only=True)
         return stats
 
     def clear_stats(self) -> None:
