@@ -20,6 +20,36 @@ uint64_t vd_iov_read(const struct iovec *iov, int n, uint64_t skip, void *buf, u
     return done;
 }
 
+uint64_t vd_iov_copy(const struct iovec *dst, int ndst, uint64_t dskip, const struct iovec *src, int nsrc,
+                     uint64_t sskip, uint64_t len)
+{
+    int d = 0, s = 0;
+    /* find the starting pieces */
+    while (d < ndst && dskip >= dst[d].iov_len)
+        dskip -= dst[d++].iov_len;
+    while (s < nsrc && sskip >= src[s].iov_len)
+        sskip -= src[s++].iov_len;
+    uint64_t done = 0;
+    while (done < len && d < ndst && s < nsrc) {
+        uint64_t chunk = len - done;
+        if (chunk > dst[d].iov_len - dskip)
+            chunk = dst[d].iov_len - dskip;
+        if (chunk > src[s].iov_len - sskip)
+            chunk = src[s].iov_len - sskip;
+        memcpy((uint8_t *)dst[d].iov_base + dskip, (const uint8_t *)src[s].iov_base + sskip, chunk);
+        done += chunk;
+        if ((dskip += chunk) == dst[d].iov_len) {
+            d++;
+            dskip = 0;
+        }
+        if ((sskip += chunk) == src[s].iov_len) {
+            s++;
+            sskip = 0;
+        }
+    }
+    return done;
+}
+
 uint64_t vd_iov_write(const struct iovec *iov, int n, uint64_t skip, const void *buf, uint64_t len)
 {
     uint64_t done = 0;

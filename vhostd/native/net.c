@@ -352,21 +352,9 @@ static int fill_buffers(void *arg)
         /* then frame bytes from the source iovecs, straight into guest memory */
         uint64_t src_off = done + put - n->hdr_len;
         uint64_t room = req.in_bytes - put;
-        uint64_t skip_dst = put;
-        while (room && src_off < f->len) {
-            uint8_t tmp[2048];
-            uint64_t chunk = f->len - src_off;
-            if (chunk > room)
-                chunk = room;
-            if (chunk > sizeof(tmp))
-                chunk = sizeof(tmp);
-            vd_iov_read(f->iov, f->niov, src_off, tmp, chunk);
-            vd_iov_write(in, req.nin, skip_dst, tmp, chunk);
-            src_off += chunk;
-            skip_dst += chunk;
-            room -= chunk;
-            put += chunk;
-        }
+        if (src_off < f->len)
+            put += vd_iov_copy(in, req.nin, put, f->iov, f->niov, src_off,
+                               f->len - src_off < room ? f->len - src_off : room);
         if (__builtin_expect(q->dev->log_on, 0))
             vd_log_iov(q, q->dev->mem, in, req.nin, put);
         heads[nbufs] = req.head;
