@@ -155,6 +155,16 @@ def ceph_cluster():
         cluster.close()
 
 
+@pytest.fixture
+def osd(ceph_cluster):
+    """The cluster's OSD, for a test to hang or kill; running again afterwards."""
+    yield ceph_cluster
+    if ceph_cluster.osd is None:
+        ceph_cluster.start_osd()
+    else:
+        ceph_cluster.resume_osd()
+
+
 @pytest.fixture(scope="session")
 def build_without_store_libraries(tmp_path_factory):
     """The data plane built as on a machine without libnbd-dev and librbd-dev."""

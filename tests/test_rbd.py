@@ -28,16 +28,6 @@ def rbd_device(ceph, image: str, name: str = "r0", **kw) -> dict:
     return {"name": name, "backend": "rbd", "image": image, "ceph_conf": ceph.conf, **kw}
 
 
-@pytest.fixture
-def osd(ceph_cluster):
-    """The cluster's OSD, for a test to hang or kill; running again afterwards."""
-    yield ceph_cluster
-    if ceph_cluster.osd is None:
-        ceph_cluster.start_osd()
-    else:
-        ceph_cluster.resume_osd()
-
-
 # ------------------------------------------------------------------ data path
 
 

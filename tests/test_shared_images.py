@@ -340,17 +340,8 @@ def test_rbd_non_shared_image_is_held_against_another_daemon(vhostd_factory, cep
         second.finish()
 
 
-@pytest.fixture
-def hung_osd(ceph_cluster):
-    yield ceph_cluster
-    if ceph_cluster.osd is None:
-        ceph_cluster.start_osd()
-    else:
-        ceph_cluster.resume_osd()
-
-
 def test_rbd_lock_waiting_for_a_hung_cluster_holds_up_neither_the_control_plane_nor_others(vhostd_factory,
-                                                                                          hung_osd):
+                                                                                          osd):
     """Taking a shared RBD image's lock waits for the cluster: it runs off the
     event loop, so status answers and other devices serve meanwhile; after
     LOCK_WAIT the start is refused (NEEDS_RESET), saying why."""
@@ -360,12 +351,12 @@ def test_rbd_lock_waiting_for_a_hung_cluster_holds_up_neither_the_control_plane_
 
     from test_async_blk import status
 
-    img = hung_osd.new_image(size=4 * MiB)
-    vd = start(vhostd_factory, [rbd_device(hung_osd, img, "a", shared=True), {"name": "f", "size": "4M"}])
+    img = osd.new_image(size=4 * MiB)
+    vd = start(vhostd_factory, [rbd_device(osd, img, "a", shared=True), {"name": "f", "size": "4M"}])
     wait_until(lambda: "a: store open" in vd.log(), 30, what="the store")
     ga = vd.connect("a")
     ga.fe.sock.settimeout(30)  # the kick's answer comes after LOCK_WAIT
-    hung_osd.stop_osd(signal.SIGSTOP)
+    osd.stop_osd(signal.SIGSTOP)
     started = {}
     t0 = time.monotonic()
     starter = threading.Thread(target=lambda: started.setdefault("q", ga.queue(0)))
@@ -380,6 +371,6 @@ def test_rbd_lock_waiting_for_a_hung_cluster_holds_up_neither_the_control_plane_
     assert time.monotonic() - t0 >= 4.5  # LOCK_WAIT
     wait_broken(started["q"])
     vd.wait_log(0, r"a: queue 0 marked NEEDS_RESET: queue 0 cannot start: the Ceph cluster did not answer")
-    hung_osd.resume_osd()
+    osd.resume_osd()
     ga.close()
 
