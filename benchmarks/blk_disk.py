@@ -86,25 +86,26 @@ def start_qsd(tmp: str, tag: str, files: dict[str, str]) -> tuple[subprocess.Pop
     return p, socks
 
 
-def measure(proc, sock: str, rw: str, bs: int, qd: int, seconds: float) -> dict:
+def measure(proc, sock: str, rw: str, bs: int, qd: int, seconds: float, extra: tuple[str, ...] = ()) -> dict:
     before = cpu_seconds(proc.pid)
-    r = bench_blk(sock, rw, bs, qd, seconds)
+    r = bench_blk(sock, rw, bs, qd, seconds, extra=extra)
     r["backend_cpu_s"] = cpu_seconds(proc.pid) - before
     r["cpu_s_per_mio"] = r["backend_cpu_s"] / r["ios"] * 1e6 if r["ios"] else float("nan")
     return r
 
 
 def measure_rounds(sides: dict, limits: dict, rw: str, bs: int, qd: int, runs: int, seconds: float) -> dict:
-    """One workload, `runs` times on every side (name -> (process, socket)),
-    in an order that rotates so that none is always first; then each limit
+    """One workload, `runs` times on every side (name -> (process, socket,
+    *more `vhostd bench blk` options)), in an order that rotates so that
+    none is always first; then each limit
     (name -> a callable giving fio's figure).  Returns name -> summary, and
     "iops" -> name -> per-run IOPS, for ratio_spread."""
     results = {k: [] for k in [*sides, *limits]}
     names = list(sides)
     for i in range(runs):
         for name in names[i % len(names):] + names[: i % len(names)]:
-            proc, sock = sides[name]
-            results[name].append(measure(proc, sock, rw, bs, qd, seconds))
+            proc, sock, *extra = sides[name]
+            results[name].append(measure(proc, sock, rw, bs, qd, seconds, tuple(extra)))
         for name, limit in limits.items():
             results[name].append(limit())
     return {**{k: summarize(v) for k, v in results.items()},

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import shutil
 import subprocess
@@ -29,8 +28,9 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (BACKEND_CPU, LOAD_CPU, ROOT, cpu_seconds, pinned, ratio_spread, save_results, stop,  # noqa: E402
-                    summarize, wait_listening)
+from blk_disk import measure_rounds  # noqa: E402
+from common import (BACKEND_CPU, ROOT, pinned, ratio_spread, save_results, start_qsd, stop,  # noqa: E402
+                    wait_listening)
 
 SIZE = "1G"
 WORKLOADS = [("4K randread qd32", 32), ("4K randread qd1", 1)]
@@ -61,28 +61,6 @@ def start_vhostd(tmp: str, tag: str, env: dict | None = None, cwd: str = ROOT) -
     return p, sock
 
 
-def start_qsd(tmp: str) -> tuple:
-    sock = os.path.join(tmp, "qsd.sock")
-    cmd = ["qemu-storage-daemon", "--blockdev", f"driver=null-co,node-name=n0,size={1 << 30}",
-           "--export", f"type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock},writable=on"]
-    p = pinned(cmd, BACKEND_CPU, os.path.join(tmp, "qsd.log"))
-    wait_listening([sock], p)
-    return p, sock
-
-
-def bench(proc, sock: str, qd: int, seconds: float, log: bool) -> dict:
-    cmd = ["taskset", "-c", LOAD_CPU, sys.executable, "-m", "vhostd", "bench", "blk", "--socket", sock,
-           "--rw", "randread", "--iodepth", str(qd), "--seconds", str(seconds), "--json"]
-    before = cpu_seconds(proc.pid)
-    out = subprocess.run(cmd + (["--dirty-log"] if log else []), cwd=ROOT, capture_output=True, text=True,
-                         timeout=seconds + 60)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    r["cpu_s_per_mio"] = (cpu_seconds(proc.pid) - before) / r["ios"] * 1e6
-    return r
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5)
@@ -96,23 +74,17 @@ def main() -> int:
         now, now_sock = start_vhostd(tmp, "now")
         env, src = build_before(args.before, tmp)
         old, old_sock = start_vhostd(tmp, "before", env, src)
-        qsd, qsd_sock = start_qsd(tmp)
+        qsd, qsd_sock = start_qsd(tmp, f"driver=null-co,size={1 << 30}")
         procs = [now, old, qsd]
-        sides = {"vhostd off": (now, now_sock, False), "before off": (old, old_sock, False),
-                 "vhostd on": (now, now_sock, True), "qsd off": (qsd, qsd_sock, False),
-                 "qsd on": (qsd, qsd_sock, True)}
+        log = "--dirty-log"
+        sides = {"vhostd off": (now, now_sock), "before off": (old, old_sock), "vhostd on": (now, now_sock, log),
+                 "qsd off": (qsd, qsd_sock), "qsd on": (qsd, qsd_sock, log)}
         rows = []
         print(f"{'workload':<18} " + " ".join(f"{k:>11}" for k in sides) +
               f"   {'off/before':>18} {'vhostd on/off':>18} {'qsd on/off':>11}", flush=True)
         for label, qd in WORKLOADS:
-            runs = {k: [] for k in sides}
-            names = list(sides)
-            for i in range(args.runs):
-                for name in names[i % len(names):] + names[: i % len(names)]:
-                    proc, sock, log = sides[name]
-                    runs[name].append(bench(proc, sock, qd, args.seconds, log))
-            s = {k: summarize(v) for k, v in runs.items()}
-            iops = {k: [r["iops"] for r in v] for k, v in runs.items()}
+            s = measure_rounds(sides, {}, "randread", 4096, qd, args.runs, args.seconds)
+            iops = s.pop("iops")
             off, lo_o, hi_o = ratio_spread(iops["vhostd off"], iops["before off"])
             on, lo_n, hi_n = ratio_spread(iops["vhostd on"], iops["vhostd off"])
             q, _, _ = ratio_spread(iops["qsd on"], iops["qsd off"])

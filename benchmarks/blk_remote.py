@@ -31,8 +31,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from blk_disk import measure_rounds, start_vhostd  # noqa: E402
-from common import (BACKEND_CPU, LOAD_CPU, fio_job, pinned, ratio_spread, save_results, stop,  # noqa: E402
-                    wait_listening)
+from common import BACKEND_CPU, LOAD_CPU, fio_job, ratio_spread, save_results, start_qsd, stop  # noqa: E402
 
 SIZE = 256 << 20
 WORKLOADS = [
@@ -41,15 +40,6 @@ WORKLOADS = [
     ("4K randwrite qd1", "randwrite", 4096, 1),
     ("4K randwrite qd32", "randwrite", 4096, 32),
 ]
-
-
-def start_qsd(tmp: str, blockdev: str) -> tuple:
-    sock = os.path.join(tmp, "qsd.sock")
-    cmd = ["qemu-storage-daemon", "--blockdev", f"{blockdev},node-name=n0",
-           "--export", f"type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock},writable=on"]
-    p = pinned(cmd, BACKEND_CPU, os.path.join(tmp, "qsd.log"))
-    wait_listening([sock], p)
-    return p, sock
 
 
 def compare(args, sides: dict, limit) -> list[dict]:

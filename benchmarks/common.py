@@ -87,15 +87,28 @@ def vhostd_cmd(config: str) -> list[str]:
     return [sys.executable, "-m", "vhostd", "serve", "--config", config]
 
 
-def bench_blk(sock: str, rw: str, bs: int, iodepth: int, seconds: float, queues: int = 1) -> dict:
-    """One run of `vhostd bench blk` on the load CPU; its --json result."""
+def bench_blk(sock: str, rw: str, bs: int, iodepth: int, seconds: float, queues: int = 1,
+              extra: tuple[str, ...] = ()) -> dict:
+    """One run of `vhostd bench blk` on the load CPU; its --json result.
+    extra: more of its options (e.g. --dirty-log)."""
     cmd = ["taskset", "-c", LOAD_CPU, sys.executable, "-m", "vhostd", "bench", "blk", "--socket", sock,
            "--rw", rw, "--bs", str(bs), "--iodepth", str(iodepth), "--queues", str(queues),
-           "--seconds", str(seconds), "--json"]
+           "--seconds", str(seconds), "--json", *extra]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 60)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def start_qsd(tmp: str, blockdev: str) -> tuple[subprocess.Popen, str]:
+    """qemu-storage-daemon on the back-end CPU exporting one block node
+    (blockdev: its options, e.g. driver=nbd,...) on tmp/qsd.sock, writable."""
+    sock = os.path.join(tmp, "qsd.sock")
+    cmd = ["qemu-storage-daemon", "--blockdev", f"{blockdev},node-name=n0",
+           "--export", f"type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock},writable=on"]
+    p = pinned(cmd, BACKEND_CPU, os.path.join(tmp, "qsd.log"))
+    wait_listening([sock], p)
+    return p, sock
 
 
 def median(xs: list[float]) -> float:
