@@ -1074,7 +1074,7 @@ def test_tap_arp_icmp_and_tcp_with_the_kernel(netns, net_vhostd):  # netns first
         # datagram to the guest makes it ask for the guest's MAC first.
         netns.run(sys.executable, "-c", "import socket; socket.socket(2, 2).sendto(b'early', ('%s', 9))" % GUEST_IP)
         d.expect_nothing(wait=0.1)
-        d.post_rx(64)  # the kick wakes the TAP reader
+        d.post_rx(64)  # the kick arms the TAP queue again
 
         def who_has_guest(frame: bytes) -> bool:
             _, _, et, body = parse_eth(frame)

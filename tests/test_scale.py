@@ -216,7 +216,7 @@ def tap_devices(n: int) -> list[dict]:
 
 def arp_with_the_kernel(vd: ManyVhostd, ns, name: str, ifname: str) -> None:
     """The guest asks the kernel for HOST_IP on the TAP and gets the answer:
-    frames go both ways through the shared TAP readers."""
+    frames go both ways through TAP queues served by the workers."""
     ns.run(["ip", "addr", "add", f"{HOST_IP}/24", "dev", ifname])
     g = Guest(vd, name)
     try:
@@ -235,7 +235,7 @@ def arp_with_the_kernel(vd: ManyVhostd, ns, name: str, ifname: str) -> None:
         g.close()
 
 
-def test_tap_devices_share_reader_threads(tap_ns, many_vhostd):
+def test_tap_devices_take_no_threads(tap_ns, many_vhostd):
     one = many_vhostd(tap_devices(1), prefix=tap_ns.wrap([]))
     one.wait_all_listening()
     base_threads = one.threads()

@@ -173,7 +173,7 @@ class Daemon:
         server = self.servers.pop(name)
         self.configs.pop(name, None)
         server.stop()
-        server.device.detach()  # back-end threads and switch ports go before the rings
+        server.device.detach()  # TAP reading and switch ports stop before the rings go
         server.handler.close()
         if isinstance(server.device, NetDevice):
             fds = server.device.take_tap_fds()

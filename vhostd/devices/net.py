@@ -284,7 +284,7 @@ class NetDevice(Device):
                 raise OSError(f"switch {self.cfg.switch} has no free port")
 
     def detach(self) -> None:
-        """Stop the back-end threads and leave the switch; rings stay."""
+        """Stop reading the TAPs and leave the switch; rings stay."""
         lib.vd_net_stop(self._net)
         if self._switch is not None:
             self._switches.release(self.cfg.switch)
@@ -301,7 +301,7 @@ class NetDevice(Device):
 
     def take_tap_fds(self) -> list[int]:
         """Hand the TAP fds to the caller, which closes them (close_taps)
-        once detach() has stopped their readers."""
+        once detach() has stopped reading them."""
         fds, self.tap_fds = self.tap_fds, []
         return fds
 

@@ -25,7 +25,7 @@
  * enabled again (re-checked once more, against the lost wake-up) and the
  * queue waits for kicks as usual.  While the list is not empty the worker
  * does not block in epoll, so its other queues, its I/O completions and
- * engine_sync are still served; an idle device costs nothing once its
+ * vd_engine_sync are still served; an idle device costs nothing once its
  * window is over.
  */
 #define _GNU_SOURCE
@@ -418,6 +418,11 @@ struct vd_aio *vd_engine_aio(vd_engine *e, int worker)
     return &e->w[worker % e->nworkers].aio;
 }
 
+int vd_queue_worker(const struct vd_queue *q)
+{
+    return (int)(q->worker - q->dev->engine->w);
+}
+
 int vd_engine_pick_worker(vd_engine *e)
 {
     return (int)(e->next++ % (unsigned)e->nworkers);
@@ -561,7 +566,7 @@ void vd_engine_free(vd_engine *e)
 
 /* Wait until every worker has finished an epoll round that began after this
  * call: afterwards no worker holds a queue pointer it got before. */
-static void engine_sync(vd_engine *e)
+void vd_engine_sync(vd_engine *e)
 {
     for (int i = 0; i < e->nworkers; i++) {
         struct vd_worker *w = &e->w[i];
@@ -1094,7 +1099,7 @@ static void device_destroy(struct vd_device *d)
 void vd_device_free(vd_device *d)
 {
     vd_device_reset(d);
-    engine_sync(d->engine);
+    vd_engine_sync(d->engine);
     pthread_mutex_lock(&d->life);
     d->dying = 1;
     d->event_fd = -1; /* the control plane closes it */

@@ -58,6 +58,8 @@ int vd_run_guarded(struct vd_queue *q, int (*fn)(void *), void *arg)
         guard_jb = outer;
         vd_queue_fail(q, "queue %d: guest memory access faulted (SIGBUS): the front-end shrank shared memory",
                       q->index);
+        if (q->dev->batch_done) /* the batch broke off: the device lets go of what it held */
+            q->dev->batch_done(q->dev->ctx, q);
         return 0;
     }
     guard_jb = &jb;

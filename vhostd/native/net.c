@@ -1,31 +1,34 @@
-/* virtio-net device logic (virtio 1.2 section 5.1) and its back-ends.
+/* virtio-net device logic (virtio 1.2 section 5.1): what a frame is, which
+ * receiver may take it, how it fills rx buffers, the control queue.
  *
  * Queues: rx0, tx0, rx1, tx1, ..., then the control queue.  TX chains arrive
- * as requests (vd_net_handle); RX buffers are taken by the device when it has
- * a frame (deliver()).  Back-ends:
- *   tap       TX: writev of header + frame straight from guest memory; RX: a
- *             small pool of reader threads shared by every TAP queue of the
- *             daemon waits in epoll on the TAP fds and fills guest buffers
- *             (an idle TAP costs no thread and no wake-up).
- *   loopback  every TX frame is delivered to the same port's RX queue.
- *   switch    a learning L2 switch between ports of this daemon.
+ * as requests (vd_net_handle) and go to the port's back-end; RX buffers are
+ * taken by the device when it has a frame (net_deliver).  Back-ends:
+ *   tap       a TAP interface (net_tap.c)
+ *   switch    a learning L2 switch between ports of this daemon (net_switch.c)
+ *   loopback  every TX frame comes back on the same pair's RX queue
  * The virtio-net header travels with each frame (TAP understands it with
  * IFF_VNET_HDR), so checksum and GSO offloads pass through end to end.
+ *
+ * Frames move in bursts.  A tx batch (the requests one worker turn takes
+ * off a tx queue) keeps the rx queue it delivers into locked from frame to
+ * frame (struct rx_hold) and makes the receiver's used entries visible every
+ * NET_RX_PUBLISH frames and at the end of the batch, not per frame: each
+ * publish writes a cache line the other side polls and reads one it writes.
+ * Publishing more rarely than that starves a driver that has few frames in
+ * flight (it waits for the batch; measured in benchmarks/RESULTS.md).  Each
+ * frame is copied once, from the sender's buffers into the receiver's.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
 #include <stddef.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/epoll.h>
-#include <sys/eventfd.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "iov.h"
-#include "vd.h"
+#include "net.h"
 
 #define F_GUEST_CSUM 1
 #define F_MTU 3
@@ -50,211 +53,20 @@
 #define NET_OK 0
 #define NET_ERR 1
 
-#define ETH_HLEN 14
-#define MAX_FRAME (65535 + ETH_HLEN) /* largest frame after the virtio-net header */
-#define MAX_HDR 12
 #define MAX_RX_BUFS 64              /* mergeable buffers one frame may take */
 #define RX_IOV 256
-#define TAP_BATCH 64
+#ifndef NET_RX_PUBLISH
+#define NET_RX_PUBLISH 1            /* frames into one rx queue between used-ring updates */
+#endif
 
-struct net_hdr {
-    uint8_t flags, gso_type;
-    uint16_t hdr_len, gso_size, csum_start, csum_offset, num_buffers;
-} __attribute__((packed));
-
-#define TAP_READERS 4         /* at most this many TAP reader threads (one per CPU) */
-
-/* A TAP reader thread (see "tap readers" below). */
-struct tap_reader {
-    pthread_t thread;
-    int epfd;
-    int wake_fd;
-    pthread_mutex_t lock;          /* protects the fields below */
-    pthread_cond_t cond;
-    int stop;
-    uint64_t sync_req, sync_done;  /* quiescence handshake, see tap_reader_sync */
-    uint8_t buf[MAX_HDR + MAX_FRAME];
-};
-
-/* One TAP queue: its fd waits in a reader's epoll set while `armed`, i.e.
- * unless the last batch found no guest buffer (then a kick of the rx queue
- * arms it again). */
-struct tap_port {
-    struct vd_net *net;
-    int qp;
-    int target; /* the rx pair this batch fills (tap_target) */
-    int fd;
-    int running;               /* registered with `reader` */
-    struct tap_reader *reader;
-    uint8_t *buf;              /* the reader's frame buffer, during a batch */
-    pthread_mutex_t lock;      /* orders arming (tap_wake) against disarming (tap_service) */
-    int armed;                 /* in the epoll set with EPOLLIN */
-    int dead;                  /* the interface went away under us: never read again */
-    uint64_t wakes;            /* bumped by tap_wake: a disarm decided before a wake is void */
-};
-
-struct vd_net {
-    struct vd_net_params p;
-    vd_device *dev;
-    uint32_t hdr_len;
-    uint64_t features;
-    int ctrl_queue;
-    int active_pairs;
-    int pairs_set;      /* the driver sent VQ_PAIRS_SET since the last reset */
-    uint32_t mtu;       /* what config space tells the driver (0: no limit) */
-    uint8_t cfg_mac[6]; /* the configured MAC: p.mac follows MAC_ADDR_SET until a reset */
-    uint8_t rx_mode[6]; /* promisc, allmulti, alluni, nomulti, nouni, nobcast (recorded) */
-    struct vd_switch *sw;
-    int sw_port;
-    struct tap_port tap[VD_NET_MAX_QP];
-    struct vd_net_stats st[VD_NET_MAX_QP];
-};
-
-/* ---------------------------------------------------------------- switch */
-
-#define SW_MAX_PORTS 1024
-#define FDB_SIZE 4096
-#define FDB_PROBE 16
-#define AGEING_NS (300ull * 1000000000ull)
-
-struct fdb_entry {
-    uint8_t mac[6];
-    uint8_t used;
-    int port;
-    uint64_t seen;
-};
-
-struct vd_switch {
-    pthread_rwlock_t ports_lock;
-    struct vd_net *ports[SW_MAX_PORTS];
-    int top;                      /* 1 + the highest port in use: floods look no further */
-    pthread_mutex_t fdb_lock;
-    struct fdb_entry fdb[FDB_SIZE];
-};
-
-static uint64_t now_ns(void)
+/* A counter only its lock's holder writes: no atomic read-modify-write
+ * (readers, e.g. vd_net_get_stats, see a value that is at most a bit old). */
+static inline void bump(uint64_t *c, uint64_t v)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
-}
-
-static unsigned mac_hash(const uint8_t *m)
-{
-    uint32_t h = 2166136261u;
-    for (int i = 0; i < 6; i++)
-        h = (h ^ m[i]) * 16777619u;
-    return h % FDB_SIZE;
-}
-
-vd_switch *vd_switch_new(void)
-{
-    vd_switch *sw = calloc(1, sizeof(*sw));
-    if (!sw)
-        return NULL;
-    pthread_rwlock_init(&sw->ports_lock, NULL);
-    pthread_mutex_init(&sw->fdb_lock, NULL);
-    return sw;
-}
-
-void vd_switch_free(vd_switch *sw)
-{
-    pthread_rwlock_destroy(&sw->ports_lock);
-    pthread_mutex_destroy(&sw->fdb_lock);
-    free(sw);
-}
-
-static void fdb_learn(vd_switch *sw, const uint8_t *mac, int port)
-{
-    unsigned h = mac_hash(mac);
-    uint64_t t = now_ns();
-    pthread_mutex_lock(&sw->fdb_lock);
-    struct fdb_entry *victim = NULL;
-    for (int i = 0; i < FDB_PROBE; i++) {
-        struct fdb_entry *e = &sw->fdb[(h + i) % FDB_SIZE];
-        if (e->used && !memcmp(e->mac, mac, 6)) {
-            e->port = port;
-            e->seen = t;
-            pthread_mutex_unlock(&sw->fdb_lock);
-            return;
-        }
-        if (!victim && (!e->used || t - e->seen > AGEING_NS))
-            victim = e;
-    }
-    if (!victim) /* table region full: replace the oldest */
-        for (int i = 0; i < FDB_PROBE; i++) {
-            struct fdb_entry *e = &sw->fdb[(h + i) % FDB_SIZE];
-            if (!victim || e->seen < victim->seen)
-                victim = e;
-        }
-    memcpy(victim->mac, mac, 6);
-    victim->used = 1;
-    victim->port = port;
-    victim->seen = t;
-    pthread_mutex_unlock(&sw->fdb_lock);
-}
-
-static int fdb_lookup(vd_switch *sw, const uint8_t *mac)
-{
-    unsigned h = mac_hash(mac);
-    uint64_t t = now_ns();
-    int port = -1;
-    pthread_mutex_lock(&sw->fdb_lock);
-    for (int i = 0; i < FDB_PROBE; i++) {
-        struct fdb_entry *e = &sw->fdb[(h + i) % FDB_SIZE];
-        if (e->used && !memcmp(e->mac, mac, 6)) {
-            if (t - e->seen <= AGEING_NS)
-                port = e->port;
-            break;
-        }
-    }
-    pthread_mutex_unlock(&sw->fdb_lock);
-    return port;
-}
-
-int vd_switch_attach(vd_switch *sw, vd_net *net)
-{
-    pthread_rwlock_wrlock(&sw->ports_lock);
-    int port = -1;
-    for (int i = 0; i < SW_MAX_PORTS && port < 0; i++)
-        if (!sw->ports[i])
-            port = i;
-    if (port >= 0) {
-        sw->ports[port] = net;
-        net->sw = sw;
-        net->sw_port = port;
-        if (port >= sw->top)
-            sw->top = port + 1;
-    }
-    pthread_rwlock_unlock(&sw->ports_lock);
-    return port;
-}
-
-void vd_switch_detach(vd_switch *sw, vd_net *net)
-{
-    pthread_rwlock_wrlock(&sw->ports_lock);
-    if (net->sw == sw && sw->ports[net->sw_port] == net)
-        sw->ports[net->sw_port] = NULL;
-    while (sw->top > 0 && !sw->ports[sw->top - 1])
-        sw->top--;
-    pthread_mutex_lock(&sw->fdb_lock);
-    for (int i = 0; i < FDB_SIZE; i++)
-        if (sw->fdb[i].used && sw->fdb[i].port == net->sw_port)
-            sw->fdb[i].used = 0;
-    pthread_mutex_unlock(&sw->fdb_lock);
-    net->sw = NULL;
-    pthread_rwlock_unlock(&sw->ports_lock);
+    __atomic_store_n(c, __atomic_load_n(c, __ATOMIC_RELAXED) + v, __ATOMIC_RELAXED);
 }
 
 /* ---------------------------------------------------------------- rx delivery */
-
-/* A frame to deliver: its virtio-net header, then its bytes from an iovec list. */
-struct frame {
-    struct net_hdr hdr;
-    const struct iovec *iov;
-    int niov;
-    uint64_t len; /* bytes after the header */
-};
 
 static int has(const vd_net *n, int bit)
 {
@@ -278,14 +90,14 @@ static int acceptable(const vd_net *n, const struct net_hdr *h)
     return 1;
 }
 
-/* One frame going into one rx queue (deliver()); fill_buffers() runs under
- * a SIGBUS guard, so everything it must undo lives here. */
+/* One frame going into one rx queue (net_deliver()); fill_buffers() runs
+ * under a SIGBUS guard, so everything it must undo lives here. */
 struct fill {
     vd_net *n;
     struct vd_queue *q;
     const struct frame *f;
-    int locked;
-    volatile int popped; /* buffers taken from the ring so far */
+    int publish;          /* make the used entries visible (and signal) at the end */
+    volatile int popped;  /* buffers taken from the ring so far */
 };
 
 /* 5.1.6.3.2 (device requirements): with VIRTIO_NET_F_MTU negotiated the
@@ -370,23 +182,51 @@ static int fill_buffers(void *arg)
     }
     for (int i = 0; i < nbufs; i++)
         vd_queue_push(q, heads[i], lens[i]);
-    if (!c->locked)
-        vd_queue_flush(q); /* a caller holding the lock flushes once per batch */
+    if (c->publish)
+        vd_queue_flush(q);
     return 0;
 }
 
-/* Fill rx buffers of queue pair qp with one frame.  Takes the rx queue lock
- * and publishes the used entries, unless `locked` (then the caller holds the
- * lock and calls vd_queue_flush after its batch).  Returns 0 if delivered,
- * -1 if dropped.
- *
- * The frame may come from another guest's memory (switch), so a SIGBUS
- * while copying is caught here, with the rx lock still to release: if the
- * fault is in this receiver's memory, its rx queue breaks; if it is in the
+/* A SIGBUS in the receiver's memory breaks its queue. */
+static void rx_fault(struct vd_queue *q)
+{
+    vd_queue_fail(q, "queue %d: guest memory access faulted (SIGBUS): the front-end shrank shared memory",
+              q->index);
+}
+
+static int flush_rx(void *q)
+{
+    vd_queue_flush(q);
+    return 0;
+}
+
+/* Make q's used entries visible; a fault there is the receiver's. */
+static void rx_publish(struct vd_queue *q)
+{
+    void *addr;
+    if (vd_queue_ready(q) && vd_try_guarded(flush_rx, q, &addr) == VD_FAULTED)
+        rx_fault(q);
+}
+
+void net_release(struct rx_hold *hold)
+{
+    struct vd_queue *q = hold->q;
+    if (!q)
+        return;
+    if (hold->frames)
+        rx_publish(q);
+    hold->q = NULL;
+    hold->frames = 0;
+    pthread_mutex_unlock(&q->lock);
+}
+
+/* The frame may come from another guest's memory (switch), so a SIGBUS
+ * while copying is caught here, with the rx lock still held: if the fault
+ * is in this receiver's memory, its rx queue breaks; if it is in the
  * source's, the frame is dropped, *src_fault tells the caller where, and the
  * caller, once it holds no lock, touches that address again under its own
  * guard (which then breaks the sender's queue, not this one). */
-static int deliver(vd_net *n, int qp, const struct frame *f, int locked, void **src_fault)
+int net_deliver(vd_net *n, int qp, const struct frame *f, struct rx_hold *hold, void **src_fault)
 {
     struct vd_net_stats *st = &n->st[qp];
     if (!n->dev || !acceptable(n, &f->hdr)) {
@@ -394,367 +234,49 @@ static int deliver(vd_net *n, int qp, const struct frame *f, int locked, void **
         return -1;
     }
     struct vd_queue *q = &n->dev->q[2 * qp];
-    if (!locked)
+    if (!hold) {
         pthread_mutex_lock(&q->lock);
-    struct fill c = {.n = n, .q = q, .f = f, .locked = locked};
+    } else if (hold->q != q) {
+        net_release(hold);
+        pthread_mutex_lock(&q->lock);
+        hold->q = q;
+    }
+    struct fill c = {.n = n, .q = q, .f = f, .publish = !hold || hold->frames + 1 >= NET_RX_PUBLISH};
     void *addr = NULL;
     /* not ready: no driver (yet), or the queue broke: a drop like any other */
     int rc = vd_queue_ready(q) ? vd_try_guarded(fill_buffers, &c, &addr) : -1;
     if (rc == VD_FAULTED) {
         if (vd_mem_owns(n->dev->mem, addr) || !src_fault)
-            vd_queue_fail(q, "queue %d: guest memory access faulted (SIGBUS): the front-end shrank shared memory",
-                          q->index);
+            rx_fault(q);
         else
             *src_fault = addr;
         rc = -1;
     }
     if (rc == 0) {
-        __atomic_add_fetch(&st->rx_frames, 1, __ATOMIC_RELAXED);
-        __atomic_add_fetch(&st->rx_bytes, f->len, __ATOMIC_RELAXED);
+        bump(&st->rx_frames, 1);
+        bump(&st->rx_bytes, f->len);
+        if (hold)
+            hold->frames = c.publish ? 0 : hold->frames + 1;
     } else {
         vd_queue_unpop(q, c.popped);
         __atomic_add_fetch(&st->rx_dropped, 1, __ATOMIC_RELAXED);
     }
-    if (!locked)
+    if (!hold)
         pthread_mutex_unlock(&q->lock);
     return rc;
 }
 
-/* The source of a frame faulted inside deliver(): touch the address again,
- * now that no lock is held, so that the caller's guard breaks its queue.  (If
- * the memory is back, nothing happens and the frame is just lost.) */
+/* The source of a frame faulted inside net_deliver(): touch the address
+ * again, now that no lock is held, so that the caller's guard breaks its
+ * queue.  (If the memory is back, nothing happens and the frame is just
+ * lost.) */
 static void refault(void *addr)
 {
     if (addr)
         (void)*(volatile uint8_t *)addr;
 }
 
-/* ---------------------------------------------------------------- tap rx */
-
-enum { RX_WAIT_BUFFERS, RX_FRAME, RX_DRAINED };
-
-/* Which rx pair the frames read from TAP queue `qp` go to.  Its own pair
- * while the driver uses it; otherwise pair 0.  The kernel spreads flows over
- * every queue of a multiqueue TAP, and a driver may use fewer pairs than the
- * device has (VQ_PAIRS_SET, or a front-end such as QEMU that handles the
- * control queue itself and disables the vrings of the pairs not in use):
- * without this, the flows hashed to an unused queue would wait there for
- * good.  Reads the other queue's state without its lock: a stale answer
- * costs one more look (tap_service), never a frame. */
-static int tap_target(vd_net *n, int qp)
-{
-    if (qp == 0)
-        return 0;
-    struct vd_queue *own = &n->dev->q[2 * qp];
-    int in_use = __atomic_load_n(&own->started, __ATOMIC_RELAXED) &&
-                 __atomic_load_n(&own->enabled, __ATOMIC_RELAXED) && !__atomic_load_n(&own->broken, __ATOMIC_RELAXED);
-    if (__atomic_load_n(&n->pairs_set, __ATOMIC_RELAXED) && qp >= __atomic_load_n(&n->active_pairs, __ATOMIC_RELAXED))
-        in_use = 0;
-    return in_use ? qp : 0;
-}
-
-/* The rx pair port qp fills may take frames again (buffers added, pair
- * enabled or disabled, VQ_PAIRS_SET): read the TAP again. */
-static void tap_wake(vd_net *n, int qp)
-{
-    struct tap_port *t = &n->tap[qp];
-    if (!t->running)
-        return;
-    pthread_mutex_lock(&t->lock);
-    t->wakes++;
-    if (t->running && !t->armed && !t->dead) {
-        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = t};
-        if (epoll_ctl(t->reader->epfd, EPOLL_CTL_MOD, t->fd, &ev) == 0)
-            t->armed = 1;
-    }
-    pthread_mutex_unlock(&t->lock);
-}
-
-/* Move one frame from the TAP to the guest; q->lock held. */
-static int tap_rx_one(struct tap_port *t, struct vd_queue *q)
-{
-    vd_net *n = t->net;
-    if (!vd_queue_ready(q))
-        return RX_WAIT_BUFFERS;
-    /* Only read a frame when a buffer is there: the TAP queues for us meanwhile. */
-    if (!vd_queue_has_avail(q) && !vd_queue_want_kick(q))
-        return RX_WAIT_BUFFERS;
-    ssize_t r = read(t->fd, t->buf, n->hdr_len + MAX_FRAME);
-    if (r < 0)
-        return RX_DRAINED; /* EAGAIN */
-    if ((size_t)r < n->hdr_len + ETH_HLEN) {
-        __atomic_add_fetch(&n->st[t->target].rx_dropped, 1, __ATOMIC_RELAXED);
-        return RX_FRAME;
-    }
-    struct iovec body = {t->buf + n->hdr_len, r - n->hdr_len};
-    struct frame f = {.iov = &body, .niov = 1, .len = r - n->hdr_len};
-    memcpy(&f.hdr, t->buf, n->hdr_len < sizeof(f.hdr) ? n->hdr_len : sizeof(f.hdr));
-    deliver(n, t->target, &f, 1, NULL); /* the source is our own buffer */
-    return RX_FRAME;
-}
-
-/* Up to TAP_BATCH frames, then one used-ring update and at most one
- * interrupt.  Returns 1 to keep polling the TAP, 0 to wait for buffers. */
-static int tap_rx_batch(void *arg)
-{
-    struct tap_port *t = arg;
-    struct vd_queue *q = &t->net->dev->q[2 * t->target];
-    int r = RX_FRAME;
-    for (int i = 0; i < TAP_BATCH && r == RX_FRAME; i++)
-        r = tap_rx_one(t, q);
-    if (vd_queue_ready(q))
-        vd_queue_flush(q);
-    return r != RX_WAIT_BUFFERS;
-}
-
-/* ---------------------------------------------------------------- tap readers
- *
- * The daemon's TAP queues share a few reader threads (one per CPU, at most
- * TAP_READERS), created with the first TAP port and gone with the last:
- * a thread per TAP queue would make the thread count (and the memory of
- * their stacks) grow with the number of devices even when all are idle.
- * Each port stays with the reader it was given, so its frames keep their
- * order; a reader serves its ready ports one batch (TAP_BATCH frames) each
- * per round. */
-
-static struct {
-    pthread_mutex_t lock;          /* protects everything here */
-    int ports;                     /* registered ports; the readers exist while > 0 */
-    int n;
-    unsigned next;
-    struct tap_reader *r[TAP_READERS];
-} tap_pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
-
-/* One batch of port t; then disarm it if it waits for guest buffers. */
-static void tap_service(struct tap_reader *r, struct tap_port *t, uint32_t events)
-{
-    vd_net *n = t->net;
-    if (!(events & EPOLLIN)) {
-        /* EPOLLERR/EPOLLHUP alone: the interface was deleted under us.  It
-         * would be reported on every round (even disarmed), so drop it. */
-        pthread_mutex_lock(&t->lock);
-        epoll_ctl(r->epfd, EPOLL_CTL_DEL, t->fd, NULL);
-        t->dead = 1;
-        t->armed = 0;
-        pthread_mutex_unlock(&t->lock);
-        return;
-    }
-    uint64_t wakes = __atomic_load_n(&t->wakes, __ATOMIC_ACQUIRE);
-    int target = tap_target(n, t->qp);
-    struct vd_queue *q = &n->dev->q[2 * target];
-    pthread_mutex_lock(&q->lock);
-    t->target = target;
-    t->buf = r->buf;
-    int more = vd_run_guarded(q, tap_rx_batch, t);
-    t->buf = NULL;
-    pthread_mutex_unlock(&q->lock);
-    if (more || tap_target(n, t->qp) != target)
-        return; /* more frames, or the pair to fill changed meanwhile: look again next round */
-    pthread_mutex_lock(&t->lock);
-    if (t->wakes == wakes && t->armed) {
-        /* No buffer: stop watching the TAP (level-triggered, it stays
-         * readable) until tap_wake.  A wake since the batch began keeps it. */
-        struct epoll_event ev = {.events = 0, .data.ptr = t};
-        if (epoll_ctl(r->epfd, EPOLL_CTL_MOD, t->fd, &ev) == 0)
-            t->armed = 0;
-    }
-    pthread_mutex_unlock(&t->lock);
-}
-
-static void *tap_reader_main(void *arg)
-{
-    struct tap_reader *r = arg;
-    struct epoll_event ev[64];
-    vd_block_signals();
-
-    for (;;) {
-        pthread_mutex_lock(&r->lock);
-        uint64_t seen = r->sync_req;
-        int stop = r->stop;
-        int timeout = seen != r->sync_done ? 0 : -1; /* a sync request waits: finish this round */
-        pthread_mutex_unlock(&r->lock);
-        if (stop)
-            break;
-        int n = epoll_wait(r->epfd, ev, 64, timeout);
-        for (int i = 0; i < n; i++) {
-            if (ev[i].data.ptr == NULL) {
-                uint64_t v;
-                if (read(r->wake_fd, &v, sizeof(v)) < 0) {
-                }
-                continue;
-            }
-            tap_service(r, ev[i].data.ptr, ev[i].events);
-        }
-        pthread_mutex_lock(&r->lock);
-        r->sync_done = seen;
-        pthread_cond_broadcast(&r->cond);
-        pthread_mutex_unlock(&r->lock);
-    }
-    return NULL;
-}
-
-static void tap_reader_kick(struct tap_reader *r)
-{
-    uint64_t one = 1;
-    if (write(r->wake_fd, &one, sizeof(one)) < 0) {
-    }
-}
-
-/* Wait until r has finished a round that began after this call: afterwards
- * it holds no port it got from epoll before (the caller removed it). */
-static void tap_reader_sync(struct tap_reader *r)
-{
-    pthread_mutex_lock(&r->lock);
-    uint64_t want = ++r->sync_req;
-    pthread_mutex_unlock(&r->lock);
-    tap_reader_kick(r);
-    pthread_mutex_lock(&r->lock);
-    while (r->sync_done < want)
-        pthread_cond_wait(&r->cond, &r->lock);
-    pthread_mutex_unlock(&r->lock);
-}
-
-static void tap_reader_free(struct tap_reader *r)
-{
-    pthread_mutex_lock(&r->lock);
-    r->stop = 1;
-    pthread_mutex_unlock(&r->lock);
-    tap_reader_kick(r);
-    pthread_join(r->thread, NULL);
-    close(r->epfd);
-    close(r->wake_fd);
-    pthread_mutex_destroy(&r->lock);
-    pthread_cond_destroy(&r->cond);
-    free(r);
-}
-
-static struct tap_reader *tap_reader_new(int i)
-{
-    struct tap_reader *r = malloc(sizeof(*r)); /* the frame buffer is touched only when frames come */
-    if (!r)
-        return NULL;
-    memset(r, 0, offsetof(struct tap_reader, buf));
-    pthread_mutex_init(&r->lock, NULL);
-    pthread_cond_init(&r->cond, NULL);
-    r->epfd = epoll_create1(EPOLL_CLOEXEC);
-    r->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
-    if (r->epfd < 0 || r->wake_fd < 0 || epoll_ctl(r->epfd, EPOLL_CTL_ADD, r->wake_fd, &ev) < 0 ||
-        pthread_create(&r->thread, NULL, tap_reader_main, r) != 0) {
-        if (r->epfd >= 0)
-            close(r->epfd);
-        if (r->wake_fd >= 0)
-            close(r->wake_fd);
-        free(r);
-        return NULL;
-    }
-    char name[16];
-    snprintf(name, sizeof(name), "vhostd-tap%d", i);
-    pthread_setname_np(r->thread, name);
-    return r;
-}
-
-/* Start reading port t's TAP (one more port for the pool). */
-static int tap_port_register(struct tap_port *t)
-{
-    pthread_mutex_lock(&tap_pool.lock);
-    if (tap_pool.n == 0) {
-        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-        int want = cpus < 1 ? 1 : cpus > TAP_READERS ? TAP_READERS : (int)cpus;
-        for (int i = 0; i < want; i++) {
-            struct tap_reader *r = tap_reader_new(i);
-            if (!r)
-                break;
-            tap_pool.r[tap_pool.n++] = r;
-        }
-        if (tap_pool.n == 0) {
-            pthread_mutex_unlock(&tap_pool.lock);
-            return -EAGAIN;
-        }
-    }
-    struct tap_reader *r = tap_pool.r[tap_pool.next++ % tap_pool.n];
-    t->reader = r;
-    t->armed = 1;
-    t->dead = 0;
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = t};
-    int rc = epoll_ctl(r->epfd, EPOLL_CTL_ADD, t->fd, &ev) < 0 ? -errno : 0;
-    if (rc == 0) {
-        tap_pool.ports++;
-        t->running = 1;
-    }
-    pthread_mutex_unlock(&tap_pool.lock);
-    return rc;
-}
-
-/* Stop reading port t; the last port takes the readers with it. */
-static void tap_port_unregister(struct tap_port *t)
-{
-    pthread_mutex_lock(&tap_pool.lock);
-    pthread_mutex_lock(&t->lock);
-    t->running = 0;
-    if (!t->dead)
-        epoll_ctl(t->reader->epfd, EPOLL_CTL_DEL, t->fd, NULL);
-    t->armed = 0;
-    pthread_mutex_unlock(&t->lock);
-    tap_reader_sync(t->reader);
-    t->reader = NULL;
-    if (--tap_pool.ports == 0) {
-        for (int i = 0; i < tap_pool.n; i++)
-            tap_reader_free(tap_pool.r[i]);
-        tap_pool.n = 0;
-    }
-    pthread_mutex_unlock(&tap_pool.lock);
-}
-
-/* rx queue `queue` got buffers, or was enabled or disabled: wake the TAP
- * readers that fill it, and its own (which may now fill another pair). */
-void vd_net_rx_kick(void *ctx, int queue)
-{
-    vd_net *n = ctx;
-    int qp = queue / 2;
-    if (n->p.backend != VD_NET_TAP || qp >= n->p.nqp)
-        return;
-    for (int i = 0; i < n->p.nqp; i++)
-        if (i == qp || tap_target(n, i) == qp)
-            tap_wake(n, i);
-}
-
-/* ---------------------------------------------------------------- tx */
-
-/* Forward a frame to the other ports of src's switch.  *src_fault: see deliver(). */
-static void switch_forward(vd_net *src, int qp, const struct frame *f, void **src_fault)
-{
-    vd_switch *sw = src->sw;
-    uint8_t eth[12];
-    vd_iov_read(f->iov, f->niov, 0, eth, 12);
-    const uint8_t *dst = eth, *from = eth + 6;
-    if (!(from[0] & 1))
-        fdb_learn(sw, from, src->sw_port);
-    pthread_rwlock_rdlock(&sw->ports_lock);
-    int port = (dst[0] & 1) ? -1 : fdb_lookup(sw, dst);
-    if (port >= 0) {
-        vd_net *to = sw->ports[port];
-        if (to && port != src->sw_port) /* never back out of its source port */
-            deliver(to, qp % (to->active_pairs ? to->active_pairs : 1), f, 0, src_fault);
-    } else {
-        for (int i = 0; i < sw->top && !(src_fault && *src_fault); i++) {
-            vd_net *to = sw->ports[i];
-            if (!to || i == src->sw_port)
-                continue;
-            int pair = qp % (to->active_pairs ? to->active_pairs : 1);
-            if (!__atomic_load_n(&to->dev->q[2 * pair].started, __ATOMIC_RELAXED)) {
-                /* No driver on that port (most ports of a big switch, most
-                 * of the time): the drop deliver() would count, without
-                 * taking its rx queue's lock.  A stale answer costs one
-                 * frame, which flooding may always lose. */
-                __atomic_add_fetch(&to->st[pair].rx_dropped, 1, __ATOMIC_RELAXED);
-                continue;
-            }
-            deliver(to, pair, f, 0, src_fault);
-        }
-    }
-    pthread_rwlock_unlock(&sw->ports_lock);
-}
+/* ---------------------------------------------------------------- control queue */
 
 static uint32_t ctrl_handle(vd_net *n, struct vd_req *req)
 {
@@ -798,7 +320,7 @@ static uint32_t ctrl_handle(vd_net *n, struct vd_req *req)
                 n->active_pairs = pairs;
                 n->pairs_set = 1;
                 ack = NET_OK;
-                if (n->p.backend == VD_NET_TAP) /* TAP readers of pairs now (un)used: look again */
+                if (n->p.backend == VD_NET_TAP) /* TAP queues of pairs now (un)used: look again */
                     for (int i = 0; i < n->p.nqp; i++)
                         tap_wake(n, i);
             }
@@ -810,6 +332,9 @@ done:
     return 1;
 }
 
+
+/* ---------------------------------------------------------------- tx */
+
 static uint32_t handle(vd_net *n, struct vd_req *req, int queue)
 {
     if (queue == n->ctrl_queue)
@@ -819,38 +344,34 @@ static uint32_t handle(vd_net *n, struct vd_req *req, int queue)
     if (!(queue & 1) || qp >= n->p.nqp) /* rx queues are device-driven */
         return 0;
     if (req->out_bytes < n->hdr_len + ETH_HLEN || req->out_bytes > n->hdr_len + MAX_FRAME) {
-        __atomic_add_fetch(&st->tx_bad, 1, __ATOMIC_RELAXED);
+        bump(&st->tx_bad, 1);
         return 0;
     }
     uint64_t len = req->out_bytes - n->hdr_len;
-    switch (n->p.backend) {
-    case VD_NET_TAP: {
-        int cnt = req->nout < IOV_MAX ? req->nout : IOV_MAX;
-        ssize_t w = writev(n->tap[qp].fd, req->iov, cnt);
-        if (w != (ssize_t)req->out_bytes) {
-            __atomic_add_fetch(&st->tx_dropped, 1, __ATOMIC_RELAXED);
+    if (n->p.backend == VD_NET_TAP) {
+        if (tap_send(n, qp, req->iov, req->nout, req->out_bytes) < 0) {
+            bump(&st->tx_dropped, 1);
             return 0;
         }
-        break;
-    }
-    case VD_NET_LOOPBACK:
-    case VD_NET_SWITCH: {
+    } else {
         struct frame f = {.len = len};
         vd_iov_read(req->iov, req->nout, 0, &f.hdr, n->hdr_len < sizeof(f.hdr) ? n->hdr_len : sizeof(f.hdr));
         struct iovec *body = req->iov;
         f.niov = vd_iov_skip_front(&body, req->nout, n->hdr_len);
         f.iov = body;
         void *fault = NULL;
+        struct rx_hold *hold = &n->hold[qp];
         if (n->p.backend == VD_NET_LOOPBACK)
-            deliver(n, qp, &f, 0, &fault);
+            net_deliver(n, qp, &f, hold, &fault);
         else if (n->sw)
-            switch_forward(n, qp, &f, &fault);
-        refault(fault); /* our own memory faulted: break this tx queue (worker's guard) */
-        break;
+            switch_forward(n, qp, &f, hold, &fault);
+        if (fault) {
+            net_release(hold);
+            refault(fault); /* our own memory faulted: break this tx queue (worker's guard) */
+        }
     }
-    }
-    __atomic_add_fetch(&st->tx_frames, 1, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&st->tx_bytes, len, __ATOMIC_RELAXED);
+    bump(&st->tx_frames, 1);
+    bump(&st->tx_bytes, len);
     return 0;
 }
 
@@ -859,6 +380,15 @@ int vd_net_handle(void *ctx, struct vd_req *req)
 {
     req->used_len = handle(ctx, req, req->queue);
     return VD_REQ_DONE;
+}
+
+/* A tx batch ended (or broke): let go of the rx queue it delivered into. */
+static void batch_done(void *ctx, struct vd_queue *q)
+{
+    vd_net *n = ctx;
+    int qp = q->index / 2;
+    if ((q->index & 1) && qp < n->p.nqp)
+        net_release(&n->hold[qp]);
 }
 
 /* A frame made by the daemon itself (e.g. the RARP announcement after
@@ -873,16 +403,26 @@ int vd_net_inject(vd_net *n, const void *frame, size_t len)
     case VD_NET_TAP: {
         uint8_t hdr[MAX_HDR] = {0};
         struct iovec iov[2] = {{hdr, n->hdr_len}, body};
-        return writev(n->tap[0].fd, iov, 2) < 0 ? -errno : 0;
+        return tap_send(n, 0, iov, 2, n->hdr_len + len);
     }
     case VD_NET_LOOPBACK: /* the source is the daemon's: no source faults (NULL) */
-        return deliver(n, 0, &f, 0, NULL);
+        return net_deliver(n, 0, &f, NULL, NULL);
     case VD_NET_SWITCH:
         if (n->sw)
-            switch_forward(n, 0, &f, NULL);
+            switch_forward(n, 0, &f, NULL, NULL);
         return 0;
     }
     return -EINVAL;
+}
+
+/* rx queue `queue` got buffers, or was enabled or disabled: a TAP may fill it. */
+void vd_net_rx_kick(void *ctx, int queue)
+{
+    vd_net *n = ctx;
+    int qp = queue / 2;
+    if (n->p.backend != VD_NET_TAP || qp >= n->p.nqp)
+        return;
+    tap_rx_kick(n, qp);
 }
 
 /* ---------------------------------------------------------------- lifecycle */
@@ -939,37 +479,28 @@ uint32_t vd_net_hdr_len(vd_net *n)
     return n->hdr_len;
 }
 
+/* Before the device's queues start (the handler sees batch_done set). */
 int vd_net_start(vd_net *n, vd_device *dev)
 {
     n->dev = dev;
-    if (n->p.backend != VD_NET_TAP)
-        return 0;
-    for (int i = 0; i < n->p.nqp; i++) {
-        struct tap_port *t = &n->tap[i];
-        t->net = n;
-        t->qp = i;
-        t->fd = n->p.tap_fds[i];
-        int rc = tap_port_register(t);
-        if (rc < 0)
-            return rc;
-    }
-    return 0;
+    dev->batch_done = batch_done;
+    return n->p.backend == VD_NET_TAP ? tap_start(n) : 0;
 }
 
 void vd_net_stop(vd_net *n)
 {
     if (n->sw)
         vd_switch_detach(n->sw, n);
-    for (int i = 0; i < VD_NET_MAX_QP; i++)
-        if (n->tap[i].running)
-            tap_port_unregister(&n->tap[i]);
+    tap_stop(n);
 }
 
 void vd_net_free(vd_net *n)
 {
     vd_net_stop(n);
-    for (int i = 0; i < VD_NET_MAX_QP; i++)
+    for (int i = 0; i < VD_NET_MAX_QP; i++) {
         pthread_mutex_destroy(&n->tap[i].lock);
+        free(n->tap[i].buf);
+    }
     free(n);
 }
 

@@ -374,6 +374,8 @@ int vd_queue_process(struct vd_queue *q, int quiet)
             break;
     }
 out:
+    if (q->dev->batch_done)
+        q->dev->batch_done(q->dev->ctx, q);
     vd_ring_publish_used(q, batch_start);
     return ret;
 }

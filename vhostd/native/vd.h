@@ -12,7 +12,8 @@
  *   engine.c   worker threads (epoll on kick eventfds and I/O completions), queue
  *              lifecycle, error reporting
  *   blk.c      virtio-blk request handling; sees vd_req only, never rings or vhost-user
- *   net.c      virtio-net, TAP and the switch
+ *   net.c      virtio-net device logic; its ports: net_switch.c (the L2 switch),
+ *              net_tap.c (TAP queues, served as event sources of the workers)
  *
  * Everything the guest or the front-end wrote is treated as hostile: indices, lengths
  * and addresses are checked before use, and guest memory is only read with memcpy
@@ -253,6 +254,9 @@ struct vd_device {
     struct vd_mem *mem;     /* current memory table; NULL: none */
     vd_handle_fn handle;
     void (*rx_kick)(void *ctx, int queue); /* device-driven queues: the driver added buffers */
+    /* Optional: a batch of handle() calls on q ended, or broke (q->lock held;
+     * e.g. net lets go of the rx queue its tx batch delivered into). */
+    void (*batch_done)(void *ctx, struct vd_queue *q);
     void *ctx;
     void (*release)(void *ctx); /* called when the device is gone and no I/O of it is pending */
     size_t req_priv;        /* bytes of device state per request */
@@ -351,12 +355,19 @@ struct vd_queue *vd_req_queue(const struct vd_req *req);
 
 /* ---- event sources of the workers (engine.c).  add and remove from any
  * thread; set (a new fd or events) and deadlines only on the source's
- * worker, e.g. in its callbacks.  tick must not add or remove sources. */
+ * worker, e.g. in its callbacks, or under a lock of the source's owner that
+ * every set and remove of it takes.  tick must not add or remove sources. */
 int vd_source_add(vd_engine *e, int worker, struct vd_source *src, int fd, uint32_t events);
 int vd_source_set(struct vd_source *src, int fd, uint32_t events);
 void vd_source_remove(struct vd_source *src);
 /* The I/O context of a worker (stores that run on one worker use it). */
 struct vd_aio *vd_engine_aio(vd_engine *e, int worker);
+/* The worker serving q (for vd_source_add: a source that fills q runs there). */
+int vd_queue_worker(const struct vd_queue *q);
+/* Wait until every worker has finished a round that began after this call:
+ * afterwards none runs a callback of a source removed before it.  Not from
+ * a worker. */
+void vd_engine_sync(vd_engine *e);
 
 /* ---- the SIGBUS guard (guard.c) */
 void vd_guard_install(void);
