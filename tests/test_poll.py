@@ -1,4 +1,4 @@
-"""Busy polling (a blk device's poll_us): a queue that ran empty keeps the
+"""Busy polling (a device's poll_us; blk, then net): a queue that ran empty keeps the
 driver's notifications off and is re-checked by its worker for poll_us
 microseconds, so requests published without a kick in that window are
 served; afterwards notifications are back on and a request needs a kick.
@@ -14,6 +14,7 @@ import time
 import pytest
 
 from conftest import BLK_S_OK, STATUS_NEEDS_RESET, Guest, wait_broken, wait_until
+from net_driver import NetDriver, NetHdr
 from virtio_driver import BLK_T_IN, USED_F_NO_NOTIFY, BlkDriver, SplitQueue, blk_header
 
 from vhostd.config import ConfigError, load_config
@@ -21,6 +22,7 @@ from vhostd.config import ConfigError, load_config
 F_EVENT_IDX = 29
 LONG_US = 1_000_000  # the longest window: "soon after" is easily soon enough
 SHORT_US = 20_000
+FRAME = bytes.fromhex("ffffffffffff525400000001") + b"\x08\x00" + bytes(50)
 
 
 @pytest.fixture(scope="module")
@@ -295,9 +297,58 @@ def test_poll_us_defaults_to_0(tmp_path):
     assert load_config(path).devices[0].poll_us == 0
 
 
-def test_poll_us_is_a_blk_key(tmp_path):
+def test_poll_us_is_a_net_key_too(tmp_path):
     path = tmp_path / "vhostd.yaml"
     path.write_text("devices:\n  - {name: n, type: net, socket: n.sock, backend: loopback, poll_us: 5}\n")
-    with pytest.raises(ConfigError) as exc:
-        load_config(path)
-    assert exc.value.problems[0].key == "devices[0].poll_us"
+    assert load_config(path).devices[0].poll_us == 5
+
+
+# ====================================================================== net
+
+
+@pytest.fixture(scope="module")
+def net_vd(module_vhostd_factory):
+    return module_vhostd_factory(
+        [{"name": "nloop", "type": "net", "backend": "loopback", "poll_us": LONG_US},
+         {"name": "nplain", "type": "net", "backend": "loopback"}],
+        daemon={"workers": 1},
+    )
+
+
+def send_no_kick(drv: NetDriver, frame: bytes) -> None:
+    drv.tx[0].add([NetHdr().pack(drv.hdr_len) + frame], [], kick=False)
+
+
+@pytest.mark.parametrize("event_idx", [True, False], ids=["event_idx", "flags"])
+def test_net_tx_inside_the_window_needs_no_kick(net_vd, event_idx):
+    g = net_vd.connect("nloop", features=None if event_idx else ~(1 << F_EVENT_IDX))
+    try:
+        drv = NetDriver(g)
+        drv.post_rx(32)
+        drv.send(FRAME)  # kicked; the tx queue is now in its window
+        assert drv.recv().frame == FRAME
+        assert not notifications_on(drv.tx[0], event_idx)
+        for i in range(10):
+            frame = FRAME[:-1] + bytes([i])
+            send_no_kick(drv, frame)
+            assert drv.recv().frame == frame
+    finally:
+        g.close()
+
+
+def test_net_rx_refills_are_not_kicked(net_vd):
+    """A kick of an rx queue says buffers came; later refills need none until
+    the device runs out (loopback and switch drop when there is no buffer)."""
+    g = net_vd.connect("nplain", features=~(1 << F_EVENT_IDX))
+    try:
+        drv = NetDriver(g)
+        drv.post_rx(4)
+        wait_until(lambda: drv.rx[0].used_flags() & USED_F_NO_NOTIFY, 5, what="rx notifications off")
+        drv.send(FRAME)
+        assert drv.recv().frame == FRAME
+        drv.post_rx(4, kick=False)  # as a polling driver would: no kick needed
+        for _ in range(6):
+            drv.send(FRAME)
+            assert drv.recv().frame == FRAME
+    finally:
+        g.close()

@@ -128,6 +128,7 @@ class NetDeviceConfig:
     queues: int = 1  # queue pairs
     queue_size: int = 256
     offloads: bool = True  # offer checksum/TSO/UFO offloads to the guest
+    poll_us: int = 0  # busy-poll window of a tx queue that ran empty, in microseconds (0 = off)
     socket_mode: int | None = None
     socket_owner: int | None = None  # chown() the socket to this uid
     socket_group: int | None = None  # ... and this gid
@@ -295,6 +296,7 @@ _NET_KEYS: dict[str, Key] = {
     "queues": Key(v.int_range(1, MAX_QUEUE_PAIRS), 1),
     "queue_size": Key(v.power_of_two(2, MAX_QUEUE_SIZE), 256),
     "offloads": Key(v.boolean, True),
+    "poll_us": Key(v.int_range(0, MAX_POLL_US), 0),
 }
 
 

@@ -176,6 +176,7 @@ class NetDevice(Device):
         self.num_queues = 2 * cfg.queues + 1  # rx/tx pairs, then the control queue
         self.max_queue_size = cfg.queue_size
         self.mtu = cfg.mtu
+        self.poll_us = cfg.poll_us
         self.mac = bytes(int(x, 16) for x in cfg.mac.split(":"))
         self.status = STATUS_LINK_UP
         self._switches = switches

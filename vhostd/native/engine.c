@@ -261,6 +261,12 @@ static void again_slice(struct vd_worker *w)
     }
 }
 
+static int quiet(void *q)
+{
+    vd_ring_notify_enable(q, 0);
+    return 0;
+}
+
 /* Serve one queue; returns 1 if it has requests left over (budget spent). */
 static int service(struct vd_queue *q, int kicked)
 {
@@ -275,6 +281,9 @@ static int service(struct vd_queue *q, int kicked)
     int rx_kick = 0;
     if (q->started && q->enabled && !q->broken) {
         if (q->rx) {
+            /* Buffers came: no more kicks for every refill.  The device asks
+             * for one again (vd_queue_want_kick) when it runs out. */
+            vd_run_guarded(q, quiet, q);
             rx_kick = 1;
         } else {
             int r = process_guarded(q);
@@ -691,6 +700,7 @@ static int queue_start(struct vd_queue *q, char *err, size_t errlen)
         q->event_idx = !!(q->dev->features & (1ull << VIRTIO_RING_F_EVENT_IDX));
         q->indirect = !!(q->dev->features & (1ull << VIRTIO_RING_F_INDIRECT_DESC));
         q->fresh = 1;
+        q->avail_known = 0;
         q->inflight_recover = q->inflight != NULL;
         q->nresubmit = q->resubmit_pos = 0;
         q->signalled_valid = 0;
@@ -781,6 +791,7 @@ int vd_queue_set_base(vd_device *d, int i, uint16_t base, char *err, size_t errl
         return -EBUSY;
     }
     q->last_avail = base;
+    q->avail_known = 0;
     q->used_idx = base;
     return 0;
 }
@@ -1060,6 +1071,7 @@ void vd_device_reset(vd_device *d)
          * (e.g. the guest's last kick raced the disconnect) must still be
          * reported; the control plane collects it right after the reset. */
         q->last_avail = q->used_idx = 0;
+        q->avail_known = 0;
         pthread_mutex_unlock(&q->lock);
     }
     d->needs_reset = 0;

@@ -108,5 +108,6 @@ int vd_inflight_recover(struct vd_queue *q)
     q->inflight_counter = top;
     /* Every request taken is completed (counted in used idx) or in flight. */
     q->last_avail = (uint16_t)(q->used_idx + n);
+    q->avail_known = 0;
     return 0;
 }

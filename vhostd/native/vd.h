@@ -215,6 +215,8 @@ struct vd_queue {
     /* ring state, owned by the worker while started */
     uint8_t *desc, *avail, *used; /* host pointers */
     uint16_t last_avail, used_idx, signalled_used;
+    uint16_t avail_known;   /* device-driven use: entries from last_avail on known to be
+                               available (vring.c); 0 whenever last_avail is set */
     int signalled_valid;
     int broken;
     int fresh;              /* used_idx must be read from the ring before first use */

@@ -290,15 +290,29 @@ int vd_queue_ready(struct vd_queue *q)
     return q->started && q->enabled && !q->broken;
 }
 
+/* Buffers the driver has made available, read from its index only when the
+ * ones seen last time are used up: the index shares a cache line the driver
+ * writes all the time, and one read per frame costs a transfer per frame. */
+static int known_pending(struct vd_queue *q)
+{
+    if (q->avail_known)
+        return q->avail_known;
+    int pending = vd_ring_pending(q);
+    if (pending > 0)
+        q->avail_known = (uint16_t)pending;
+    return pending;
+}
+
 int vd_queue_pop(struct vd_queue *q, struct vd_req *req, struct iovec *iov, int maxiov)
 {
     vd_ring_read_fresh_used(q);
-    int pending = vd_ring_pending(q);
+    int pending = known_pending(q);
     if (pending <= 0)
         return pending;
     if (vd_ring_map_chain(q, vd_ring_next_head(q), req, iov, maxiov) < 0)
         return -1;
     q->last_avail++;
+    q->avail_known--;
     return 1;
 }
 
@@ -306,12 +320,13 @@ int vd_queue_has_avail(struct vd_queue *q)
 {
     vd_ring_read_fresh_used(q);
     /* requests left to redo after a restart count as available work */
-    return avail_idx(q) != q->last_avail || q->resubmit_pos < q->nresubmit;
+    return q->avail_known || avail_idx(q) != q->last_avail || q->resubmit_pos < q->nresubmit;
 }
 
 void vd_queue_unpop(struct vd_queue *q, int n)
 {
     q->last_avail -= n;
+    q->avail_known += n;
 }
 
 void vd_queue_push(struct vd_queue *q, uint16_t head, uint32_t len)
