@@ -56,7 +56,7 @@
 #define MAX_RX_BUFS 64              /* mergeable buffers one frame may take */
 #define RX_IOV 256
 #ifndef NET_RX_PUBLISH
-#define NET_RX_PUBLISH 1            /* frames into one rx queue between used-ring updates */
+#define NET_RX_PUBLISH 8            /* frames into one rx queue between used-ring updates */
 #endif
 
 /* A counter only its lock's holder writes: no atomic read-modify-write
@@ -363,7 +363,7 @@ static uint32_t handle(vd_net *n, struct vd_req *req, int queue)
         struct rx_hold *hold = &n->hold[qp];
         if (n->p.backend == VD_NET_LOOPBACK)
             net_deliver(n, qp, &f, hold, &fault);
-        else if (n->sw)
+        else
             switch_forward(n, qp, &f, hold, &fault);
         if (fault) {
             net_release(hold);
@@ -408,8 +408,7 @@ int vd_net_inject(vd_net *n, const void *frame, size_t len)
     case VD_NET_LOOPBACK: /* the source is the daemon's: no source faults (NULL) */
         return net_deliver(n, 0, &f, NULL, NULL);
     case VD_NET_SWITCH:
-        if (n->sw)
-            switch_forward(n, 0, &f, NULL, NULL);
+        switch_forward(n, 0, &f, NULL, NULL);
         return 0;
     }
     return -EINVAL;
@@ -490,7 +489,7 @@ int vd_net_start(vd_net *n, vd_device *dev)
 void vd_net_stop(vd_net *n)
 {
     if (n->sw)
-        vd_switch_detach(n->sw, n);
+        vd_switch_detach(n->sw, n); /* (the control plane is the only writer of n->sw) */
     tap_stop(n);
 }
 

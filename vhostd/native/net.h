@@ -4,9 +4,9 @@
  * Lock order: a tx queue's lock (held by its worker while the device
  * handles a batch) -> one rx queue's lock at a time (the receiver's, kept
  * across the batch by struct rx_hold; released before another is taken) ->
- * a TAP port's arm lock.  The switch's port table is a reader-preferring
- * rwlock taken for reading around deliveries (net_switch.c); its writers and
- * its fdb lock take no other lock.
+ * a TAP port's arm lock.  The switch's port table is read with no lock
+ * (net_switch.c says why that is safe); its writers' lock and its fdb lock
+ * take no other lock.
  */
 #ifndef VHOSTD_NET_H
 #define VHOSTD_NET_H
@@ -59,6 +59,14 @@ struct rx_hold {
     unsigned frames;           /* delivered since the last publish */
 };
 
+/* A tx queue pair's last learn and lookup in its switch (net_switch.c). */
+struct sw_cache {
+    uint64_t gen;              /* the switch's table generation they belong to */
+    uint8_t src[6], dst[6];
+    int dst_port;              /* -1: unknown, flood */
+    uint64_t learned, looked;  /* when (coarse ns); 0: not valid */
+};
+
 struct vd_net {
     struct vd_net_params p;
     vd_device *dev;
@@ -74,6 +82,7 @@ struct vd_net {
     int sw_port;
     struct tap_port tap[VD_NET_MAX_QP];
     struct rx_hold hold[VD_NET_MAX_QP]; /* tx queue pair i's, while its worker handles a batch */
+    struct sw_cache swc[VD_NET_MAX_QP];
     struct vd_net_stats st[VD_NET_MAX_QP];
 };
 

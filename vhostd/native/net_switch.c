@@ -1,11 +1,18 @@
 /* The L2 switch between net ports of this daemon: a MAC learning table
  * (fdb) with ageing, flooding of broadcast, multicast and unknown
  * destinations, never back out of the port a frame came from.  It moves
- * frames with net_deliver(): one copy, sender's buffers to receiver's. */
+ * frames with net_deliver(): one copy, sender's buffers to receiver's.
+ *
+ * The fdb is shared by every port and behind a lock, but a stream of
+ * frames mostly repeats one source and one destination: each tx queue
+ * pair remembers its last learn and lookup (struct sw_cache) and goes to
+ * the table only when the MAC changes, the table changed (sw->gen), or a
+ * second passed (the ageing keeps working). */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "iov.h"
 #include "net.h"
@@ -14,6 +21,7 @@
 #define FDB_SIZE 4096
 #define FDB_PROBE 16
 #define AGEING_NS (300ull * 1000000000ull)
+#define CACHE_NS 1000000000ull /* a remembered learn or lookup is redone after this */
 
 struct fdb_entry {
     uint8_t mac[6];
@@ -22,8 +30,13 @@ struct fdb_entry {
     uint64_t seen;
 };
 
+/* The port table is read with no lock, frame after frame, by the workers;
+ * the control plane changes it under ports_lock and, when a port goes,
+ * waits one worker round (vd_engine_sync) before its device may be freed:
+ * by then no worker still uses the pointer it read. */
 struct vd_switch {
-    pthread_rwlock_t ports_lock;
+    uint64_t gen;                 /* bumped when an entry appears, moves or goes */
+    pthread_mutex_t ports_lock;   /* writers of ports and top */
     struct vd_net *ports[SW_MAX_PORTS];
     int top;                      /* 1 + the highest port in use: floods look no further */
     pthread_mutex_t fdb_lock;
@@ -43,35 +56,41 @@ vd_switch *vd_switch_new(void)
     vd_switch *sw = calloc(1, sizeof(*sw));
     if (!sw)
         return NULL;
-    /* Readers first: a worker takes it for reading while it holds an rx
-     * queue (struct rx_hold) that another reader may be waiting for, so a
-     * waiting writer must not hold new readers back.  Writers (attach,
-     * detach) take no queue lock. */
-    pthread_rwlockattr_t attr;
-    pthread_rwlockattr_init(&attr);
-    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_READER_NP);
-    pthread_rwlock_init(&sw->ports_lock, &attr);
-    pthread_rwlockattr_destroy(&attr);
+    pthread_mutex_init(&sw->ports_lock, NULL);
     pthread_mutex_init(&sw->fdb_lock, NULL);
     return sw;
 }
 
 void vd_switch_free(vd_switch *sw)
 {
-    pthread_rwlock_destroy(&sw->ports_lock);
+    pthread_mutex_destroy(&sw->ports_lock);
     pthread_mutex_destroy(&sw->fdb_lock);
     free(sw);
 }
 
-static void fdb_learn(vd_switch *sw, const uint8_t *mac, int port)
+static void changed(vd_switch *sw)
+{
+    __atomic_add_fetch(&sw->gen, 1, __ATOMIC_RELEASE);
+}
+
+/* Ageing needs no more than a coarse clock (a few ms, and cheaper). */
+static uint64_t coarse_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void fdb_learn(vd_switch *sw, const uint8_t *mac, int port, uint64_t t)
 {
     unsigned h = mac_hash(mac);
-    uint64_t t = vd_now_ns();
     pthread_mutex_lock(&sw->fdb_lock);
     struct fdb_entry *victim = NULL;
     for (int i = 0; i < FDB_PROBE; i++) {
         struct fdb_entry *e = &sw->fdb[(h + i) % FDB_SIZE];
         if (e->used && !memcmp(e->mac, mac, 6)) {
+            if (e->port != port)
+                changed(sw);
             e->port = port;
             e->seen = t;
             pthread_mutex_unlock(&sw->fdb_lock);
@@ -86,6 +105,7 @@ static void fdb_learn(vd_switch *sw, const uint8_t *mac, int port)
             if (!victim || e->seen < victim->seen)
                 victim = e;
         }
+    changed(sw);
     memcpy(victim->mac, mac, 6);
     victim->used = 1;
     victim->port = port;
@@ -93,10 +113,9 @@ static void fdb_learn(vd_switch *sw, const uint8_t *mac, int port)
     pthread_mutex_unlock(&sw->fdb_lock);
 }
 
-static int fdb_lookup(vd_switch *sw, const uint8_t *mac)
+static int fdb_lookup(vd_switch *sw, const uint8_t *mac, uint64_t t)
 {
     unsigned h = mac_hash(mac);
-    uint64_t t = vd_now_ns();
     int port = -1;
     pthread_mutex_lock(&sw->fdb_lock);
     for (int i = 0; i < FDB_PROBE; i++) {
@@ -113,56 +132,88 @@ static int fdb_lookup(vd_switch *sw, const uint8_t *mac)
 
 int vd_switch_attach(vd_switch *sw, vd_net *net)
 {
-    pthread_rwlock_wrlock(&sw->ports_lock);
+    pthread_mutex_lock(&sw->ports_lock);
     int port = -1;
     for (int i = 0; i < SW_MAX_PORTS && port < 0; i++)
         if (!sw->ports[i])
             port = i;
     if (port >= 0) {
-        sw->ports[port] = net;
-        net->sw = sw;
         net->sw_port = port;
+        __atomic_store_n(&net->sw, sw, __ATOMIC_RELEASE);
+        __atomic_store_n(&sw->ports[port], net, __ATOMIC_RELEASE);
         if (port >= sw->top)
-            sw->top = port + 1;
+            __atomic_store_n(&sw->top, port + 1, __ATOMIC_RELEASE);
     }
-    pthread_rwlock_unlock(&sw->ports_lock);
+    pthread_mutex_unlock(&sw->ports_lock);
     return port;
 }
 
+/* From the control plane (the thread that frees devices); afterwards no
+ * worker delivers into net or forwards from it. */
 void vd_switch_detach(vd_switch *sw, vd_net *net)
 {
-    pthread_rwlock_wrlock(&sw->ports_lock);
-    if (net->sw == sw && sw->ports[net->sw_port] == net)
-        sw->ports[net->sw_port] = NULL;
+    pthread_mutex_lock(&sw->ports_lock);
+    __atomic_store_n(&net->sw, NULL, __ATOMIC_RELEASE);
+    if (sw->ports[net->sw_port] == net)
+        __atomic_store_n(&sw->ports[net->sw_port], NULL, __ATOMIC_RELEASE);
     while (sw->top > 0 && !sw->ports[sw->top - 1])
-        sw->top--;
+        __atomic_store_n(&sw->top, sw->top - 1, __ATOMIC_RELEASE);
     pthread_mutex_lock(&sw->fdb_lock);
+    changed(sw);
     for (int i = 0; i < FDB_SIZE; i++)
         if (sw->fdb[i].used && sw->fdb[i].port == net->sw_port)
             sw->fdb[i].used = 0;
     pthread_mutex_unlock(&sw->fdb_lock);
-    net->sw = NULL;
-    pthread_rwlock_unlock(&sw->ports_lock);
+    pthread_mutex_unlock(&sw->ports_lock);
+    if (net->dev)
+        vd_engine_sync(net->dev->engine);
 }
 
-/* Flooding stops at the first fault in the source's memory (*src_fault set). */
+/* Flooding stops at the first fault in the source's memory (*src_fault set).
+ * On a worker, or on the control plane (an injected frame, no hold), which
+ * is also the only thread that detaches ports. */
 void switch_forward(vd_net *src, int qp, const struct frame *f, struct rx_hold *hold, void **src_fault)
 {
-    vd_switch *sw = src->sw;
+    vd_switch *sw = __atomic_load_n(&src->sw, __ATOMIC_ACQUIRE);
+    if (!sw)
+        return;
     uint8_t eth[12];
     vd_iov_read(f->iov, f->niov, 0, eth, 12);
     const uint8_t *dst = eth, *from = eth + 6;
-    if (!(from[0] & 1))
-        fdb_learn(sw, from, src->sw_port);
-    pthread_rwlock_rdlock(&sw->ports_lock);
-    int port = (dst[0] & 1) ? -1 : fdb_lookup(sw, dst);
+    /* A tx batch's pair has its cache (its worker's alone); a frame the
+     * daemon injects (no hold) goes to the table. */
+    struct sw_cache none = {0}, *c = hold ? &src->swc[qp] : &none;
+    uint64_t now = coarse_ns();
+    uint64_t gen = __atomic_load_n(&sw->gen, __ATOMIC_ACQUIRE);
+    if (c->gen != gen) {
+        c->gen = gen;
+        c->learned = c->looked = 0;
+    }
+    if (!(from[0] & 1) && (memcmp(c->src, from, 6) || now - c->learned >= CACHE_NS)) {
+        fdb_learn(sw, from, src->sw_port, now);
+        memcpy(c->src, from, 6);
+        c->learned = now;
+        c->gen = __atomic_load_n(&sw->gen, __ATOMIC_ACQUIRE); /* our own change is known */
+    }
+    int port = -1;
+    if (!(dst[0] & 1)) {
+        if (c->looked && !memcmp(c->dst, dst, 6) && now - c->looked < CACHE_NS && c->gen == gen) {
+            port = c->dst_port;
+        } else {
+            port = fdb_lookup(sw, dst, now);
+            memcpy(c->dst, dst, 6);
+            c->dst_port = port;
+            c->looked = now;
+        }
+    }
     if (port >= 0) {
-        vd_net *to = sw->ports[port];
+        vd_net *to = __atomic_load_n(&sw->ports[port], __ATOMIC_ACQUIRE);
         if (to && port != src->sw_port) /* never back out of its source port */
             net_deliver(to, qp % (to->active_pairs ? to->active_pairs : 1), f, hold, src_fault);
     } else {
-        for (int i = 0; i < sw->top && !(src_fault && *src_fault); i++) {
-            vd_net *to = sw->ports[i];
+        int top = __atomic_load_n(&sw->top, __ATOMIC_ACQUIRE);
+        for (int i = 0; i < top && !(src_fault && *src_fault); i++) {
+            vd_net *to = __atomic_load_n(&sw->ports[i], __ATOMIC_ACQUIRE);
             if (!to || i == src->sw_port)
                 continue;
             int pair = qp % (to->active_pairs ? to->active_pairs : 1);
@@ -177,5 +228,4 @@ void switch_forward(vd_net *src, int qp, const struct frame *f, struct rx_hold *
             net_deliver(to, pair, f, hold, src_fault);
         }
     }
-    pthread_rwlock_unlock(&sw->ports_lock);
 }
