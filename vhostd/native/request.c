@@ -355,6 +355,10 @@ int vd_queue_process(struct vd_queue *q, int quiet)
                 goto out;
             }
             for (; pending && budget; pending--, budget--) {
+                if (pending > 2)
+                    vd_ring_prefetch(q, (uint16_t)(q->last_avail + 2), 0);
+                if (pending > 1)
+                    vd_ring_prefetch(q, (uint16_t)(q->last_avail + 1), 1);
                 if (take(q, vd_ring_next_head(q), 1) != 0)
                     goto out;
                 q->last_avail++;
