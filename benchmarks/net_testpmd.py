@@ -1,112 +1,408 @@
 #!/usr/bin/env python3
-"""vhost-user-net back-end throughput: vhostd `loopback` vs DPDK's vhost PMD.
+"""vhost-user-net back-end throughput: vhostd against DPDK's vhost PMD on three
+paths, the same dpdk-testpmd load driving both sides in the same run.
 
-The same load generator drives both: dpdk-testpmd with the virtio-user PMD in
-io forwarding, `--tx-first` (frames circulate: every frame received is sent
-again). The back-end under test runs pinned to CPU 0, testpmd to CPU 1.
-  * vhostd: a `loopback` net device (every frame sent comes back);
-  * anchor: a second testpmd with DPDK's net_vhost PMD in macswap mode.
-Reports received frames per second at the load generator and the ratio.
+The back-end under test runs pinned to CPU 0 (BACKEND_CPU), every load
+testpmd to CPU 1 (LOAD_CPU).  Paths (--paths):
 
-    python3 benchmarks/net_testpmd.py [--seconds 10] [--sizes 64,1500]
+  loopback  vhostd: a `backend: loopback` net device (every frame sent comes
+            back).  Anchor: testpmd with the net_vhost PMD in macswap mode.
+            Load: one testpmd virtio-user port in io forwarding, started with
+            one tx_first burst (frames circulate).  Counted: frames received
+            by the load testpmd.
+  switch    vhostd: two ports (s0, s1) of one switch.  Anchor: testpmd with two
+            net_vhost ports in io forwarding (0 -> 1 and 1 -> 0, no MAC work).
+            Load: one testpmd with two virtio-user ports in flowgen mode: each
+            port sends as fast as it can, from its own MAC to the other port's
+            (the switch learns both, so the frames take its learned-unicast
+            way, not the flood; learning lasts 300 s, longer than a run), and
+            receives and frees what arrives.  Counted: frames received on both
+            ports, i.e. frames the back-end forwarded.  (Not the issue's
+            sender testpmd + counter testpmd: two busy-polling testpmds sharing
+            the load CPU see each other only when the scheduler switches, so
+            the counter took at most a ring (256 frames) per time slice: about
+            30 K frames/s on both sides, the back-end dropping the rest.)
+  tap       vhostd: a `backend: tap` device, run inside a network namespace
+            this benchmark creates, so vhostd creates its TAP there.  Anchor:
+            testpmd (in the namespace too) with a net_vhost port and a net_tap
+            port in io forwarding (vhost -> TAP).  Load: a txonly sender
+            testpmd on the vhost-user socket.  Counted: the TAP's rx_packets
+            in the namespace (frames the kernel took; they are addressed to
+            another host and the namespace has no address, so the kernel
+            drops them right after counting).  The kernel's work is done in
+            the back-end's write() to the TAP, so it is in its CPU time, and
+            it is likely the bottleneck on both sides.
+
+Each path and frame size runs --runs rounds, each round vhostd then the anchor,
+each with fresh processes: after a warm-up, the frames counted and the
+back-end's CPU time (utime + stime, all threads) are read at the start and
+the end of a --seconds window.  Reported per size: the median frames/s of
+each side, the median of the per-round ratios with their min-max, and the
+back-end's CPU ns per frame.  vhostd's devices get `poll_us: 100` (DPDK's
+PMD polls all the time too); --device-keys changes that.
+
+    python3 benchmarks/net_testpmd.py [--paths loopback,switch,tap] [--sizes 64,1500]
+                                      [--seconds 10] [--runs 3] [--device-keys KEYS] [--no-save]
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import itertools
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import BACKEND_CPU, LOAD_CPU, ROOT, save_results, vhostd_cmd, wait_listening  # noqa: E402
+from common import (BACKEND_CPU, LOAD_CPU, cpu_seconds, listening, median, pinned, ratio_spread,  # noqa: E402
+                    save_results, stop, vhostd_cmd, wait_listening)
+
+PATHS = ("loopback", "switch", "tap")
+WARMUP = 2.0  # seconds of traffic before the measured window
+DPDK_RUN = "/var/run/dpdk"  # EAL's runtime directories (root): <DPDK_RUN>/<file-prefix>
+PREFIX = f"vhostd-bench-{os.getpid()}"  # of DPDK file prefixes and the namespace
+MACS = ("02:00:00:00:5e:00", "02:00:00:00:5e:01")  # of the switch load's two ports
+_seq = itertools.count()
 
 
-def testpmd(args: list[str], cpu: str, prefix: str, log: str) -> subprocess.Popen:
-    cmd = ["taskset", "-c", cpu, "dpdk-testpmd", "--lcores", f"0@{cpu},1@{cpu}", "--no-huge", "-m", "1024",
-           "--no-pci", f"--file-prefix={prefix}", *args]
-    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+# ---------------------------------------------------------------------------- processes
 
+class Testpmd:
+    """One dpdk-testpmd on one CPU (main and forwarding lcore share it).
+    interactive: commands on stdin (`start tx_first`, `show port stats N`),
+    so counters are read at the moment wanted; else --auto-start."""
 
-def rx_pps(log: str) -> float:
-    """Median of the periodic Rx-pps readings after the first (warm-up) ones."""
-    text = open(log).read()
-    vals = [int(v) for v in re.findall(r"Rx-pps:\s+(\d+)", text)]
-    vals = vals[2:] if len(vals) > 4 else vals
-    if not vals:
-        raise RuntimeError(f"no Rx-pps in {log}:\n{text[-2000:]}")
-    vals.sort()
-    return float(vals[len(vals) // 2])
+    def __init__(self, tmp: str, name: str, vdevs: list[str], args: list[str], cpu: str,
+                 interactive: bool = False, netns: str | None = None):
+        self.prefix = f"{PREFIX}-{next(_seq)}"
+        self.log = os.path.join(tmp, f"testpmd-{name}.log")
+        self.interactive = interactive
+        self.vdevs = vdevs
+        cmd = ["taskset", "-c", cpu] + (["ip", "netns", "exec", netns] if netns else [])
+        # stdbuf: testpmd's printf output would otherwise reach the log only at exit.
+        cmd += ["stdbuf", "-oL", "-eL", "dpdk-testpmd", "--lcores", f"0@{cpu},1@{cpu}", "--no-huge",
+                "-m", "512", "--no-pci", f"--file-prefix={self.prefix}", *(f"--vdev={v}" for v in vdevs),
+                "--", "--total-num-mbufs=32768", *args]
+        cmd += ["-i"] if interactive else ["--auto-start", "--stats-period=60"]
+        # taskset, ip netns exec and stdbuf all exec: self.proc.pid is testpmd's.
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.PIPE if interactive else subprocess.DEVNULL)
+        self.pid = self.proc.pid
 
+    def text(self, offset: int = 0) -> str:
+        with open(self.log, "rb") as f:
+            f.seek(offset)
+            return f.read().decode("latin-1")
 
-def stop(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        p.send_signal(signal.SIGINT)
+    def wait(self, pattern: str, offset: int = 0, timeout: float = 60) -> re.Match:
+        pat = re.compile(pattern, re.S)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = pat.search(self.text(offset))
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"testpmd exited ({self.proc.returncode}), see {self.log}:\n"
+                                   f"{self.text()[-1500:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{pattern!r} not in {self.log} after {timeout}s:\n{self.text()[-1500:]}")
+            time.sleep(0.002)
+
+    def cmd(self, command: str, until: str, timeout: float = 30) -> re.Match:
+        """Run an interactive command; the match of `until` in what follows it."""
+        offset = os.path.getsize(self.log)
         try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+            self.proc.stdin.write(command.encode() + b"\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it exited: wait() says so, with its output
+        return self.wait(until, offset, timeout)
+
+    def ready(self, ports: int = 1, timeout: float = 60) -> None:
+        """Interactive: wait for the prompt, then until every port's link is up."""
+        self.wait(r"testpmd> ", 0, timeout)
+        deadline = time.monotonic() + timeout
+        for port in range(ports):
+            while "Link status: up" not in self.cmd(f"show port info {port}", r"Link status: \w+").group(0):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"port {port} link down after {timeout}s, see {self.log}")
+                time.sleep(0.1)
+
+    def rx_packets(self) -> dict[int, int]:
+        """{port: RX-packets} of every port, read with one command."""
+        n = len(self.vdevs)
+        m = self.cmd("show port stats all", rf"(.*NIC statistics for port {n - 1}\b.*?)\n\s*#{{20,}}")
+        got = {int(p): int(v) for p, v in re.findall(r"NIC statistics for port (\d+).*?RX-packets:\s*(\d+)",
+                                                     m.group(1), re.S)}
+        if len(got) != n:
+            raise RuntimeError(f"cannot parse port stats in {self.log}: {m.group(1)[-1000:]}")
+        return got
+
+    def stop(self) -> None:
+        if self.interactive and self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(b"quit\n")
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        stop(self.proc, signal.SIGINT)
+        shutil.rmtree(os.path.join(DPDK_RUN, self.prefix), ignore_errors=True)
 
 
-def load(sock: str, size: int, seconds: int, prefix: str, log: str) -> float:
-    gen = testpmd([f"--vdev=net_virtio_user0,path={sock},queues=1", "--", "--forward-mode=io", "--tx-first",
-                   "--auto-start", "--stats-period", "1", f"--txpkts={size}"], LOAD_CPU, prefix, log)
-    time.sleep(seconds + 3)
-    stop(gen)
-    return rx_pps(log)
+class Procs:
+    """Everything one measurement started, stopped in reverse order."""
+
+    def __init__(self) -> None:
+        self.items: list[Testpmd | subprocess.Popen] = []
+
+    def add(self, p):
+        self.items.append(p)
+        return p
+
+    def close(self) -> None:
+        while self.items:
+            p = self.items.pop()
+            try:
+                p.stop() if isinstance(p, Testpmd) else stop(p)
+            except Exception as e:  # noqa: BLE001 - stop the others anyway
+                print(f"warning: stopping {p}: {e}", file=sys.stderr)
+
+    def __enter__(self) -> "Procs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def run_vhostd(tmp: str, size: int, seconds: int) -> float:
+def wait_listen(paths: list[str], proc: subprocess.Popen, netns: str | None) -> None:
+    if not netns:
+        wait_listening(paths, proc)
+        return
+    # Another namespace has its own /proc/net/unix: read the process's.
+    want, deadline = {os.path.abspath(p) for p in paths}, time.monotonic() + 60
+    while listening(want, f"/proc/{proc.pid}/net/unix") != want:
+        if proc.poll() is not None:
+            raise RuntimeError(f"back-end exited ({proc.returncode}) before listening")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{sorted(want)} not listening after 60s")
+        time.sleep(0.01)
+
+
+# vhostd's devices busy-poll their tx queues (poll_us) by default here: DPDK's
+# vhost PMD polls its queues all the time, and the question is how fast each
+# moves frames when CPU is spent on it.  --device-keys "" measures without.
+POLL_KEYS = "poll_us: 100"
+DEVICE_KEYS = POLL_KEYS  # --device-keys: the keys added to every vhostd device
+
+
+def start_vhostd(tmp: str, devices: list[str], socks: list[str], netns: str | None = None) -> subprocess.Popen:
     cfg = os.path.join(tmp, "vhostd.yaml")
-    sock = os.path.join(tmp, "loop.sock")
+    extra = f", {DEVICE_KEYS}" if DEVICE_KEYS else ""
     with open(cfg, "w") as f:
-        f.write(f"daemon: {{workers: 1, log_level: warning}}\n"
-                f"devices:\n  - {{name: loop0, type: net, socket: {sock}, backend: loopback}}\n")
-    d = subprocess.Popen(["taskset", "-c", BACKEND_CPU, *vhostd_cmd(cfg)], cwd=ROOT, stdout=open(os.path.join(tmp, "vhostd.log"), "w"), stderr=subprocess.STDOUT)
+        f.write("daemon: {workers: 1, log_level: warning}\ndevices:\n"
+                + "".join(f"  - {{{d}{extra}}}\n" for d in devices))
+    for s in socks:
+        if os.path.exists(s):
+            os.unlink(s)
+    cmd = (["ip", "netns", "exec", netns] if netns else []) + vhostd_cmd(cfg)
+    d = pinned(cmd, BACKEND_CPU, os.path.join(tmp, "vhostd.log"))
     try:
-        wait_listening(sock, d)
-        return load(sock, size, seconds, f"bench-gen-v{size}", os.path.join(tmp, f"gen-vhostd-{size}.log"))
-    finally:
-        d.send_signal(signal.SIGTERM)
-        d.wait(10)
+        wait_listen(socks, d, netns)
+    except BaseException:
+        stop(d)
+        raise
+    return d
 
 
-def run_dpdk(tmp: str, size: int, seconds: int) -> float:
-    sock = os.path.join(tmp, "dpdk.sock")
-    be = testpmd([f"--vdev=net_vhost0,iface={sock},queues=1", "--", "--forward-mode=macswap", "--auto-start",
-                  "--stats-period", "5"], BACKEND_CPU, f"bench-be{size}", os.path.join(tmp, f"be-dpdk-{size}.log"))
+def anchor(tmp: str, procs: Procs, vdevs: list[str], mode: str, socks: list[str],
+           netns: str | None = None) -> Testpmd:
+    for s in socks:
+        if os.path.exists(s):
+            os.unlink(s)
+    be = procs.add(Testpmd(tmp, "anchor", vdevs, [f"--forward-mode={mode}"], BACKEND_CPU, netns=netns))
+    wait_listen(socks, be.proc, netns)
+    return be
+
+
+# ---------------------------------------------------------------------------- measuring
+
+def window(count: Callable[[], int], backend_pid: int, seconds: float) -> tuple[float, float]:
+    """(frames/s, back-end CPU ns per frame) over `seconds` after the warm-up."""
+    time.sleep(WARMUP)
+
+    def sample() -> tuple[int, float, float]:
+        t = time.monotonic()
+        n = count()
+        t = (t + time.monotonic()) / 2  # the counter was read somewhere in between
+        return n, t, cpu_seconds(backend_pid)
+
+    n0, t0, c0 = sample()
+    time.sleep(seconds)
+    n1, t1, c1 = sample()
+    frames = n1 - n0
+    if frames <= 0:
+        raise RuntimeError(f"no frames counted in {seconds}s")
+    return frames / (t1 - t0), (c1 - c0) * 1e9 / frames
+
+
+def loopback(tmp: str, side: str, size: int, seconds: float) -> tuple[float, float]:
+    with Procs() as procs:
+        if side == "vhostd":
+            sock = os.path.join(tmp, "loop.sock")
+            be = procs.add(start_vhostd(tmp, [f"name: loop0, type: net, socket: {sock}, backend: loopback"], [sock]))
+        else:
+            sock = os.path.join(tmp, "dpdk.sock")
+            be = anchor(tmp, procs, [f"net_vhost0,iface={sock},queues=1"], "macswap", [sock])
+        gen = procs.add(Testpmd(tmp, f"gen-{side}", [f"net_virtio_user0,path={sock},queues=1"],
+                                ["--forward-mode=io", f"--txpkts={size}"], LOAD_CPU, interactive=True))
+        gen.ready()
+        gen.cmd("start tx_first", r"testpmd> ")
+        return window(lambda: gen.rx_packets()[0], be.pid, seconds)
+
+
+def switch(tmp: str, side: str, size: int, seconds: float) -> tuple[float, float]:
+    with Procs() as procs:
+        if side == "vhostd":
+            socks = [os.path.join(tmp, "s0.sock"), os.path.join(tmp, "s1.sock")]
+            be = procs.add(start_vhostd(tmp, [f"name: sw{i}, type: net, socket: {s}, backend: switch, switch: lan0"
+                                              for i, s in enumerate(socks)], socks))
+        else:
+            socks = [os.path.join(tmp, "a.sock"), os.path.join(tmp, "b.sock")]
+            be = anchor(tmp, procs, [f"net_vhost{i},iface={s},queues=1" for i, s in enumerate(socks)], "io", socks)
+        # flowgen: each port sends from its own MAC to the other's (the switch
+        # learns both) and receives and frees what arrives.  Its frames are
+        # --txpkts minus 4 (an FCS it leaves out); txonly's are --txpkts.
+        gen = procs.add(Testpmd(tmp, f"gen-{side}", [f"net_virtio_user{i},path={s},queues=1,mac={mac}"
+                                                     for i, (s, mac) in enumerate(zip(socks, MACS))],
+                                ["--forward-mode=flowgen", f"--txpkts={size + 4}", f"--eth-peer=0,{MACS[1]}",
+                                 f"--eth-peer=1,{MACS[0]}"], LOAD_CPU, interactive=True))
+        gen.ready(ports=2)
+        gen.cmd("start", r"testpmd> ")
+        return window(lambda: sum(gen.rx_packets().values()), be.pid, seconds)
+
+
+def tap_rx(netns: str, ifname: str) -> int:
+    out = subprocess.run(["ip", "-n", netns, "-s", "-j", "link", "show", ifname], capture_output=True,
+                         text=True, check=True).stdout
+    return int(json.loads(out)[0]["stats64"]["rx"]["packets"])
+
+
+def tap(tmp: str, side: str, size: int, seconds: float, netns: str) -> tuple[float, float]:
+    with Procs() as procs:
+        if side == "vhostd":
+            sock, ifname = os.path.join(tmp, "t.sock"), "vbtap0"
+            be = procs.add(start_vhostd(tmp, [f"name: tap0, type: net, socket: {sock}, backend: tap, tap: {ifname}"],
+                                        [sock], netns))
+        else:
+            sock, ifname = os.path.join(tmp, "ta.sock"), "vbtap1"
+            be = anchor(tmp, procs, [f"net_vhost0,iface={sock},queues=1", f"net_tap0,iface={ifname}"], "io",
+                        [sock], netns)
+        procs.add(Testpmd(tmp, f"sender-{side}", [f"net_virtio_user0,path={sock},queues=1"],
+                          ["--forward-mode=txonly", f"--txpkts={size}"], LOAD_CPU))
+        return window(lambda: tap_rx(netns, ifname), be.pid, seconds)
+
+
+# ---------------------------------------------------------------------------- housekeeping
+
+def alive(pid: int) -> bool:
     try:
-        wait_listening(sock, be)
-        return load(sock, size, seconds, f"bench-gen-d{size}", os.path.join(tmp, f"gen-dpdk-{size}.log"))
-    finally:
-        stop(be)
-        if os.path.exists(sock):
-            os.unlink(sock)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def clean_stale() -> None:
+    """Runtime directories and namespaces an earlier run that was killed left."""
+    for d in glob.glob(os.path.join(DPDK_RUN, "vhostd-bench-*")):
+        m = re.match(r"vhostd-bench-(\d+)-\d+$", os.path.basename(d))
+        if m and not alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for name in re.findall(r"^(vhostd-bench-(\d+))\b", out, re.M):
+        if not alive(int(name[1])):
+            subprocess.run(["ip", "netns", "del", name[0]], capture_output=True)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=int, default=10)
-    ap.add_argument("--sizes", default="64,1500")
+    ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated: loopback,switch,tap")
+    ap.add_argument("--sizes", default="64,1500", help="frame sizes in bytes")
+    ap.add_argument("--seconds", type=float, default=10, help="measured window per run (after a warm-up)")
+    ap.add_argument("--runs", type=int, default=3, help="rounds (vhostd then anchor) per path and size")
+    ap.add_argument("--device-keys", default=POLL_KEYS,
+                    help=f'YAML keys added to vhostd\'s devices (default "{POLL_KEYS}"; "" for none)')
     ap.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/net_testpmd.json")
     args = ap.parse_args()
-    tmp = tempfile.mkdtemp(prefix="vhostd-bench-")
-    print(f"{'frame':>6} {'vhostd Mfps':>12} {'DPDK vhost Mfps':>16} {'ratio':>6}")
+    global DEVICE_KEYS
+    DEVICE_KEYS = args.device_keys
+    paths = args.paths.split(",")
+    if set(paths) - set(PATHS) or args.runs < 1:
+        ap.error(f"--paths: some of {','.join(PATHS)}; --runs: at least 1")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if not all(60 <= s <= 2040 for s in sizes):
+        ap.error("--sizes: 60 to 2040 bytes (one mbuf)")
+    # SIGTERM like Ctrl-C: unwind through the finally blocks that stop everything.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    clean_stale()
+    tmp = tempfile.mkdtemp(prefix="vhostd-bench-net-")
+    netns = None
     rows = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        v = run_vhostd(tmp, size, args.seconds)
-        a = run_dpdk(tmp, size, args.seconds)
-        rows.append({"workload": f"{size} B frames", "vhostd": {"fps": v}, "anchor": {"fps": a}, "ratio": v / a})
-        print(f"{size:>6} {v / 1e6:>12.2f} {a / 1e6:>16.2f} {v / a:>6.2f}", flush=True)
-    print(f"logs: {tmp}")
+    start = time.monotonic()
+    try:
+        if "tap" in paths:
+            netns = PREFIX
+            subprocess.run(["ip", "netns", "add", netns], check=True)
+        measure = {"loopback": loopback, "switch": switch,
+                   "tap": lambda *a: tap(*a, netns=netns)}
+        print(f"{'workload':<16} {'vhostd Mfps':>11} {'DPDK Mfps':>10} {'ratio':>6} {'min-max':>11} "
+              f"{'vhostd ns/f':>11} {'DPDK ns/f':>10}", flush=True)
+        for path in paths:
+            for size in sizes:
+                res = {"vhostd": [], "anchor": []}
+                for r in range(args.runs):
+                    for side in ("vhostd", "anchor"):
+                        work = os.path.join(tmp, f"{path}-{size}-r{r + 1}-{side}")  # its logs, sockets
+                        os.mkdir(work)
+                        res[side].append(measure[path](work, side, size, args.seconds))
+                    print(f"  {path} {size} B round {r + 1}: vhostd {res['vhostd'][-1][0] / 1e6:.3f} Mfps, "
+                          f"anchor {res['anchor'][-1][0] / 1e6:.3f} Mfps", flush=True)
+                fps = {s: [f for f, _ in res[s]] for s in res}
+                ratio, lo, hi = ratio_spread(fps["vhostd"], fps["anchor"])
+                row = {"workload": f"{path} {size} B"}
+                for s in res:
+                    row[s] = {"fps": median(fps[s]), "ns_per_frame": median([n for _, n in res[s]]),
+                              "fps_runs": fps[s]}
+                row.update(ratio=ratio, ratio_min=lo, ratio_max=hi)
+                rows.append(row)
+                v, a = row["vhostd"], row["anchor"]
+                print(f"{row['workload']:<16} {v['fps'] / 1e6:>11.3f} {a['fps'] / 1e6:>10.3f} {ratio:>6.2f} "
+                      f"{f'{lo:.2f}-{hi:.2f}':>11} {v['ns_per_frame']:>11.0f} {a['ns_per_frame']:>10.0f}",
+                      flush=True)
+    finally:
+        if netns:
+            subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+    print(f"{time.monotonic() - start:.0f} s; logs: {tmp}")
     if not args.no_save:
-        print("saved", save_results("net_testpmd", f"python3 benchmarks/net_testpmd.py --seconds {args.seconds} "
-                                    f"--sizes {args.sizes}", rows))
+        print("saved", save_results("net_testpmd", f"python3 benchmarks/net_testpmd.py --paths {args.paths} "
+                                    f"--sizes {args.sizes} --seconds {args.seconds:g} --runs {args.runs}"
+                                    + (f" --device-keys '{args.device_keys}'" if args.device_keys != POLL_KEYS
+                                       else ""), rows))
     return 0
 
 
