@@ -12,8 +12,8 @@
 
 #include "vd.h"
 
-static __thread sigjmp_buf *guard_jb;
-static __thread void *guard_addr; /* where the fault a guard caught happened */
+static __thread sigjmp_buf *guard_jb __attribute__((tls_model("initial-exec")));
+static __thread void *guard_addr __attribute__((tls_model("initial-exec"))); /* where the fault a guard caught happened */
 static struct sigaction old_sigbus;
 static pthread_once_t sigbus_once = PTHREAD_ONCE_INIT;
 

@@ -387,8 +387,10 @@ static void batch_done(void *ctx, struct vd_queue *q)
 {
     vd_net *n = ctx;
     int qp = q->index / 2;
-    if ((q->index & 1) && qp < n->p.nqp)
+    if ((q->index & 1) && qp < n->p.nqp) {
         net_release(&n->hold[qp]);
+        n->hold[qp].now = 0;
+    }
 }
 
 /* A frame made by the daemon itself (e.g. the RARP announcement after

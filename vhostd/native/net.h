@@ -57,6 +57,7 @@ struct tap_port {
 struct rx_hold {
     struct vd_queue *q;
     unsigned frames;           /* delivered since the last publish */
+    uint64_t now;              /* the switch's coarse clock, read once per batch (0: not yet) */
 };
 
 /* A tx queue pair's last learn and lookup in its switch (net_switch.c). */

@@ -183,7 +183,7 @@ void switch_forward(vd_net *src, int qp, const struct frame *f, struct rx_hold *
     /* A tx batch's pair has its cache (its worker's alone); a frame the
      * daemon injects (no hold) goes to the table. */
     struct sw_cache none = {0}, *c = hold ? &src->swc[qp] : &none;
-    uint64_t now = coarse_ns();
+    uint64_t now = !hold ? coarse_ns() : hold->now ? hold->now : (hold->now = coarse_ns());
     uint64_t gen = __atomic_load_n(&sw->gen, __ATOMIC_ACQUIRE);
     if (c->gen != gen) {
         c->gen = gen;
