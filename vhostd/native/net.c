@@ -369,10 +369,19 @@ static uint32_t handle(vd_net *n, struct vd_req *req, int queue)
         }
     } else {
         struct frame f = {.len = len};
-        vd_iov_read(req->iov, req->nout, 0, &f.hdr, n->hdr_len < sizeof(f.hdr) ? n->hdr_len : sizeof(f.hdr));
-        struct iovec *body = req->iov;
-        f.niov = vd_iov_skip_front(&body, req->nout, n->hdr_len);
-        f.iov = body;
+        struct iovec one;
+        if (req->nout == 1) {
+            /* The common case (header and frame in one buffer): no walks. */
+            memcpy(&f.hdr, req->iov[0].iov_base, n->hdr_len);
+            one = (struct iovec){(uint8_t *)req->iov[0].iov_base + n->hdr_len, len};
+            f.iov = &one;
+            f.niov = 1;
+        } else {
+            vd_iov_read(req->iov, req->nout, 0, &f.hdr, n->hdr_len);
+            struct iovec *body = req->iov;
+            f.niov = vd_iov_skip_front(&body, req->nout, n->hdr_len);
+            f.iov = body;
+        }
         void *fault = NULL;
         struct rx_hold *hold = &n->hold[qp];
         if (n->p.backend == VD_NET_LOOPBACK)

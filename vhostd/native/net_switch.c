@@ -178,7 +178,10 @@ void switch_forward(vd_net *src, int qp, const struct frame *f, struct rx_hold *
     if (!sw)
         return;
     uint8_t eth[12];
-    vd_iov_read(f->iov, f->niov, 0, eth, 12);
+    if (f->iov[0].iov_len >= sizeof(eth))
+        memcpy(eth, f->iov[0].iov_base, sizeof(eth));
+    else
+        vd_iov_read(f->iov, f->niov, 0, eth, sizeof(eth));
     const uint8_t *dst = eth, *from = eth + 6;
     /* A tx batch's pair has its cache (its worker's alone); a frame the
      * daemon injects (no hold) goes to the table. */
