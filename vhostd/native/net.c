@@ -153,34 +153,32 @@ static int fill_buffers(void *arg)
             return -1;
         }
         struct iovec *in = req.iov + req.nout;
+        uint32_t put = 0;
         if (done == 0 && req.nin == 1 && f->niov == 1 && req.in_bytes >= total) {
             /* The common case, one piece on each side: two copies, no walk. */
             uint8_t *p = in[0].iov_base;
-            if (n->hdr_len == MAX_HDR)
-                h.num_buffers = 1;
             memcpy(p, &h, n->hdr_len);
             memcpy(p + n->hdr_len, f->iov[0].iov_base, f->len);
-            if (__builtin_expect(q->dev->log_on, 0))
-                vd_log_iov(q, q->dev->mem, in, 1, total);
-            vd_queue_push(q, req.head, (uint32_t)total);
-            if (c->publish)
-                vd_queue_flush(q);
-            return 0;
-        }
-        uint32_t put = 0;
-        if (done < n->hdr_len) {
-            put = vd_iov_write(in, req.nin, 0, (uint8_t *)&h + done, n->hdr_len - done);
-            if (done == 0 && n->hdr_len == MAX_HDR) {
-                nb_lo = vd_iov_byte(in, req.nin, 10);
-                nb_hi = vd_iov_byte(in, req.nin, 11);
+            put = (uint32_t)total;
+            if (n->hdr_len == MAX_HDR) {
+                nb_lo = p + 10;
+                nb_hi = p + 11;
             }
+        } else {
+            if (done < n->hdr_len) {
+                put = vd_iov_write(in, req.nin, 0, (uint8_t *)&h + done, n->hdr_len - done);
+                if (done == 0 && n->hdr_len == MAX_HDR) {
+                    nb_lo = vd_iov_byte(in, req.nin, 10);
+                    nb_hi = vd_iov_byte(in, req.nin, 11);
+                }
+            }
+            /* then frame bytes from the source iovecs, straight into guest memory */
+            uint64_t src_off = done + put - n->hdr_len;
+            uint64_t room = req.in_bytes - put;
+            if (src_off < f->len)
+                put += vd_iov_copy(in, req.nin, put, f->iov, f->niov, src_off,
+                                   f->len - src_off < room ? f->len - src_off : room);
         }
-        /* then frame bytes from the source iovecs, straight into guest memory */
-        uint64_t src_off = done + put - n->hdr_len;
-        uint64_t room = req.in_bytes - put;
-        if (src_off < f->len)
-            put += vd_iov_copy(in, req.nin, put, f->iov, f->niov, src_off,
-                               f->len - src_off < room ? f->len - src_off : room);
         if (__builtin_expect(q->dev->log_on, 0))
             vd_log_iov(q, q->dev->mem, in, req.nin, put);
         heads[nbufs] = req.head;

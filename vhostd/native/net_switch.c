@@ -169,6 +169,12 @@ void vd_switch_detach(vd_switch *sw, vd_net *net)
         vd_engine_sync(net->dev->engine);
 }
 
+/* The rx pair of port `to` that frames from tx pair qp go to. */
+static int rx_pair(const vd_net *to, int qp)
+{
+    return qp % (to->active_pairs ? to->active_pairs : 1);
+}
+
 /* Flooding stops at the first fault in the source's memory (*src_fault set).
  * On a worker, or on the control plane (an injected frame, no hold), which
  * is also the only thread that detaches ports. */
@@ -212,17 +218,17 @@ void switch_forward(vd_net *src, int qp, const struct frame *f, struct rx_hold *
     if (port >= 0) {
         vd_net *to = __atomic_load_n(&sw->ports[port], __ATOMIC_ACQUIRE);
         if (to && port != src->sw_port) /* never back out of its source port */
-            net_deliver(to, qp % (to->active_pairs ? to->active_pairs : 1), f, hold, src_fault);
+            net_deliver(to, rx_pair(to, qp), f, hold, src_fault);
     } else {
         int top = __atomic_load_n(&sw->top, __ATOMIC_ACQUIRE);
         for (int i = 0; i < top && !(src_fault && *src_fault); i++) {
             vd_net *to = __atomic_load_n(&sw->ports[i], __ATOMIC_ACQUIRE);
             if (!to || i == src->sw_port)
                 continue;
-            int pair = qp % (to->active_pairs ? to->active_pairs : 1);
+            int pair = rx_pair(to, qp);
             if (!__atomic_load_n(&to->dev->q[2 * pair].started, __ATOMIC_RELAXED)) {
                 /* No driver on that port (most ports of a big switch, most
-                 * of the time): the drop deliver() would count, without
+                 * of the time): the drop net_deliver() would count, without
                  * taking its rx queue's lock.  A stale answer costs one
                  * frame, which flooding may always lose. */
                 __atomic_add_fetch(&to->st[pair].rx_dropped, 1, __ATOMIC_RELAXED);
