@@ -208,7 +208,10 @@ POLL_KEYS = "poll_us: 100"
 DEVICE_KEYS = POLL_KEYS  # --device-keys: the keys added to every vhostd device
 
 
-def start_vhostd(tmp: str, devices: list[str], socks: list[str], netns: str | None = None) -> subprocess.Popen:
+def start_vhostd(tmp: str, devices: list[str], socks: list[str], netns: str | None = None,
+                 env: dict | None = None) -> subprocess.Popen:
+    """vhostd serving `devices` (YAML flow mappings) on the back-end CPU; env:
+    its environment (e.g. PYTHONPATH to another build, net_ab.py)."""
     cfg = os.path.join(tmp, "vhostd.yaml")
     extra = f", {DEVICE_KEYS}" if DEVICE_KEYS else ""
     with open(cfg, "w") as f:
@@ -218,7 +221,7 @@ def start_vhostd(tmp: str, devices: list[str], socks: list[str], netns: str | No
         if os.path.exists(s):
             os.unlink(s)
     cmd = (["ip", "netns", "exec", netns] if netns else []) + vhostd_cmd(cfg)
-    d = pinned(cmd, BACKEND_CPU, os.path.join(tmp, "vhostd.log"))
+    d = pinned(cmd, BACKEND_CPU, os.path.join(tmp, "vhostd.log"), env=env)
     try:
         wait_listen(socks, d, netns)
     except BaseException:
@@ -258,39 +261,50 @@ def window(count: Callable[[], int], backend_pid: int, seconds: float) -> tuple[
     return frames / (t1 - t0), (c1 - c0) * 1e9 / frames
 
 
-def loopback(tmp: str, side: str, size: int, seconds: float) -> tuple[float, float]:
-    with Procs() as procs:
-        if side == "vhostd":
-            sock = os.path.join(tmp, "loop.sock")
-            be = procs.add(start_vhostd(tmp, [f"name: loop0, type: net, socket: {sock}, backend: loopback"], [sock]))
-        else:
-            sock = os.path.join(tmp, "dpdk.sock")
-            be = anchor(tmp, procs, [f"net_vhost0,iface={sock},queues=1"], "macswap", [sock])
-        gen = procs.add(Testpmd(tmp, f"gen-{side}", [f"net_virtio_user0,path={sock},queues=1"],
-                                ["--forward-mode=io", f"--txpkts={size}"], LOAD_CPU, interactive=True))
-        gen.ready()
-        gen.cmd("start tx_first", r"testpmd> ")
-        return window(lambda: gen.rx_packets()[0], be.pid, seconds)
+def vhostd_ports(tmp: str, path: str, env: dict | None = None) -> tuple[subprocess.Popen, list[str]]:
+    """vhostd with the devices of a loopback run (one loopback device) or of
+    a switch run (two ports of one switch), and their sockets."""
+    if path == "loopback":
+        socks = [os.path.join(tmp, "loop.sock")]
+        devices = [f"name: loop0, type: net, socket: {socks[0]}, backend: loopback"]
+    else:
+        socks = [os.path.join(tmp, "s0.sock"), os.path.join(tmp, "s1.sock")]
+        devices = [f"name: sw{i}, type: net, socket: {s}, backend: switch, switch: lan0" for i, s in enumerate(socks)]
+    return start_vhostd(tmp, devices, socks, env=env), socks
 
 
-def switch(tmp: str, side: str, size: int, seconds: float) -> tuple[float, float]:
+def start_load(procs: Procs, tmp: str, name: str, path: str, socks: list[str], size: int) -> Testpmd:
+    """The load of a loopback or switch run on socks, forwarding.  Loopback:
+    io forwarding, one tx_first burst circulating.  Switch: flowgen, each port
+    sending from its own MAC to the other's (the switch learns both) and
+    freeing what arrives; its frames are --txpkts minus 4 (an FCS it leaves
+    out)."""
+    if path == "loopback":
+        vdevs = [f"net_virtio_user0,path={socks[0]},queues=1"]
+        args, start = ["--forward-mode=io", f"--txpkts={size}"], "start tx_first"
+    else:
+        vdevs = [f"net_virtio_user{i},path={s},queues=1,mac={mac}" for i, (s, mac) in enumerate(zip(socks, MACS))]
+        args = ["--forward-mode=flowgen", f"--txpkts={size + 4}", f"--eth-peer=0,{MACS[1]}", f"--eth-peer=1,{MACS[0]}"]
+        start = "start"
+    gen = procs.add(Testpmd(tmp, name, vdevs, args, LOAD_CPU, interactive=True))
+    gen.ready(ports=len(vdevs))
+    gen.cmd(start, r"testpmd> ")
+    return gen
+
+
+def forwarded(path: str, tmp: str, side: str, size: int, seconds: float) -> tuple[float, float]:
+    """A loopback or switch run; counted: frames received by the load."""
     with Procs() as procs:
         if side == "vhostd":
-            socks = [os.path.join(tmp, "s0.sock"), os.path.join(tmp, "s1.sock")]
-            be = procs.add(start_vhostd(tmp, [f"name: sw{i}, type: net, socket: {s}, backend: switch, switch: lan0"
-                                              for i, s in enumerate(socks)], socks))
+            be, socks = vhostd_ports(tmp, path)
+            procs.add(be)
+        elif path == "loopback":
+            socks = [os.path.join(tmp, "dpdk.sock")]
+            be = anchor(tmp, procs, [f"net_vhost0,iface={socks[0]},queues=1"], "macswap", socks)
         else:
             socks = [os.path.join(tmp, "a.sock"), os.path.join(tmp, "b.sock")]
             be = anchor(tmp, procs, [f"net_vhost{i},iface={s},queues=1" for i, s in enumerate(socks)], "io", socks)
-        # flowgen: each port sends from its own MAC to the other's (the switch
-        # learns both) and receives and frees what arrives.  Its frames are
-        # --txpkts minus 4 (an FCS it leaves out); txonly's are --txpkts.
-        gen = procs.add(Testpmd(tmp, f"gen-{side}", [f"net_virtio_user{i},path={s},queues=1,mac={mac}"
-                                                     for i, (s, mac) in enumerate(zip(socks, MACS))],
-                                ["--forward-mode=flowgen", f"--txpkts={size + 4}", f"--eth-peer=0,{MACS[1]}",
-                                 f"--eth-peer=1,{MACS[0]}"], LOAD_CPU, interactive=True))
-        gen.ready(ports=2)
-        gen.cmd("start", r"testpmd> ")
+        gen = start_load(procs, tmp, f"gen-{side}", path, socks, size)
         return window(lambda: sum(gen.rx_packets().values()), be.pid, seconds)
 
 
@@ -368,7 +382,7 @@ def main() -> int:
         if "tap" in paths:
             netns = PREFIX
             subprocess.run(["ip", "netns", "add", netns], check=True)
-        measure = {"loopback": loopback, "switch": switch,
+        measure = {"loopback": lambda *a: forwarded("loopback", *a), "switch": lambda *a: forwarded("switch", *a),
                    "tap": lambda *a: tap(*a, netns=netns)}
         print(f"{'workload':<16} {'vhostd Mfps':>11} {'DPDK Mfps':>10} {'ratio':>6} {'min-max':>11} "
               f"{'vhostd ns/f':>11} {'DPDK ns/f':>10}", flush=True)
