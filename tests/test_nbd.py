@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import Guest, wait_until
+from guest.qsd import unix_socket_listening
 from test_async_blk import counters, pending, start, status
 from vhostd.control import request as control
 from virtio_driver import BLK_S_IOERR, BLK_S_OK, BLK_T_DISCARD, BLK_T_FLUSH, BLK_T_IN, BLK_T_OUT
@@ -231,7 +232,7 @@ def test_a_server_that_is_not_there_yet(vhostd_factory, nbd_server):
     assert st["state"] == "opening" and "cannot connect" in st["error"]
     assert status(vd)["f"]["state"] == "serving"
     server.start()
-    wait_until(lambda: os.path.exists(sock), timeout=40, what="the device to start")
+    wait_until(lambda: unix_socket_listening(sock), timeout=40, what="the device to listen")
     vd.devices.append(remote)
     g = Guest(vd, "n0")
     assert g.blk(0).read(0, 4096)[0] == BLK_S_OK

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from conftest import Guest, wait_until
+from guest.qsd import unix_socket_listening
 from test_async_blk import counters, pending, start, status
 from test_metrics import free_port, scrape, value
 from test_nbd import check, reload, set_devices
@@ -225,7 +226,7 @@ def test_an_image_that_is_not_there_yet(vhostd_factory, ceph_cluster):
     st = wait_until(lambda: (s := status(vd)["r0"])["error"] and s, what="a failed attempt")
     assert st["state"] == "opening" and st["error"] == f"there is no image rbd/{img} in the Ceph cluster"
     ceph_cluster.rbd("create", "--size", "4M", f"rbd/{img}")
-    wait_until(lambda: os.path.exists(sock), timeout=40, what="the device to start")
+    wait_until(lambda: unix_socket_listening(sock), timeout=40, what="the device to listen")
     vd.devices.append(remote)
     g = Guest(vd, "r0")
     assert g.blk(0).read(0, 4096) == (BLK_S_OK, bytes(4096))
