@@ -14,6 +14,7 @@ import sys
 import yaml
 
 from conftest import Guest, blk_roundtrip, wait_until
+from guest.qsd import unix_socket_listening
 from vhostd.control import request
 
 
@@ -23,7 +24,7 @@ def control(vd) -> str:
 
 def start(vhostd_factory, devices):
     vd = vhostd_factory(devices, daemon={"workers": 1, "control_socket": "ctl.sock"})
-    wait_until(lambda: os.path.exists(control(vd)), 10, what="the control socket")
+    wait_until(lambda: unix_socket_listening(control(vd)), 10, what="the control socket to listen")
     return vd
 
 
