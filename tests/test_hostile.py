@@ -204,6 +204,16 @@ def readable_after_writable(g, q):
     q.publish(0, kick=False)
 
 
+def head_twice(g, q):
+    """A read chain made available twice in one burst: the second time, its
+    request is still in flight (the disk has not answered yet)."""
+    q.write_desc(0, hdr(q), 16, NEXT, 1)
+    q.write_desc(1, q.buffer(4096), 4096, NEXT | WRITE, 2)
+    q.write_desc(2, q.buffer(1), 1, WRITE)
+    q.publish(0, kick=False)
+    q.publish(0, kick=False)
+
+
 def avail_jump(g, q):
     q.set_avail_idx((q.avail_idx + RING + 1) & 0xFFFF)
 
@@ -245,6 +255,7 @@ ATTACKS = [
     Attack("readable-after-writable", readable_after_writable, r"readable descriptor after a writable one"),
     Attack("too-many-pieces", too_many_pieces, r"chain at head 0 spans more than 1088 pieces of guest memory",
            layout=[(i * PIECE, PIECE) for i in range(8)], arena=16 << 10),
+    Attack("head-twice-in-a-burst", head_twice, r"descriptor 0 was made available again while its request is pending"),
     Attack("avail-jump", avail_jump, r"avail index jumped from \d+ to \d+, more than the ring size 256"),
     Attack("avail-backwards", avail_backwards, r"avail index jumped"),
 ]
