@@ -16,7 +16,16 @@ around it comes from this checkout.
 
     python3 benchmarks/net_ab.py A.so B.so [--path loopback|switch] [--rounds 4] [--seconds 3]
 
-Prints each round and the median of A/B (above 1: A moves more frames).
+Either side may be `dpdk`: DPDK's vhost PMD as in net_testpmd.py (macswap
+for loopback, io forwarding between two ports for switch), so vhostd and the
+anchor are compared at the same moment of the host:
+
+    python3 benchmarks/net_ab.py vhostd/_native.abi3.so dpdk --path switch
+
+Prints each round and the medians of A/B frames/s (above 1: A moves more
+frames) and of B/A back-end CPU per frame (above 1: A spends less per frame).
+The second is the one to read when the sides get unequal shares of the CPU,
+as a daemon and DPDK's always-spinning lcore do.
 """
 
 from __future__ import annotations
@@ -29,8 +38,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, median  # noqa: E402
-from net_testpmd import Procs, start_load, vhostd_ports  # noqa: E402
+from common import ROOT, cpu_seconds, median  # noqa: E402
+from net_testpmd import Procs, anchor_ports, start_load, vhostd_ports  # noqa: E402
 
 
 def package(tmp: str, native: str) -> str:
@@ -42,46 +51,56 @@ def package(tmp: str, native: str) -> str:
     return pkg
 
 
-def round_(tmp: str, builds: list[tuple[str, str]], path: str, seconds: float) -> dict[str, float]:
-    """Frames/s of each build (label, module), both loaded at once."""
+def round_(tmp: str, builds: list[tuple[str, str]], path: str,
+           seconds: float) -> dict[str, tuple[float, float]]:
+    """Frames/s and back-end CPU ns per frame of each build (label, module
+    or "dpdk"), all loaded at once."""
     with Procs() as procs:
         sides = []
         for label, native in builds:
             work = tempfile.mkdtemp(prefix=f"{label}-", dir=tmp)
-            daemon, socks = vhostd_ports(work, path, env={**os.environ, "PYTHONPATH": package(tmp, native)})
-            procs.add(daemon)
-            sides.append((label, work, socks))
-        gens = {label: start_load(procs, work, "gen", path, socks, 64) for label, work, socks in sides}
+            if native == "dpdk":
+                backend, socks = anchor_ports(work, procs, path)
+            else:
+                backend, socks = vhostd_ports(work, path, env={**os.environ, "PYTHONPATH": package(tmp, native)})
+                procs.add(backend)
+            sides.append((label, work, socks, backend.pid))
+        gens = {label: start_load(procs, work, "gen", path, socks, 64) for label, work, socks, _ in sides}
+        pids = {label: pid for label, _, _, pid in sides}
         time.sleep(2)  # warm-up
 
-        def received() -> tuple[float, dict[str, int]]:
+        def sample() -> tuple[float, dict[str, int], dict[str, float]]:
             t = time.monotonic()
-            return t, {label: sum(g.rx_packets().values()) for label, g in gens.items()}
+            return (t, {label: sum(g.rx_packets().values()) for label, g in gens.items()},
+                    {label: cpu_seconds(pid) for label, pid in pids.items()})
 
-        t0, before = received()
+        t0, n0, c0 = sample()
         time.sleep(seconds)
-        t1, after = received()
-        return {label: (after[label] - before[label]) / (t1 - t0) for label in gens}
+        t1, n1, c1 = sample()
+        return {label: ((n1[label] - n0[label]) / (t1 - t0), (c1[label] - c0[label]) * 1e9 / (n1[label] - n0[label]))
+                for label in gens}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("a", help="build A: a compiled _native module")
-    ap.add_argument("b", help="build B")
+    ap.add_argument("a", help='build A: a compiled _native module, or "dpdk" for the DPDK anchor')
+    ap.add_argument("b", help="build B (the same)")
     ap.add_argument("--path", choices=("loopback", "switch"), default="switch")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=3)
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="vhostd-ab-")
-    ratios = []
+    ratios, costs = [], []
     for r in range(args.rounds):
         builds = [("A", args.a), ("B", args.b)]
-        fps = round_(tmp, builds if r % 2 == 0 else builds[::-1], args.path, args.seconds)
-        ratios.append(fps["A"] / fps["B"])
-        print(f"round {r + 1}: A {fps['A'] / 1e6:.2f} M frames/s, B {fps['B'] / 1e6:.2f}, A/B {ratios[-1]:.3f}",
-              flush=True)
-    print(f"{args.path} 64 B: A/B median {median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); "
-          f"logs: {tmp}")
+        res = round_(tmp, builds if r % 2 == 0 else builds[::-1], args.path, args.seconds)
+        (fa, ca), (fb, cb) = res["A"], res["B"]
+        ratios.append(fa / fb)
+        costs.append(cb / ca)
+        print(f"round {r + 1}: A {fa / 1e6:.2f} M frames/s at {ca:.0f} ns/frame, B {fb / 1e6:.2f} at {cb:.0f}; "
+              f"A/B frames {ratios[-1]:.3f}, cost B/A {costs[-1]:.3f}", flush=True)
+    print(f"{args.path} 64 B: A/B frames median {median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); "
+          f"B/A CPU per frame median {median(costs):.3f} (min {min(costs):.3f}, max {max(costs):.3f}); logs: {tmp}")
     return 0
 
 

@@ -292,18 +292,24 @@ def start_load(procs: Procs, tmp: str, name: str, path: str, socks: list[str], s
     return gen
 
 
+def anchor_ports(tmp: str, procs: Procs, path: str) -> tuple[Testpmd, list[str]]:
+    """DPDK's vhost PMD serving a loopback run (macswap on one port) or a
+    switch run (io forwarding between two ports), and its sockets."""
+    if path == "loopback":
+        socks = [os.path.join(tmp, "dpdk.sock")]
+        return anchor(tmp, procs, [f"net_vhost0,iface={socks[0]},queues=1"], "macswap", socks), socks
+    socks = [os.path.join(tmp, "a.sock"), os.path.join(tmp, "b.sock")]
+    return anchor(tmp, procs, [f"net_vhost{i},iface={s},queues=1" for i, s in enumerate(socks)], "io", socks), socks
+
+
 def forwarded(path: str, tmp: str, side: str, size: int, seconds: float) -> tuple[float, float]:
     """A loopback or switch run; counted: frames received by the load."""
     with Procs() as procs:
         if side == "vhostd":
             be, socks = vhostd_ports(tmp, path)
             procs.add(be)
-        elif path == "loopback":
-            socks = [os.path.join(tmp, "dpdk.sock")]
-            be = anchor(tmp, procs, [f"net_vhost0,iface={socks[0]},queues=1"], "macswap", socks)
         else:
-            socks = [os.path.join(tmp, "a.sock"), os.path.join(tmp, "b.sock")]
-            be = anchor(tmp, procs, [f"net_vhost{i},iface={s},queues=1" for i, s in enumerate(socks)], "io", socks)
+            be, socks = anchor_ports(tmp, procs, path)
         gen = start_load(procs, tmp, f"gen-{side}", path, socks, size)
         return window(lambda: sum(gen.rx_packets().values()), be.pid, seconds)
 
