@@ -124,6 +124,8 @@ def cmd_vm_run(args) -> int:
         return 124
     if vm.exit_status is None:
         return 1
+    if vm.exit_status:
+        print(f"vhostd vm run: {vm.name}: {vm.exit_reason}", file=sys.stderr)
     return vm.exit_status & 0xFF
 
 

@@ -50,7 +50,8 @@ KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 # Modules built into the kernel are skipped; "optional" ones may be absent.
 VIRTIO_MODULES = [
     "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
-    "virtio_pci", "virtio_blk", "failover", "net_failover", "virtio_net",
+    "virtio_pci", "virtio_mmio", "virtio_blk", "failover", "net_failover", "virtio_net",
+    "pvpanic", "pvpanic_mmio",  # vhostd's VMM: virtio-mmio devices, panics reported to the VMM
 ]
 EXT4_MODULES = ["crc16", "mbcache", "jbd2", "crc32c_generic", "ext4"]
 REQUIRED_MODULES = {"virtio", "virtio_ring", "virtio_pci", "virtio_blk", "virtio_net", "ext4"}

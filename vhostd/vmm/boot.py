@@ -393,12 +393,21 @@ def load_bzimage(mem: GuestMemory, kernel: bytes, cmdline: str, initrd: bytes | 
     return LinuxImage(entry=load + 0x200, load_addr=load, boot_params=ZERO_PAGE_GPA, initrd=placed)
 
 
-def setup_linux(mem: GuestMemory, vcpu: Vcpu, kernel: bytes, cmdline: str, initrd: bytes | None = None) -> LinuxImage:
+_ACPI_RSDP_ADDR = 0x070
+
+
+def setup_linux(mem: GuestMemory, vcpu: Vcpu, kernel: bytes, cmdline: str, initrd: bytes | None = None,
+                acpi_tables: dict[int, bytes] | None = None, rsdp: int = 0) -> LinuxImage:
     """Load the kernel and enter its 64-bit entry point at CPL0 (boot.rst,
     "64-bit boot protocol"): paging on with an identity map covering the
     kernel, boot_params and command line; CS = __BOOT_CS, DS/ES/SS = __BOOT_DS;
-    interrupts off; RSI = boot_params."""
+    interrupts off; RSI = boot_params.  acpi_tables (gpa -> bytes) go into
+    the reserved BIOS area, and boot_params names the RSDP at rsdp."""
     image = load_bzimage(mem, kernel, cmdline, initrd)
+    for gpa, data in (acpi_tables or {}).items():
+        mem.write(gpa, data)
+    if rsdp:
+        mem.write(ZERO_PAGE_GPA + _ACPI_RSDP_ADDR, struct.pack("<Q", rsdp))
     write_page_tables(mem, user=False)
     gdt = struct.pack("<4Q", 0, 0, CODE64(0), DATA(0)) + _tss_descriptor(TSS_GPA, 103)
     mem.write(GDT_GPA, gdt)

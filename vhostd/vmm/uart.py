@@ -1,10 +1,14 @@
-"""An 8250/16550 UART, transmit side only: enough for a polling console
-(the guest-drivers runtime, Linux earlyprintk=serial,ttyS0).
+"""A 16550A UART, transmit side only: a polling console (the guest-drivers
+runtime, Linux earlyprintk) or an interrupt-driven one (Linux's ttyS0).
 
-THR writes (with DLAB clear) go to the console sink; LSR always reads 0x60
-(transmitter empty, nothing received); LCR, IER, MCR and SCR hold what was
-written; IIR reads 0x01 (no interrupt pending); MSR reads 0xb0 (DCD, DSR,
-CTS).  The divisor latch is accepted and ignored.  No interrupts, no input.
+THR writes (with DLAB clear) go to the console sink at once, so the
+transmitter is always empty: LSR reads 0x60, and with IER's "THR empty"
+interrupt enabled (and MCR's OUT2, which gates a PC UART's interrupt line)
+the UART raises its IRQ after each write and when the interrupt is enabled,
+until IIR reports it (reading IIR clears it, as on the real part).  FCR's
+FIFO enable shows in IIR's top bits (a 16550A, so Linux writes 16 bytes per
+interrupt).  LCR, IER, MCR and SCR hold what was written; MSR reads 0xb0
+(DCD, DSR, CTS).  The divisor latch is accepted and ignored.  No input.
 """
 
 from __future__ import annotations
@@ -14,8 +18,12 @@ import threading
 from typing import Callable
 
 THR, IER, IIR, LCR, MCR, LSR, MSR, SCR = range(8)
+FCR = IIR  # written: FIFO control; read: interrupt identification
 LCR_DLAB = 0x80
 LSR_THRE_TEMT = 0x60
+IER_THRI = 0x02
+MCR_OUT2 = 0x08
+IIR_NO_INT, IIR_THRI, IIR_FIFOS = 0x01, 0x02, 0xC0
 
 
 class Console:
@@ -57,45 +65,80 @@ class Console:
 
 
 class Uart8250:
-    def __init__(self, console: Console, base: int = 0x3F8) -> None:
+    def __init__(self, console: Console, base: int = 0x3F8,
+                 irq: Callable[[int], None] | None = None) -> None:
+        """irq(level): drive the interrupt line (None: a polled console)."""
         self.console = console
         self.base = base
         self.regs = bytearray(8)
         self.divisor = bytearray(2)
+        self.fifo = False
+        self.thre_pending = False  # "THR empty" not yet reported by IIR
+        self._irq = irq
+        self._level = 0
+        self._lock = threading.Lock()  # vCPUs of an SMP guest share the UART
+
+    @property
+    def interrupt_driven(self) -> bool:
+        return self._irq is not None
 
     def handles(self, port: int) -> bool:
         return self.base <= port < self.base + 8
+
+    def _update_irq(self) -> None:
+        level = int(self.thre_pending and bool(self.regs[IER] & IER_THRI) and bool(self.regs[MCR] & MCR_OUT2))
+        if self._irq is not None and level != self._level:
+            self._level = level
+            self._irq(level)
 
     def write(self, port: int, data: bytes) -> None:
         reg = port - self.base
         if reg == THR and not self.regs[LCR] & LCR_DLAB:
             self.console.write(data)
+            with self._lock:
+                self.thre_pending = True  # sent at once: empty again
+                self._update_irq()
             return
-        for i, value in enumerate(data):  # `outw` to LCR etc.: byte by byte
-            r = reg + i
-            if r >= 8:
-                break
-            if r in (THR, IER) and self.regs[LCR] & LCR_DLAB:
-                self.divisor[r] = value
-            elif r in (IER, LCR, MCR, SCR):
-                self.regs[r] = value
+        with self._lock:
+            for i, value in enumerate(data):  # `outw` to LCR etc.: byte by byte
+                r = reg + i
+                if r >= 8:
+                    break
+                if r in (THR, IER) and self.regs[LCR] & LCR_DLAB:
+                    self.divisor[r] = value
+                elif r == IER:
+                    if value & IER_THRI and not self.regs[IER] & IER_THRI:
+                        self.thre_pending = True  # enabling it with THR empty interrupts at once
+                    self.regs[IER] = value & 0x0F
+                elif r == FCR:
+                    self.fifo = bool(value & 1)
+                elif r in (LCR, MCR, SCR):
+                    self.regs[r] = value
+            self._update_irq()
 
     def read(self, port: int, size: int) -> bytes:
         out = bytearray()
-        for i in range(size):
-            r = port - self.base + i
-            if r >= 8:
-                out.append(0xFF)
-            elif r in (THR, IER) and self.regs[LCR] & LCR_DLAB:
-                out.append(self.divisor[r])
-            elif r == THR:
-                out.append(0)
-            elif r == IIR:
-                out.append(0x01)
-            elif r == LSR:
-                out.append(LSR_THRE_TEMT)
-            elif r == MSR:
-                out.append(0xB0)
-            else:
-                out.append(self.regs[r])
+        with self._lock:
+            for i in range(size):
+                r = port - self.base + i
+                if r >= 8:
+                    out.append(0xFF)
+                elif r in (THR, IER) and self.regs[LCR] & LCR_DLAB:
+                    out.append(self.divisor[r])
+                elif r == THR:
+                    out.append(0)
+                elif r == IIR:
+                    fifos = IIR_FIFOS if self.fifo else 0
+                    if self.thre_pending and self.regs[IER] & IER_THRI:
+                        self.thre_pending = False
+                        out.append(IIR_THRI | fifos)
+                    else:
+                        out.append(IIR_NO_INT | fifos)
+                elif r == LSR:
+                    out.append(LSR_THRE_TEMT)
+                elif r == MSR:
+                    out.append(0xB0)
+                else:
+                    out.append(self.regs[r])
+            self._update_irq()
         return bytes(out)

@@ -17,6 +17,11 @@ the kernel):
   drains before handling any exit and every 50 ms, so printing costs no exit
   per byte.
 * PIO 0x501: the exit device; `outl` ends the VM with that status.
+* Linux guests (acpi.py): PIO 0x600, the ACPI sleep control register
+  (poweroff: status 0), 0x602 the ACPI reset register and 0x64 the 8042's
+  reset command (reboot: the VM ends, status 0, or 255 after a panic),
+  0x505 pvpanic (a kernel panic: status 255).  The UART raises IRQ 4 for an
+  interrupt-driven ttyS0, so its writes are not coalesced for a kernel.
 * PIO 0x502: the VMM's exception stubs (payload VMs): the VM ends with
   status 255 and a description of the exception on the log.
 * MMIO 0xd0000000 + i * 0x1000: virtio-mmio device i.
@@ -26,8 +31,9 @@ the kernel):
   the VM ends with status 255 and the reason on the log.
 
 vCPU 0 enters the payload (or the kernel); the others wait in the kernel
-for INIT/SIPI from the in-kernel LAPIC, which a CPL3 payload cannot send
-(the guest ABI has no entry for secondary vCPUs yet).  The boot info
+for INIT/SIPI from the in-kernel LAPIC: Linux sends it to every CPU the
+ACPI MADT lists; a CPL3 payload cannot (the guest ABI has no entry for
+secondary vCPUs yet).  The boot info
 cmdline of a payload gets ``tsc_khz=N`` appended (see payload_args).
 
 Stopping: `stop()` sets kvm_run.immediate_exit on every vCPU and sends each
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 import struct
 import sys
@@ -50,7 +57,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from vhostd.config import VmConfig
-from vhostd.vmm import boot, kvm
+from vhostd.vmm import acpi, boot, kvm
 from vhostd.vmm.uart import Console, Uart8250
 from vhostd.vmm.virtio_mmio import DEVICE_IDS, DeviceSetupError, VhostUserMmioDevice
 
@@ -64,6 +71,10 @@ CRASH_STATUS = 255
 #: First GSI of the virtio-mmio devices: device i raises GSI 5 + i.
 FIRST_DEVICE_GSI = 5
 HYPERVISOR_TIMING_LEAF = 0x40000010
+CPUID_1_ECX_HYPERVISOR = 1 << 31
+UART_IRQ = 4
+KBD_COMMAND_PORT, KBD_RESET = 0x64, 0xFE
+PANIC_MARK = b"Kernel panic - not syncing"
 KVM_SYSTEM_EVENT_SHUTDOWN, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_CRASH = 1, 2, 3
 
 
@@ -92,8 +103,10 @@ class VirtualMachine:
         pages are much slower under PVM.  Default: for VMs up to 512 MiB."""
         self.config = config
         self.name = config.name
-        self.console = Console(console)
-        self.uart = Uart8250(self.console, boot.UART_PORT)
+        self.console = Console(_PanicWatch(self, console))
+        self.uart = Uart8250(self.console, boot.UART_PORT,
+                             irq=self._uart_irq if config.kernel is not None and config.payload is None else None)
+        self.panicked = False  # the guest said so (pvpanic, or its console)
         self.populate = config.memory <= 512 << 20 if populate is None else populate
         self.connect_timeout = connect_timeout
         self.exit_status: int | None = None
@@ -126,7 +139,8 @@ class VirtualMachine:
         for i in range(cfg.vcpus):
             vm.create_vcpu(i)
         self._set_cpuid()
-        if self._kvm.check_extension(kvm.KVM_CAP_COALESCED_PIO) and vm.vcpus[0].coalesced is not None:
+        if (not self.uart.interrupt_driven and self._kvm.check_extension(kvm.KVM_CAP_COALESCED_PIO)
+                and vm.vcpus[0].coalesced is not None):
             # UART output without an exit per byte: KVM queues THR writes.
             vm.register_coalesced_pio(boot.UART_PORT, 1)
             self._coalesced = vm.vcpus[0].coalesced
@@ -155,17 +169,32 @@ class VirtualMachine:
                 log.info("%s: payload %s: entry %#x, image [%#x, %#x), free RAM from %#x", cfg.name, cfg.payload,
                          p.entry, p.image_start, p.image_end, p.free_start)
             elif cfg.kernel is not None:
-                cmdline = cfg.cmdline
-                for i, b in enumerate(boot_devices):
-                    cmdline += f" virtio_mmio.device=4K@{b.mmio_base:#x}:{b.irq}"
+                cmdline = self.kernel_cmdline(cfg.cmdline)
                 initrd = _read(cfg.initrd, "initrd") if cfg.initrd else None
-                img = boot.setup_linux(self.mem, bsp, _read(cfg.kernel, "kernel"), cmdline.strip(), initrd)
-                log.info("%s: kernel %s at %#x, entry %#x, cmdline %r", cfg.name, cfg.kernel, img.load_addr,
-                         img.entry, cmdline.strip())
+                tables = acpi.build(cfg.vcpus, [acpi.MmioDevice(b.mmio_base, boot.MMIO_STRIDE, b.irq)
+                                                for b in boot_devices], boot.UART_PORT, UART_IRQ)
+                img = boot.setup_linux(self.mem, bsp, _read(cfg.kernel, "kernel"), cmdline, initrd,
+                                       acpi_tables=tables, rsdp=acpi.RSDP_GPA)
+                log.info("%s: kernel %s at %#x, entry %#x, %d vCPU(s), cmdline %r", cfg.name, cfg.kernel,
+                         img.load_addr, img.entry, cfg.vcpus, cmdline)
+                if not hardware_virtualisation():
+                    log.warning("%s: this host's /dev/kvm is PVM (no VMX/SVM): a Linux kernel runs emulated at "
+                                "CPL0, about a million instructions a second, and will not reach its userspace "
+                                "in useful time; boot it on a host with hardware virtualisation", cfg.name)
             else:
                 raise VmError(f"{cfg.name}: neither a payload nor a kernel to boot")
         except boot.BootError as e:
             raise VmError(f"{cfg.name}: {e}") from None
+
+    @staticmethod
+    def kernel_cmdline(cmdline: str) -> str:
+        """The config's command line, plus ``panic=-1`` unless it sets
+        panic=: a panicking guest then reboots at once and the VM ends
+        (status 255), instead of spinning until the timeout."""
+        words = cmdline.split()
+        if not any(w.startswith("panic=") for w in words):
+            words.append("panic=-1")
+        return " ".join(words)
 
     @staticmethod
     def payload_args(args: str, tsc_khz: int) -> str:
@@ -187,6 +216,9 @@ class VirtualMachine:
                 e = kvm.kvm_cpuid_entry2.from_buffer_copy(e)
                 if e.function == 1:
                     e.ebx = (e.ebx & 0x00FFFFFF) | (vcpu.index << 24)  # initial APIC ID
+                    # "Running under a hypervisor": without it Linux does not look
+                    # for KVM's leaves, so no kvmclock and no TSC frequency.
+                    e.ecx |= CPUID_1_ECX_HYPERVISOR
                 elif e.function in (0xB, 0x1F):
                     e.edx = vcpu.index  # x2APIC ID
                 elif e.function == 0x40000000 and tsc_khz:
@@ -354,15 +386,39 @@ class VirtualMachine:
                 what = boot.describe_exception(vcpu, self.mem, data[0])
                 log.error("%s: %s", self.name, what)
                 self.stop(CRASH_STATUS, what)
+            elif self.uart.interrupt_driven and port in POWER_PORTS:
+                self._power(port, data[0])
             else:
                 c = self.counts.by_port
                 c[port] = c.get(port, 0) + 1
         else:
             if self.uart.handles(port):
                 value = self.uart.read(port, size) * count
+            elif port == acpi.PVPANIC_PORT and self.uart.interrupt_driven:
+                value = bytes([acpi.PVPANIC_PANICKED]) * n  # the events it reports
             else:
                 value = b"\xff" * n
             ctypes.memmove(addr, value, n)
+
+    def _uart_irq(self, level: int) -> None:
+        if self._vm is not None:
+            self._vm.irq_line(UART_IRQ, level)
+
+    def _power(self, port: int, value: int) -> None:
+        """The guest's power interface (acpi.py): poweroff, reboot, panic."""
+        if port == acpi.SLEEP_CONTROL_PORT:
+            if value & acpi.SLP_EN and (value >> 2) & 7 == acpi.S5_TYPE:
+                self.stop(0, "the guest powered off")
+        elif port == acpi.PVPANIC_PORT:
+            if value & acpi.PVPANIC_PANICKED:
+                self.panicked = True
+                self.stop(CRASH_STATUS, "the guest kernel panicked")
+        elif (port == acpi.RESET_PORT and value == acpi.RESET_VALUE) or \
+                (port == KBD_COMMAND_PORT and value == KBD_RESET):
+            if self.panicked:
+                self.stop(CRASH_STATUS, "the guest kernel panicked")
+            else:
+                self.stop(0, "the guest rebooted (a reboot ends the VM)")
 
     def _mmio(self, m: kvm.kvm_run_mmio) -> None:
         gpa, length = m.phys_addr, m.len
@@ -408,6 +464,36 @@ class VirtualMachine:
         text = f"vCPU {vcpu.index}: {what}{where}"
         log.error("%s: %s", self.name, text)
         self.stop(CRASH_STATUS, text)
+
+
+POWER_PORTS = frozenset({acpi.SLEEP_CONTROL_PORT, acpi.RESET_PORT, acpi.PVPANIC_PORT, KBD_COMMAND_PORT})
+
+
+class _PanicWatch:
+    """The console sink, noting a kernel panic's line on the way (a guest
+    without the pvpanic driver reports its panic only there)."""
+
+    def __init__(self, vm: VirtualMachine, sink: Callable[[bytes], None]) -> None:
+        self.vm = vm
+        self.sink = sink
+
+    def __call__(self, data: bytes) -> None:
+        if PANIC_MARK in data:
+            self.vm.panicked = True
+        self.sink(data)
+
+
+def hardware_virtualisation() -> bool:
+    """Whether this host's KVM runs guests on VMX/SVM (not PVM, which runs
+    CPL0 code emulated)."""
+    if os.path.exists("/sys/module/kvm_pvm"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return True
+    return " vmx" in flags or " svm" in flags
 
 
 def _read(path: str, what: str) -> bytes:

@@ -1,0 +1,160 @@
+"""vhostd's VMM boots Linux to userspace, on real hardware virtualisation.
+
+This machine's /dev/kvm (PVM) cannot run a Linux kernel at speed, so these
+tests run one level down (tests/nested): a QEMU TCG guest with an emulated
+SVM CPU, whose /dev/kvm is real.  One nested session serves the module (it
+costs ~5 s to start and Python runs slowly in it): there `vhostd serve`
+runs the devices and `vhostd vm run` boots the Debian cloud kernel with the
+test guest's busybox initramfs (tests/guest) several times:
+
+* `boot`: 2 vCPUs, a vhostd blk disk (virtio-mmio, described by ACPI);
+  the guest writes and reads back a sector, then /init powers off;
+* `panic`: the guest panics (sysrq c);
+* `net1`, `net2`: two VMs on two ports of a vhostd switch, at once: ping,
+  then a 1 MiB TCP stream from net2 to net1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import nested  # noqa: E402
+from guest.build_guest import GUEST_EXIT_MARKER, ensure_guest_image  # noqa: E402
+from guest.cpio import CpioWriter, gzip_bytes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTOR_OFFSET = 2048 * 512
+PATTERN = "vhostd-linux-boot"
+STREAM_BYTES = 1 << 20
+
+SCRIPTS = {
+    "boot": f"""
+echo "VHOSTD-RESULT nproc=$(nproc)"
+printf '{PATTERN}' | dd of=/dev/vda bs=512 seek=2048 conv=sync,fsync 2>/dev/null
+back=$(dd if=/dev/vda bs=512 skip=2048 count=1 2>/dev/null | head -c {len(PATTERN)})
+[ "$back" = {PATTERN} ] || exit 3
+echo "VHOSTD-RESULT readback=ok"
+""",
+    "panic": "echo 1 > /proc/sys/kernel/sysrq\necho c > /proc/sysrq-trigger\nsleep 30\n",
+    "net1": """
+ip link set eth0 up && ip addr add 10.9.0.1/24 dev eth0 || exit 2
+# busybox nc half-closes when its stdin ends, and the client then stops
+# sending: its stdin is a FIFO held open (fd 3) until the stream is in.
+mkfifo /tmp/in
+nc -l -p 5000 < /tmp/in > /tmp/got &
+exec 3> /tmp/in
+wait $! || exit 4
+echo "VHOSTD-RESULT got=$(wc -c < /tmp/got)"
+""",
+    "net2": f"""
+ip link set eth0 up && ip addr add 10.9.0.2/24 dev eth0 || exit 2
+ok=
+for i in $(seq 30); do
+    if ping -c 1 -W 1 10.9.0.1 >/dev/null 2>&1; then ok=1; break; fi
+done
+[ -n "$ok" ] || exit 5
+ping -c 3 -W 2 10.9.0.1 || exit 6
+sleep 1
+dd if=/dev/zero bs=1024 count={STREAM_BYTES // 1024} 2>/dev/null | nc 10.9.0.1 5000 || exit 7
+echo "VHOSTD-RESULT sent=ok"
+""",
+}
+
+
+def initrd(base: Path, script: str, out: Path) -> Path:
+    w = CpioWriter()
+    w.file("test.sh", ("#!/bin/sh\n" + script).encode(), 0o755)
+    out.write_bytes(base.read_bytes() + gzip_bytes(w.getvalue(), level=1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def nested_run(tmp_path_factory):
+    why = nested.why_not()
+    if why:
+        pytest.skip(why)
+    image = ensure_guest_image()
+    work = tmp_path_factory.mktemp("linux-vms")
+    disk = work / "disk.img"
+    disk.write_bytes(b"")
+    with open(disk, "r+b") as f:
+        f.truncate(64 << 20)
+    socks = {name: str(work / f"{name}.sock") for name in ("d0", "sw0", "sw1")}
+    devices = [{"name": "d0", "type": "blk", "socket": socks["d0"], "path": str(disk)},
+               {"name": "sw0", "type": "net", "socket": socks["sw0"], "backend": "switch", "switch": "lan"},
+               {"name": "sw1", "type": "net", "socket": socks["sw1"], "backend": "switch", "switch": "lan"}]
+
+    def vm(name: str, vcpus: int, devs: list[dict]) -> dict:
+        return {"name": name, "memory": "256M", "vcpus": vcpus, "kernel": str(image.kernel),
+                "initrd": str(initrd(image.initramfs, SCRIPTS[name], work / f"{name}.img")),
+                "cmdline": "console=ttyS0", "devices": devs}
+
+    vms = [vm("boot", 2, [{"type": "blk", "socket": socks["d0"]}]), vm("panic", 1, []),
+           vm("net1", 1, [{"type": "net", "socket": socks["sw0"]}]),
+           vm("net2", 1, [{"type": "net", "socket": socks["sw1"]}])]
+    config = work / "vhostd.yaml"
+    config.write_text(yaml.safe_dump({"daemon": {"workers": 1}, "devices": devices, "vms": vms}, sort_keys=False))
+    spec = work / "spec.json"
+    spec.write_text(json.dumps({"config": str(config), "sockets": list(socks.values()),
+                                "groups": [["boot"], ["panic"], ["net1", "net2"]], "timeout": 240,
+                                "reads": {"sector": [str(disk), SECTOR_OFFSET, len(PATTERN)]}}))
+    cmd = [sys.executable, str(ROOT / "tests" / "nested" / "linux_vms.py"), str(spec)]
+    p = nested.run(cmd, timeout=900)
+    if p.returncode == nested.L1_FAILED:
+        # The emulated machine itself died (its kernel has been seen to
+        # crash under TCG's SVM): not what is tested here; once more.
+        print(f"nested guest failed, retrying once:\n{p.stderr[-2000:]}", file=sys.stderr)
+        p = nested.run(cmd, timeout=900)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("NESTED-RESULT ")), None)
+    assert line, f"nested run failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    result = json.loads(line.split(" ", 1)[1])
+    assert "error" not in result, f"{result['error']}\n{result['serve_log']}"
+    return result
+
+
+def vm_result(run: dict, name: str) -> dict:
+    r = run["vms"][name]
+    r["why"] = f"{name}: status {r['status']} after {r['seconds']} s\n{r['console'][-3000:]}\n{r['stderr']}"
+    return r
+
+
+def results(console: str) -> dict[str, str]:
+    out = {}
+    for line in console.splitlines():
+        if line.startswith("VHOSTD-RESULT "):
+            k, _, v = line[len("VHOSTD-RESULT "):].partition("=")
+            out[k] = v.strip()
+    return out
+
+
+def test_linux_boots_to_init_on_two_vcpus_and_powers_off(nested_run):
+    r = vm_result(nested_run, "boot")
+    assert f"{GUEST_EXIT_MARKER}0" in r["console"], r["why"]
+    assert results(r["console"])["nproc"] == "2", r["why"]
+    assert r["status"] == 0, r["why"]  # /init's `poweroff -f`: ACPI S5
+
+
+def test_linux_writes_a_vhostd_disk_and_the_host_image_has_it(nested_run):
+    r = vm_result(nested_run, "boot")
+    assert results(r["console"]).get("readback") == "ok", r["why"]
+    assert bytes.fromhex(nested_run["reads"]["sector"]) == PATTERN.encode()
+
+
+def test_a_guest_panic_ends_the_vm_with_255_and_the_panic_on_the_console(nested_run):
+    r = vm_result(nested_run, "panic")
+    assert r["status"] == 255, r["why"]
+    assert "Kernel panic - not syncing" in r["console"], r["why"]
+    assert "panicked" in r["stderr"], r["why"]
+
+
+def test_two_linux_vms_ping_and_stream_tcp_over_a_vhostd_switch(nested_run):
+    server, client = vm_result(nested_run, "net1"), vm_result(nested_run, "net2")
+    assert results(client["console"]).get("sent") == "ok", client["why"]
+    assert results(server["console"]).get("got") == str(STREAM_BYTES), server["why"]
+    assert server["status"] == 0 and client["status"] == 0, server["why"] + client["why"]
