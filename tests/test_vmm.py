@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from daemon import DaemonProcess
+from vhostd.vmm.vm import hardware_virtualisation
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE_SRC = Path(__file__).resolve().parent / "vmm" / "probe.c"
@@ -477,6 +478,8 @@ def test_linux_reaches_its_early_console(tmp_path):
         assert b"KASLR disabled: 'nokaslr' on cmdline." in seen, seen.decode(errors="replace") + p.stderr.read1().decode()
         p.send_signal(signal.SIGTERM)
         assert p.wait(10) == 128 + signal.SIGTERM
+        if not hardware_virtualisation():  # and it says why Linux gets no further here
+            assert b"/dev/kvm is PVM" in p.stderr.read()
     finally:
         p.kill()
         p.wait()

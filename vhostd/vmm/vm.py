@@ -100,14 +100,18 @@ class VirtualMachine:
     def __init__(self, config: VmConfig, *, console: Callable[[bytes], None] = stdout_sink,
                  populate: bool | None = None, connect_timeout: float = 10.0) -> None:
         """populate: prefault guest RAM (MAP_POPULATE); first touches of guest
-        pages are much slower under PVM.  Default: for VMs up to 512 MiB."""
+        pages are much slower under PVM.  Default: for VMs up to 512 MiB on
+        a PVM host; never with hardware virtualisation, where it only costs
+        boot time and memory the guest may never use."""
         self.config = config
         self.name = config.name
         self.console = Console(_PanicWatch(self, console))
         self.uart = Uart8250(self.console, boot.UART_PORT,
                              irq=self._uart_irq if config.kernel is not None and config.payload is None else None)
         self.panicked = False  # the guest said so (pvpanic, or its console)
-        self.populate = config.memory <= 512 << 20 if populate is None else populate
+        if populate is None:
+            populate = config.memory <= 512 << 20 and not hardware_virtualisation()
+        self.populate = populate
         self.connect_timeout = connect_timeout
         self.exit_status: int | None = None
         self.exit_reason = ""
