@@ -92,3 +92,20 @@ def test_polled_uart_has_no_interrupt():
     u.write(0x3F8 + 1, b"\x02")
     u.write(0x3F8, b"x\n")
     assert out == [b"x\n"] and not u.interrupt_driven
+
+
+def test_cmos_clock_gives_the_time_without_an_update_in_progress():
+    import time
+
+    from vhostd.vmm.rtc import CmosRtc
+
+    rtc = CmosRtc(clock=lambda: time.struct_time((2026, 12, 2, 4, 27, 59, 2, 336, 0)))
+
+    def reg(i: int) -> int:
+        rtc.write(0x70, bytes([0x80 | i]))  # with the NMI mask bit, as Linux writes it
+        return rtc.read(0x71, 1)[0]
+
+    assert not reg(0x0A) & 0x80  # UIP clear: the guest does not poll
+    assert reg(0x0B) & 0x02  # 24-hour
+    assert [reg(i) for i in (0x00, 0x02, 0x04, 0x07, 0x08, 0x09, 0x32)] == [0x59, 0x27, 0x04, 0x02, 0x12, 0x26,
+                                                                            0x20]

@@ -24,6 +24,7 @@ the kernel):
   interrupt-driven ttyS0, so its writes are not coalesced for a kernel.
 * PIO 0x502: the VMM's exception stubs (payload VMs): the VM ends with
   status 255 and a description of the exception on the log.
+* PIO 0x70/0x71: a read-only CMOS clock (rtc.py): the time at boot.
 * MMIO 0xd0000000 + i * 0x1000: virtio-mmio device i.
 * Other ports read as all ones, writes to them are ignored; other MMIO
   reads return all ones.
@@ -58,6 +59,7 @@ from typing import Callable
 
 from vhostd.config import VmConfig
 from vhostd.vmm import acpi, boot, kvm
+from vhostd.vmm.rtc import CmosRtc
 from vhostd.vmm.uart import Console, Uart8250
 from vhostd.vmm.virtio_mmio import DEVICE_IDS, DeviceSetupError, VhostUserMmioDevice
 
@@ -87,7 +89,11 @@ class ExitCounts:
     pio: int = 0
     mmio: int = 0
     other: int = 0
-    by_port: dict[int, int] = field(default_factory=dict)
+    by_port: dict[int, int] = field(default_factory=dict)  # PIO exits by port
+
+    def busiest(self, n: int = 5) -> str:
+        top = sorted(self.by_port.items(), key=lambda kv: -kv[1])[:n]
+        return ", ".join(f"{port:#x}: {count}" for port, count in top)
 
 
 def stdout_sink(data: bytes) -> None:
@@ -109,6 +115,7 @@ class VirtualMachine:
         self.uart = Uart8250(self.console, boot.UART_PORT,
                              irq=self._uart_irq if config.kernel is not None and config.payload is None else None)
         self.panicked = False  # the guest said so (pvpanic, or its console)
+        self.rtc = CmosRtc()
         if populate is None:
             populate = config.memory <= 512 << 20 and not hardware_virtualisation()
         self.populate = populate
@@ -373,6 +380,8 @@ class VirtualMachine:
 
     def _pio(self, vcpu: kvm.Vcpu, io: kvm.kvm_run_io) -> None:
         port, size, count = io.port, io.size, io.count
+        by_port = self.counts.by_port
+        by_port[port] = by_port.get(port, 0) + 1
         addr = vcpu.run_addr + io.data_offset
         n = size * count
         if io.direction == kvm.KVM_EXIT_IO_OUT:
@@ -392,14 +401,15 @@ class VirtualMachine:
                 self.stop(CRASH_STATUS, what)
             elif self.uart.interrupt_driven and port in POWER_PORTS:
                 self._power(port, data[0])
-            else:
-                c = self.counts.by_port
-                c[port] = c.get(port, 0) + 1
+            elif self.rtc.handles(port):
+                self.rtc.write(port, data)
         else:
             if self.uart.handles(port):
                 value = self.uart.read(port, size) * count
             elif port == acpi.PVPANIC_PORT and self.uart.interrupt_driven:
                 value = bytes([acpi.PVPANIC_PANICKED]) * n  # the events it reports
+            elif self.rtc.handles(port):
+                value = self.rtc.read(port, size) * count
             else:
                 value = b"\xff" * n
             ctypes.memmove(addr, value, n)
