@@ -46,15 +46,24 @@ def main() -> int:
         for group in spec["groups"]:
             procs = {}
             for name in group:
-                procs[name] = (time.monotonic(), subprocess.Popen(
+                # Files, not pipes: a VM whose console pipe is full (nobody
+                # reads it while we wait for the other) would stop in its
+                # UART write.
+                out = open(f"{spec['config']}.{name}.out", "w+b")
+                err = open(f"{spec['config']}.{name}.err", "w+b")
+                procs[name] = (time.monotonic(), out, err, subprocess.Popen(
                     [sys.executable, "-m", "vhostd", "vm", "run", "--config", spec["config"], name,
                      "--timeout", str(spec["timeout"])],
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT))
-            for name, (t0, p) in procs.items():
-                out, err = p.communicate(timeout=spec["timeout"] + 60)
+                    stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=ROOT))
+            for name, (t0, out, err, p) in procs.items():
+                p.wait(timeout=spec["timeout"] + 60)
+                out.seek(0)
+                err.seek(0)
                 result["vms"][name] = {"status": p.returncode, "seconds": round(time.monotonic() - t0, 2),
-                                       "console": out.decode(errors="replace"),
-                                       "stderr": err.decode(errors="replace")[-4000:]}
+                                       "console": out.read().decode(errors="replace"),
+                                       "stderr": err.read().decode(errors="replace")[-4000:]}
+                out.close()
+                err.close()
         for label, (path, offset, length) in spec.get("reads", {}).items():
             with open(path, "rb") as f:
                 f.seek(offset)

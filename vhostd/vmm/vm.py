@@ -111,9 +111,9 @@ class VirtualMachine:
         boot time and memory the guest may never use."""
         self.config = config
         self.name = config.name
+        self.linux = config.kernel is not None and config.payload is None  # ACPI, power ports, UART IRQ
         self.console = Console(_PanicWatch(self, console))
-        self.uart = Uart8250(self.console, boot.UART_PORT,
-                             irq=self._uart_irq if config.kernel is not None and config.payload is None else None)
+        self.uart = Uart8250(self.console, boot.UART_PORT, irq=self._uart_irq if self.linux else None)
         self.panicked = False  # the guest said so (pvpanic, or its console)
         self.rtc = CmosRtc()
         if populate is None:
@@ -399,14 +399,14 @@ class VirtualMachine:
                 what = boot.describe_exception(vcpu, self.mem, data[0])
                 log.error("%s: %s", self.name, what)
                 self.stop(CRASH_STATUS, what)
-            elif self.uart.interrupt_driven and port in POWER_PORTS:
+            elif self.linux and port in POWER_PORTS:
                 self._power(port, data[0])
             elif self.rtc.handles(port):
                 self.rtc.write(port, data)
         else:
             if self.uart.handles(port):
                 value = self.uart.read(port, size) * count
-            elif port == acpi.PVPANIC_PORT and self.uart.interrupt_driven:
+            elif port == acpi.PVPANIC_PORT and self.linux:
                 value = bytes([acpi.PVPANIC_PANICKED]) * n  # the events it reports
             elif self.rtc.handles(port):
                 value = self.rtc.read(port, size) * count
