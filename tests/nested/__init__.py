@@ -10,6 +10,7 @@ at the same paths (writes stay inside), and returns its output and status.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -35,9 +36,8 @@ def why_not() -> str | None:
     if runner() is None:
         return ("no nested-run.sh (set VHOSTD_NESTED_RUN): this machine has no hardware-virtualisation "
                 "/dev/kvm, and no way to get one one level down")
-    for tool in ("qemu-system-x86_64",):
-        if subprocess.run(["which", tool], capture_output=True).returncode:
-            return f"{tool} is missing (scripts/test-deps.sh installs it)"
+    if shutil.which("qemu-system-x86_64") is None:
+        return "qemu-system-x86_64 is missing (scripts/test-deps.sh installs it)"
     return None
 
 

@@ -116,8 +116,9 @@ class VirtualMachine:
         self.uart = Uart8250(self.console, boot.UART_PORT, irq=self._uart_irq if self.linux else None)
         self.panicked = False  # the guest said so (pvpanic, or its console)
         self.rtc = CmosRtc()
+        self.hardware_virt = hardware_virtualisation()
         if populate is None:
-            populate = config.memory <= 512 << 20 and not hardware_virtualisation()
+            populate = config.memory <= 512 << 20 and not self.hardware_virt
         self.populate = populate
         self.connect_timeout = connect_timeout
         self.exit_status: int | None = None
@@ -188,7 +189,7 @@ class VirtualMachine:
                                        acpi_tables=tables, rsdp=acpi.RSDP_GPA)
                 log.info("%s: kernel %s at %#x, entry %#x, %d vCPU(s), cmdline %r", cfg.name, cfg.kernel,
                          img.load_addr, img.entry, cfg.vcpus, cmdline)
-                if not hardware_virtualisation():
+                if not self.hardware_virt:
                     log.warning("%s: this host's /dev/kvm is PVM (no VMX/SVM): a Linux kernel runs emulated at "
                                 "CPL0, about a million instructions a second, and will not reach its userspace "
                                 "in useful time; boot it on a host with hardware virtualisation", cfg.name)
