@@ -1,5 +1,6 @@
-# The native data plane (and the load generator's ring loop) is compiled by cffi at install time; cffi_modules is a
+# The native data plane (and the load generator's ring loop, and the VMM's vCPU exit loop) is compiled by cffi at install time; cffi_modules is a
 # setup() keyword that pyproject.toml cannot express.
 from setuptools import setup
 
-setup(cffi_modules=["vhostd/native/build.py:ffibuilder", "vhostd/loadgen/build.py:ffibuilder"])
+setup(cffi_modules=["vhostd/native/build.py:ffibuilder", "vhostd/loadgen/build.py:ffibuilder",
+                     "vhostd/vmm/build.py:ffibuilder"])

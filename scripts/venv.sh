@@ -11,8 +11,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # Reinstall when the sources of the native module or the metadata changed.
 stamp="$VENV/.vhostd-installed${1:-}"
-if [ ! -f "$stamp" ] || [ -n "$(find "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/vhostd/native" -newer "$stamp" -print -quit)" ] \
-   || ! "$VENV/bin/python" -c 'import vhostd._native' 2>/dev/null; then
+if [ ! -f "$stamp" ] || [ -n "$(find "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/vhostd/native" "$ROOT/vhostd/loadgen" "$ROOT/vhostd/vmm/vcpu.c" "$ROOT/vhostd/vmm/vcpu.h" -newer "$stamp" -print -quit)" ] \
+   || ! "$VENV/bin/python" -c 'import vhostd._native, vhostd._loadgen, vhostd._vcpu' 2>/dev/null; then
     "$VENV/bin/python" -m pip install -q -e "$ROOT${1:-}"
     touch "$stamp"
 fi

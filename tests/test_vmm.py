@@ -17,6 +17,7 @@ Everything is skipped only when /dev/kvm does not exist.
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -415,6 +416,10 @@ def test_selftest_against_vhostd_blk_and_net_loopback(selftest_elf, tmp_path, da
     assert "SELFTEST PASS" in r.stdout
     assert "blk0: PASS" in r.stdout and "net0: PASS" in r.stdout
     assert "net0: net=loopback sent=100 received=100 verified=100" in r.stdout
+    # The guest's InterruptStatus read and InterruptACK write were answered
+    # by the C exit loop, with the state virtio_mmio.py keeps.
+    assert "blk0: InterruptStatus 0x1, after InterruptACK 0x0" in r.stdout
+    assert re.search(r"\d+ mmio \(and 3 answered in C\)", r.stderr), r.stderr
 
 
 def test_selftest_against_qemu_storage_daemon(selftest_elf, tmp_path, sockdir):

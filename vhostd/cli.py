@@ -115,8 +115,8 @@ def cmd_vm_run(args) -> int:
             signal.signal(sig, handler)
     log = logging.getLogger("vhostd.vmm")
     c = vm.counts
-    log.info("%s: %s; ran %.3f s; exits: %d pio (%s), %d mmio, %d other", vm.name, vm.exit_reason, vm.run_time,
-             c.pio, c.busiest(), c.mmio, c.other)
+    log.info("%s: %s; ran %.3f s; exits: %d pio (%s), %d mmio (and %d answered in C), %d other", vm.name,
+             vm.exit_reason, vm.run_time, c.pio, c.busiest(), c.mmio, c.mmio_in_c, c.other)
     if stopped_by:
         return 128 + stopped_by[0]
     if timed_out:

@@ -287,6 +287,16 @@ static void blk_test(u32 devidx, u64 base, const char *name)
                   VIRTIO_BLK_S_IOERR);
     expect_status(b, "unknown request type 0x7f", vblk_do(b, 0x7f, 0, two, SECTOR_SIZE), VIRTIO_BLK_S_UNSUPP);
 
+    /* InterruptStatus shows used buffers until InterruptACK (every driver
+     * that takes interrupts does this; vhostd's VMM answers in its C loop) */
+    u32 isr = mmio_read32(b->dev.base + VIRTIO_MMIO_INTERRUPT_STATUS);
+    mmio_write32(b->dev.base + VIRTIO_MMIO_INTERRUPT_ACK, isr);
+    u32 acked = mmio_read32(b->dev.base + VIRTIO_MMIO_INTERRUPT_STATUS);
+    if (!(isr & 1) || (acked & 1))
+        fail(name, "InterruptStatus 0x%x after requests, 0x%x after InterruptACK", isr, acked);
+    else
+        printf("%s: InterruptStatus 0x%x, after InterruptACK 0x%x\n", name, isr, acked);
+
     /* WRITE_ZEROES on one of the extents, then it must read as zeroes */
     if (b->can_write_zeroes && !b->ro && n > 3) {
         struct {

@@ -46,6 +46,7 @@ struct fq {
     uint32_t num_max, num, ready;
     uint64_t desc, drv, dev;
     uint16_t last_avail, used_idx;
+    uint16_t isr_acked; /* used_idx at the last InterruptACK of bit 0 */
     int broken;
     atomic_int kick;
     unsigned long notifies, chains;
@@ -649,7 +650,7 @@ static void reset(struct fdev *d)
         q->num = q->num_max;
         q->ready = 0;
         q->desc = q->drv = q->dev = 0;
-        q->last_avail = q->used_idx = 0;
+        q->last_avail = q->used_idx = q->isr_acked = 0;
         q->broken = 0;
         atomic_store(&q->kick, 0);
     }
@@ -678,7 +679,12 @@ uint32_t hosted_mmio_read(uint64_t addr, int size)
     case 0x010: v = d->feat_sel < 2 ? (uint32_t)(d->feat >> (32 * d->feat_sel)) : 0; break;
     case 0x034: v = q ? q->num_max : 0; break;
     case 0x044: v = q ? q->ready : 0; break;
-    case 0x060: v = 0; break;
+    case 0x060: /* bit 0: used buffers since the last InterruptACK */
+        v = 0;
+        for (int i = 0; i < d->nq; i++)
+            if (d->q[i].used_idx != d->q[i].isr_acked)
+                v = 1;
+        break;
     case 0x070: v = d->status; break;
     case 0x0fc: v = d->gen; break;
     default: violation(d, NULL, "read of register 0x%x", off); break;
@@ -744,7 +750,11 @@ void hosted_mmio_write(uint64_t addr, int size, uint32_t v)
         atomic_store(&d->q[v].kick, 1);
         pthread_cond_signal(&wake);
         break;
-    case 0x064: break;
+    case 0x064:
+        if (v & 1)
+            for (int i = 0; i < d->nq; i++)
+                d->q[i].isr_acked = d->q[i].used_idx;
+        break;
     case 0x070:
         if (v == 0) {
             reset(d);

@@ -2,9 +2,11 @@
 
 Struct layouts and ioctl numbers follow <linux/kvm.h> (x86-64); sizes and
 offsets are asserted below against values printed by a C program compiled
-with that header (see the numbers in the asserts).  Every ioctl goes through
-libc's ioctl via ctypes, which releases the GIL for the duration of the call:
-a vCPU thread blocked in KVM_RUN does not stop the rest of the process.
+with that header (see the numbers in the asserts).  Every ioctl but KVM_RUN
+goes through libc's ioctl via ctypes, which releases the GIL for the
+duration of the call.  KVM_RUN is issued by the C exit loop (vcpu.c), which
+also runs without the GIL: a vCPU thread in the guest does not stop the rest
+of the process.
 
 Pitfall: an ioctl argument must stay referenced until the call returns;
 ``_ioctl`` takes the ctypes object itself, never a bare address of a
@@ -510,20 +512,6 @@ class Vcpu:
             return 0
 
     # -- running
-    def run_once(self) -> int:
-        """One KVM_RUN.  Returns the exit reason, or -errno (EINTR, EAGAIN)
-        when the call was interrupted before or without a guest exit."""
-        r = _libc.ioctl(self.fd, KVM_RUN, 0)
-        if r < 0:
-            e = ctypes.get_errno()
-            if e in (errno.EINTR, errno.EAGAIN):
-                return -e
-            raise KvmError(e, f"KVM_RUN: {os.strerror(e)}")
-        return self.run.exit_reason
-
-    def io_data_addr(self) -> int:
-        return self.run_addr + self.run.u.io.data_offset
-
     def close(self) -> None:
         if self.fd >= 0:
             if self.coalesced is not None:

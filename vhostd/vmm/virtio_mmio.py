@@ -25,6 +25,8 @@ The VMM only runs the transport; the back-end does the work:
   computed: set when the used index of a running queue moved since the
   driver last acknowledged bit 0.  Bit 1 (config change) is set when a
   config fetch saw the config change.  InterruptACK clears what it names.
+  A driver reads and acknowledges on every interrupt, so this state lives in
+  C (vcpu.c), where the vCPU exit loop answers both registers itself.
 * Status 0 (reset): SET_VRING_ENABLE 0 and GET_VRING_BASE on each started
   queue, which stops it in the back-end; everything else is forgotten.
   The device sets DEVICE_NEEDS_RESET when the back-end refuses a request,
@@ -43,6 +45,7 @@ import time
 from vhostd.frontend import BackendError, Frontend
 from vhostd.protocol.codec import MemoryRegion, ProtocolError
 from vhostd.protocol.constants import F_PROTOCOL_FEATURES, ProtocolFeature
+from vhostd._vcpu import ffi as _ffi, lib as _vcpu
 from vhostd.vmm.kvm import GuestMemory, Vm
 
 # Registers (offsets into the device's 4 KiB window)
@@ -129,7 +132,6 @@ class Queue:
         self.desc = self.driver = self.device = 0
         self.started = False
         self.backend_index = self.index
-        self.used_acked = 0
 
 
 def _set_low(value: int, low: int) -> int:
@@ -174,6 +176,11 @@ class VhostUserMmioDevice:
             self.fe.close()
             raise DeviceSetupError(f"{self.label}: vhost-user handshake failed: {e}") from None
         self.queues = [Queue(i) for i in range(self.num_queues)]
+        isr = _vcpu.vcpu_isr_new(self.num_queues)
+        if isr == _ffi.NULL:
+            self.fe.close()
+            raise MemoryError("vcpu_isr_new")
+        self.isr = _ffi.gc(isr, _vcpu.vcpu_isr_free)  # interrupt state, shared with the exit loop
         self._reset_state()
 
     # ------------------------------------------------------------ set-up
@@ -222,7 +229,7 @@ class VhostUserMmioDevice:
         self.driver_features = 0
         self.queue_sel = 0
         self.config_generation = 0
-        self.config_changed = False
+        _vcpu.vcpu_isr_ack(self.isr, INT_CONFIG)
         self.running = False
         for q in self.queues:
             q.reset()
@@ -456,7 +463,7 @@ class VhostUserMmioDevice:
             return
         q.started = True
         q.backend_index = bi
-        q.used_acked = self.mem.read_u16(q.device + 2)
+        _vcpu.vcpu_isr_start_queue(self.isr, q.index, _ffi.cast("void *", self.mem.to_hva(q.device + 2, 2)))
 
     def _set_queue_ready(self, q: Queue, ready: int) -> None:
         if ready == q.ready:
@@ -475,6 +482,7 @@ class VhostUserMmioDevice:
             if not q.started:
                 continue
             q.started = False
+            _vcpu.vcpu_isr_stop_queue(self.isr, q.index)
             if self.broken:
                 continue
             try:
@@ -497,20 +505,10 @@ class VhostUserMmioDevice:
     # ------------------------------------------------------------ interrupts
 
     def _interrupt_status(self) -> int:
-        isr = INT_CONFIG if self.config_changed else 0
-        for q in self.queues:
-            if q.started and self.mem.read_u16(q.device + 2) != q.used_acked:
-                isr |= INT_VRING
-                break
-        return isr
+        return _vcpu.vcpu_isr_status(self.isr)
 
     def _interrupt_ack(self, value: int) -> None:
-        if value & INT_VRING:
-            for q in self.queues:
-                if q.started:
-                    q.used_acked = self.mem.read_u16(q.device + 2)
-        if value & INT_CONFIG:
-            self.config_changed = False
+        _vcpu.vcpu_isr_ack(self.isr, value)
 
     # ------------------------------------------------------------ config space
 
@@ -547,7 +545,7 @@ class VhostUserMmioDevice:
         data = data.ljust(CONFIG_SIZES[self.kind], b"\0")
         if self._config_snapshot is not None and data != self._config_snapshot:
             self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
-            self.config_changed = True
+            _vcpu.vcpu_isr_raise(self.isr, INT_CONFIG)
         self._config_snapshot = data
         return data
 

@@ -25,7 +25,10 @@ the kernel):
 * PIO 0x502: the VMM's exception stubs (payload VMs): the VM ends with
   status 255 and a description of the exception on the log.
 * PIO 0x70/0x71: a read-only CMOS clock (rtc.py): the time at boot.
-* MMIO 0xd0000000 + i * 0x1000: virtio-mmio device i.
+* MMIO 0xd0000000 + i * 0x1000: virtio-mmio device i.  The loop around
+  KVM_RUN is C (vcpu.c, GIL released): it answers InterruptStatus reads and
+  InterruptACK writes, which a driver makes on every interrupt, by itself
+  and returns every other exit to the Python dispatch here.
 * Other ports read as all ones, writes to them are ignored; other MMIO
   reads return all ones.
 * Triple fault (KVM_EXIT_SHUTDOWN), KVM internal errors, failed entries:
@@ -47,6 +50,7 @@ ignored, so nothing else in the process is disturbed.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -57,6 +61,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from vhostd._vcpu import ffi as _ffi, lib as _vcpu
 from vhostd.config import VmConfig
 from vhostd.vmm import acpi, boot, kvm
 from vhostd.vmm.rtc import CmosRtc
@@ -88,6 +93,7 @@ class VmError(Exception):
 class ExitCounts:
     pio: int = 0
     mmio: int = 0
+    mmio_in_c: int = 0  # interrupt register accesses the C exit loop answered (counted at close)
     other: int = 0
     by_port: dict[int, int] = field(default_factory=dict)  # PIO exits by port
 
@@ -135,6 +141,7 @@ class VirtualMachine:
         self._done = threading.Event()
         self._closed = False
         self._coalesced: kvm.CoalescedRing | None = None
+        self._isrs = self._mmio_map = _ffi.NULL
 
     # ------------------------------------------------------------ build
 
@@ -171,6 +178,12 @@ class VirtualMachine:
             boot_devices.append(boot.BootDevice(base, DEVICE_IDS[dev.type], gsi))
             log.info("%s: virtio-mmio %s at %#x (gsi %d) -> %s: %d queue(s), features %#x, protocol %#x",
                      cfg.name, dev.type, base, gsi, dev.socket, d.num_queues, d.device_features, d.protocol)
+
+        # The exit loop answers each device's interrupt registers in C.
+        self._isrs = _ffi.new("struct vcpu_isr *[]", [d.isr for d in self.devices] or 1)
+        self._mmio_map = _ffi.new("struct vcpu_mmio_map *", {
+            "mmio_base": boot.MMIO_BASE, "stride": boot.MMIO_STRIDE, "num_devices": len(self.devices),
+            "devices": self._isrs})
 
         bsp = vm.vcpus[0]
         try:
@@ -319,6 +332,7 @@ class VirtualMachine:
         self._drain_coalesced()
         self.console.flush()
         self._closed = True
+        self.counts.mmio_in_c = sum(_vcpu.vcpu_isr_fast_exits(d.isr) for d in self.devices)
         for d in self.devices:
             d.close()
         self.devices.clear()
@@ -346,12 +360,13 @@ class VirtualMachine:
         run = vcpu.run
         io, mmio = run.u.io, run.u.mmio
         counts = self.counts
-        run_once, pio, mmio_exit = vcpu.run_once, self._pio, self._mmio
+        fd, page, mmio_map = vcpu.fd, _ffi.cast("void *", vcpu.run_addr), self._mmio_map
+        c_run, pio, mmio_exit = _vcpu.vcpu_run, self._pio, self._mmio
         EXIT_IO, EXIT_MMIO, EXIT_INTR = kvm.KVM_EXIT_IO, kvm.KVM_EXIT_MMIO, kvm.KVM_EXIT_INTR
         ring = self._coalesced.head if self._coalesced is not None else None
         drain = self._drain_coalesced
         while not self._stopping:
-            reason = run_once()
+            reason = c_run(fd, page, mmio_map)  # the GIL is released inside
             if ring is not None and ring.first != ring.last:
                 drain()  # writes queued before this exit come first
             if reason == EXIT_IO:
@@ -360,8 +375,10 @@ class VirtualMachine:
             elif reason == EXIT_MMIO:
                 counts.mmio += 1
                 mmio_exit(mmio)
-            elif reason < 0 or reason == EXIT_INTR:
+            elif reason in (-errno.EINTR, -errno.EAGAIN) or reason == EXIT_INTR:
                 _take_kick_signal()
+            elif reason < 0:
+                raise kvm.KvmError(-reason, f"KVM_RUN: {os.strerror(-reason)}")
             else:
                 counts.other += 1
                 self._other_exit(vcpu, run, reason)
