@@ -106,15 +106,24 @@ def inner(spec: dict, rounds: int) -> dict:
     try:
         for r in range(rounds):
             for side in (("vhostd", "qemu") if r % 2 == 0 else ("qemu", "vhostd")):
-                t0 = time.monotonic()
-                with open(os.path.join(tmp, f"{side}.err"), "w+") as err:
-                    p = subprocess.Popen(ours if side == "vhostd" else qemu, stdout=subprocess.PIPE, stderr=err,
-                                         stdin=subprocess.DEVNULL, cwd=ROOT)
-                    try:
-                        runs[side].append(watch(p, t0, 240))
-                    except RuntimeError as e:
-                        err.seek(0)
-                        raise RuntimeError(f"{side}: {e}\n{err.read()[-2000:]}") from None
+                for attempt in (1, 2):
+                    # A guest of either VMM now and then stops early in its boot in
+                    # the nested machine (seen with both); one retry, said aloud.
+                    t0 = time.monotonic()
+                    with open(os.path.join(tmp, f"{side}.err"), "w+") as err:
+                        p = subprocess.Popen(ours if side == "vhostd" else qemu, stdout=subprocess.PIPE,
+                                             stderr=err, stdin=subprocess.DEVNULL, cwd=ROOT)
+                        try:
+                            runs[side].append(watch(p, t0, 120))
+                            break
+                        except RuntimeError as e:
+                            err.seek(0)
+                            status = subprocess.run([sys.executable, "-m", "vhostd", "status", "--config", cfg],
+                                                    capture_output=True, text=True, cwd=ROOT)
+                            failure = f"{side}: {e}\n{err.read()[-2000:]}\nvhostd status:\n{status.stdout}{status.stderr}"
+                            if attempt == 2:
+                                raise RuntimeError(failure) from None
+                            print(f"round {r + 1} {side} failed, once more: {failure}", file=sys.stderr, flush=True)
                 print(f"round {r + 1} {side}: {runs[side][-1]}", file=sys.stderr, flush=True)
     finally:
         serve.terminate()
@@ -143,8 +152,7 @@ def main() -> int:
     with open(spec, "w") as f:
         json.dump(prepare(tmp, args.seconds), f)
     p = nested.run([sys.executable, os.path.abspath(__file__), "--inner", spec, "--rounds", str(args.rounds)],
-                   timeout=1800)
-    sys.stderr.write(p.stderr[-4000:])
+                   timeout=1800, live_stderr=True)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("VMM-BENCH ")), None)
     if not line:
         print(f"nested run failed (rc {p.returncode}):\n{p.stdout[-3000:]}", file=sys.stderr)

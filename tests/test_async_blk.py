@@ -149,6 +149,8 @@ def test_a_hung_disk_stalls_neither_its_worker_nor_the_control_plane(vhostd_fact
     st = status(vd)
     took = time.monotonic() - t0
     assert st["hang"]["queues"][0]["pending"] == 8 and st["ok"]["counters"][0]["reads"] == 100
+    # the driver's avail index is shown beside the back-end's: all 8 taken
+    assert st["hang"]["queues"][0]["driver_avail"] == st["hang"]["queues"][0]["last_avail"] == 8
     print(f"status answered in {took * 1000:.1f} ms with 8 requests hung")
     assert control(str(vd.workdir / "ctl.sock"), "reload", timeout=5)["ok"]
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:

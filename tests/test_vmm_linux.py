@@ -9,11 +9,13 @@ test guest's busybox initramfs (tests/guest) several times:
 
 * `boot`: 2 vCPUs, a vhostd blk disk (virtio-mmio, described by ACPI);
   the guest writes and reads back a sector, then /init powers off;
-* `panic`: the guest panics (sysrq c).
+* `panic`: the guest panics (sysrq c);
+* `net`: a vhostd net port on a TAP device of the nested guest, which has
+  10.9.0.1: the VM pings it and sends it 1 MiB over TCP.
 
-Not yet here: two VMs at once on a vhostd switch (`net1`, `net2` below).
-In this nested guest one of the two stopped early in its boot in 3 of 5
-runs, for a reason not found yet; the scripts stay for that test.
+Two VMs booting at once on a vhostd switch are not tested here: in this
+nested guest one of the two now and then stops early in its boot (seen with
+QEMU's guests too, in benchmarks/vmm_linux.py), so one VM and a TAP it is.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTOR_OFFSET = 2048 * 512
 PATTERN = "vhostd-linux-boot"
 STREAM_BYTES = 1 << 20
+STREAM_PORT = 5000
+TAP, HOST_IP, GUEST_IP = "vhtap0", "10.9.0.1", "10.9.0.2"
 
 SCRIPTS = {
     "boot": f"""
@@ -44,26 +48,15 @@ back=$(dd if=/dev/vda bs=512 skip=2048 count=1 2>/dev/null | head -c {len(PATTER
 echo "VHOSTD-RESULT readback=ok"
 """,
     "panic": "echo 1 > /proc/sys/kernel/sysrq\necho c > /proc/sysrq-trigger\nsleep 30\n",
-    "net1": """
-ip link set eth0 up && ip addr add 10.9.0.1/24 dev eth0 || exit 2
-# busybox nc half-closes when its stdin ends, and the client then stops
-# sending: its stdin is a FIFO held open (fd 3) until the stream is in.
-mkfifo /tmp/in
-nc -l -p 5000 < /tmp/in > /tmp/got &
-exec 3> /tmp/in
-wait $! || exit 4
-echo "VHOSTD-RESULT got=$(wc -c < /tmp/got)"
-""",
-    "net2": f"""
-ip link set eth0 up && ip addr add 10.9.0.2/24 dev eth0 || exit 2
+    "net": f"""
+ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0 || exit 2
 ok=
 for i in $(seq 30); do
-    if ping -c 1 -W 1 10.9.0.1 >/dev/null 2>&1; then ok=1; break; fi
+    if ping -c 1 -W 1 {HOST_IP} >/dev/null 2>&1; then ok=1; break; fi
 done
 [ -n "$ok" ] || exit 5
-ping -c 3 -W 2 10.9.0.1 || exit 6
-sleep 1
-dd if=/dev/zero bs=1024 count={STREAM_BYTES // 1024} 2>/dev/null | nc 10.9.0.1 5000 || exit 7
+ping -c 3 -W 2 {HOST_IP} || exit 6
+dd if=/dev/zero bs=1024 count={STREAM_BYTES // 1024} 2>/dev/null | nc {HOST_IP} {STREAM_PORT} || exit 7
 echo "VHOSTD-RESULT sent=ok"
 """,
 }
@@ -87,21 +80,26 @@ def nested_run(tmp_path_factory):
     disk.write_bytes(b"")
     with open(disk, "r+b") as f:
         f.truncate(64 << 20)
-    socks = {"d0": str(work / "d0.sock")}
-    devices = [{"name": "d0", "type": "blk", "socket": socks["d0"], "path": str(disk)}]
+    socks = {"d0": str(work / "d0.sock"), "n0": str(work / "n0.sock")}
+    devices = [{"name": "d0", "type": "blk", "socket": socks["d0"], "path": str(disk)},
+               {"name": "n0", "type": "net", "socket": socks["n0"], "backend": "tap", "tap": TAP}]
 
     def vm(name: str, vcpus: int, devs: list[dict]) -> dict:
         return {"name": name, "memory": "256M", "vcpus": vcpus, "kernel": str(image.kernel),
                 "initrd": str(initrd(image.initramfs, SCRIPTS[name], work / f"{name}.img")),
                 "cmdline": "console=ttyS0", "devices": devs}
 
-    vms = [vm("boot", 2, [{"type": "blk", "socket": socks["d0"]}]), vm("panic", 1, [])]
+    vms = [vm("boot", 2, [{"type": "blk", "socket": socks["d0"]}]), vm("panic", 1, []),
+           vm("net", 1, [{"type": "net", "socket": socks["n0"]}])]
     config = work / "vhostd.yaml"
     config.write_text(yaml.safe_dump({"daemon": {"workers": 1}, "devices": devices, "vms": vms}, sort_keys=False))
     spec = work / "spec.json"
     spec.write_text(json.dumps({"config": str(config), "sockets": list(socks.values()),
-                                "groups": [["boot"], ["panic"]], "timeout": 240,
-                                "reads": {"sector": [str(disk), SECTOR_OFFSET, len(PATTERN)]}}))
+                                "groups": [["boot"], ["panic"], ["net"]], "timeout": 240,
+                                "reads": {"sector": [str(disk), SECTOR_OFFSET, len(PATTERN)]},
+                                "host_setup": [["ip", "addr", "add", f"{HOST_IP}/24", "dev", TAP],
+                                               ["ip", "link", "set", TAP, "up"]],
+                                "listen": STREAM_PORT}))
     cmd = [sys.executable, str(ROOT / "tests" / "nested" / "linux_vms.py"), str(spec)]
     p = nested.run(cmd, timeout=900)
     if p.returncode == nested.L1_FAILED:
@@ -149,3 +147,11 @@ def test_a_guest_panic_ends_the_vm_with_255_and_the_panic_on_the_console(nested_
     assert r["status"] == 255, r["why"]
     assert "Kernel panic - not syncing" in r["console"], r["why"]
     assert "panicked" in r["stderr"], r["why"]
+
+
+def test_linux_passes_traffic_through_a_vhostd_net_port_to_a_tap(nested_run):
+    r = vm_result(nested_run, "net")
+    assert results(r["console"]).get("sent") == "ok", r["why"]
+    assert " 0% packet loss" in r["console"], r["why"]
+    assert nested_run.get("received") == STREAM_BYTES, r["why"]
+    assert r["status"] == 0, r["why"]

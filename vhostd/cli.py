@@ -189,7 +189,8 @@ def cmd_status(args) -> int:
         for q in d["queues"]:
             qs = "broken" if q["broken"] else "started" if q["started"] else "stopped"
             qs += "" if q["enabled"] else ",disabled"
-            print(f"  queue {q['index']}: {qs} size={q['size']} avail={q['last_avail']} used={q['used_idx']} "
+            print(f"  queue {q['index']}: {qs} size={q['size']} avail={q['last_avail']}/{q['driver_avail']} "
+                  f"used={q['used_idx']} "
                   f"requests={q['requests']} kicks={q['kicks']} notifies={q['notifies']} "
                   f"bytes_out={q['bytes_out']} bytes_in={q['bytes_in']} pending={q['pending']}")
         for i, counters in enumerate(d["counters"]):

@@ -37,6 +37,7 @@ class QueueInfo:
     polled: bool
     last_avail: int
     used_idx: int
+    driver_avail: int  # the driver's avail index: ahead of last_avail = requests not taken yet
     requests: int
     kicks: int
     notifies: int
@@ -230,6 +231,6 @@ class Rings:
         lib.vd_queue_get_stats(self._ptr, index, info)
         return QueueInfo(
             index, info.num, bool(info.started), bool(info.enabled), bool(info.broken), bool(info.polled),
-            info.last_avail, info.used_idx, info.requests, info.kicks, info.notifies, info.out_bytes, info.in_bytes,
+            info.last_avail, info.used_idx, info.driver_avail, info.requests, info.kicks, info.notifies, info.out_bytes, info.in_bytes,
             info.pending,
         )

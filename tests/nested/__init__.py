@@ -41,8 +41,11 @@ def why_not() -> str | None:
     return None
 
 
-def run(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run command inside the nested guest; its output and exit status."""
+def run(command: list[str], timeout: float = 600, live_stderr: bool = False) -> subprocess.CompletedProcess:
+    """Run command inside the nested guest; its output and exit status.
+    live_stderr: the command's stderr goes straight to ours (progress that
+    must show even when the nested guest then times out)."""
     env = {**os.environ, "NESTED_TIMEOUT": str(int(timeout))}
-    return subprocess.run([runner(), *command], capture_output=True, text=True, env=env, timeout=timeout + 60,
-                          cwd=ROOT)
+    return subprocess.run([runner(), *command], stdout=subprocess.PIPE,
+                          stderr=None if live_stderr else subprocess.PIPE, text=True, env=env,
+                          timeout=timeout + 60, cwd=ROOT)

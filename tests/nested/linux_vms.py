@@ -4,9 +4,12 @@ then groups of `vhostd vm run` at once, and report as one JSON line.
     python3 tests/nested/linux_vms.py SPEC.json
 
 SPEC: {"config": path, "sockets": [path...], "groups": [[vm name...]...],
-       "timeout": s, "reads": {label: [path, offset, length]}}
+       "timeout": s, "reads": {label: [path, offset, length]},
+       "host_setup": [[argv...]...], "listen": port}
+host_setup runs once serve listens (say, addresses for its TAP devices);
+listen: a TCP port on which the first connection's bytes are counted.
 Printed: `NESTED-RESULT {"vms": {name: {"status", "seconds", "console",
-"stderr"}}, "reads": {label: hex}, "serve_log": text}`.
+"stderr"}}, "reads": {label: hex}, "received": n, "serve_log": text}`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,6 +32,22 @@ def listening(path: str) -> bool:
             return True
         except OSError:
             return False
+
+
+def count_one_connection(port: int, result: dict) -> socket.socket:
+    """Listen on port; a thread counts the bytes of the first connection."""
+    srv = socket.create_server(("0.0.0.0", port))
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            n = 0
+            while chunk := conn.recv(1 << 16):
+                n += len(chunk)
+            result["received"] = n
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
 
 
 def main() -> int:
@@ -43,6 +63,10 @@ def main() -> int:
             if time.monotonic() > deadline or serve.poll() is not None:
                 raise RuntimeError("vhostd serve did not listen on every socket")
             time.sleep(0.05)
+        for argv in spec.get("host_setup", []):
+            subprocess.run(argv, check=True, capture_output=True, text=True)
+        if spec.get("listen"):
+            count_one_connection(spec["listen"], result)
         for group in spec["groups"]:
             procs = {}
             for name in group:
@@ -68,6 +92,8 @@ def main() -> int:
             with open(path, "rb") as f:
                 f.seek(offset)
                 result["reads"][label] = f.read(length).hex()
+    except subprocess.CalledProcessError as e:
+        result["error"] = f"{e.cmd} failed: {e.stderr}"
     except Exception as e:  # reported, not raised: the host side says what failed
         result["error"] = f"{type(e).__name__}: {e}"
     finally:

@@ -22,6 +22,7 @@ struct vd_queue_info {
     uint32_t num;
     int started, enabled, broken, polled;
     uint16_t last_avail, used_idx;
+    uint16_t driver_avail;    /* the avail index the driver has written (ahead of last_avail: unseen requests) */
     uint64_t requests, kicks, notifies, out_bytes, in_bytes;
     uint32_t pending;         /* requests submitted and not yet completed */
 };

@@ -1204,6 +1204,7 @@ int vd_queue_get_stats(vd_device *d, int i, struct vd_queue_info *out)
     out->polled = q->polled;
     out->last_avail = q->last_avail;
     out->used_idx = q->used_idx;
+    out->driver_avail = q->started ? vd_ring_driver_avail(q) : 0;
     out->requests = q->st.requests;
     out->kicks = q->st.kicks;
     out->notifies = q->st.notifies;

@@ -308,6 +308,7 @@ void vd_queue_fail(struct vd_queue *q, const char *fmt, ...) __attribute__((form
 int vd_ring_map_chain(struct vd_queue *q, uint16_t head, struct vd_req *req, struct iovec *iov, int maxiov);
 int vd_ring_pending(struct vd_queue *q);
 uint16_t vd_ring_next_head(const struct vd_queue *q);
+uint16_t vd_ring_driver_avail(const struct vd_queue *q);
 /* Prefetch the descriptor (buffer 0) or first buffer line (1) of the chain
  * at avail position pos, which the driver published. */
 void vd_ring_prefetch(const struct vd_queue *q, uint16_t pos, int buffer);

@@ -372,6 +372,8 @@ void vd_queue_flush(struct vd_queue *q)
     vd_ring_publish_used(q, vd_rd16(q->used + USED_IDX));
 }
 
+uint16_t vd_ring_driver_avail(const struct vd_queue *q) { return avail_idx(q); }
+
 /* Ask for a kick when the driver adds buffers; returns 1 if some arrived
  * meanwhile (then keep going instead of waiting). */
 int vd_queue_want_kick(struct vd_queue *q)
