@@ -24,6 +24,8 @@ CANDIDATES = [
 
 #: nested-run.sh's status when the nested guest ended without running the command to its end
 L1_FAILED = 125
+#: nested-run.sh's status when its timeout ran out
+L1_TIMED_OUT = 124
 
 
 def runner() -> str | None:

@@ -5,9 +5,11 @@ then groups of `vhostd vm run` at once, and report as one JSON line.
 
 SPEC: {"config": path, "sockets": [path...], "groups": [[vm name...]...],
        "timeout": s, "reads": {label: [path, offset, length]},
-       "host_setup": [[argv...]...], "listen": port}
+       "host_setup": [[argv...]...], "listen": port, "autostart": path}
 host_setup runs once serve listens (say, addresses for its TAP devices);
 listen: a TCP port on which the first connection's bytes are counted.
+autostart: afterwards, `vhostd serve` on that config until its autostart
+VMs have ended; its log is returned as "autostart_log".
 Printed: `NESTED-RESULT {"vms": {name: {"status", "seconds", "console",
 "stderr"}}, "reads": {label: hex}, "received": n, "serve_log": text}`.
 """
@@ -80,7 +82,7 @@ def main() -> int:
                      "--timeout", str(spec["timeout"])],
                     stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=ROOT))
             for name, (t0, out, err, p) in procs.items():
-                p.wait(timeout=spec["timeout"] + 60)
+                p.wait(timeout=spec["timeout"] + 30)
                 out.seek(0)
                 err.seek(0)
                 result["vms"][name] = {"status": p.returncode, "seconds": round(time.monotonic() - t0, 2),
@@ -104,8 +106,34 @@ def main() -> int:
             serve.kill()
         log.seek(0)
         result["serve_log"] = log.read()[-4000:]
+    if spec.get("autostart"):
+        result["autostart_log"] = autostart(spec["autostart"], env, spec["timeout"])
     print("NESTED-RESULT " + json.dumps(result), flush=True)
     return 0
+
+
+def autostart(config: str, env: dict, timeout: float) -> str:
+    """`vhostd serve` on a config whose VM autostarts; returns its log once
+    the VM has ended (or after timeout)."""
+    log = open(config + ".serve.log", "w+")
+    serve = subprocess.Popen([sys.executable, "-m", "vhostd", "serve", "--config", config],
+                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and serve.poll() is None:
+            log.seek(0)
+            text = log.read()
+            if "VM ended" in text or "VM did not start" in text:
+                break
+            time.sleep(0.5)
+    finally:
+        serve.terminate()
+        try:
+            serve.wait(20)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+    log.seek(0)
+    return log.read()[-6000:]
 
 
 if __name__ == "__main__":
