@@ -2,5 +2,5 @@
 # setup() keyword that pyproject.toml cannot express.
 from setuptools import setup
 
-setup(cffi_modules=["vhostd/native/build.py:ffibuilder", "vhostd/loadgen/build.py:ffibuilder",
-                     "vhostd/vmm/build.py:ffibuilder"])
+setup(cffi_modules=["vhostd/native/build.py:ffibuilder", "vhostd/native/build.py:loadgen_ffibuilder",
+                     "vhostd/native/build.py:vcpu_ffibuilder"])

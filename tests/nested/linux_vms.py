@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,12 +53,28 @@ def count_one_connection(port: int, result: dict) -> socket.socket:
     return srv
 
 
+def start_serve(config: str, env: dict) -> tuple[subprocess.Popen, typing.TextIO]:
+    """`vhostd serve --config config`, logging to config.serve.log."""
+    log = open(config + ".serve.log", "w+")
+    return subprocess.Popen([sys.executable, "-m", "vhostd", "serve", "--config", config],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log
+
+
+def stop_serve(serve: subprocess.Popen, log, keep: int) -> str:
+    """Stop serve; the last `keep` characters of its log."""
+    serve.terminate()
+    try:
+        serve.wait(20)
+    except subprocess.TimeoutExpired:
+        serve.kill()
+    log.seek(0)
+    return log.read()[-keep:]
+
+
 def main() -> int:
     spec = json.load(open(sys.argv[1]))
     env = {**os.environ, "PYTHONPATH": ROOT}
-    log = open(spec["config"] + ".serve.log", "w+")
-    serve = subprocess.Popen([sys.executable, "-m", "vhostd", "serve", "--config", spec["config"]],
-                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    serve, log = start_serve(spec["config"], env)
     result: dict = {"vms": {}, "reads": {}}
     try:
         deadline = time.monotonic() + 120
@@ -99,13 +116,7 @@ def main() -> int:
     except Exception as e:  # reported, not raised: the host side says what failed
         result["error"] = f"{type(e).__name__}: {e}"
     finally:
-        serve.terminate()
-        try:
-            serve.wait(20)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-        log.seek(0)
-        result["serve_log"] = log.read()[-4000:]
+        result["serve_log"] = stop_serve(serve, log, 4000)
     if spec.get("autostart"):
         result["autostart_log"] = autostart(spec["autostart"], env, spec["timeout"])
     print("NESTED-RESULT " + json.dumps(result), flush=True)
@@ -115,9 +126,7 @@ def main() -> int:
 def autostart(config: str, env: dict, timeout: float) -> str:
     """`vhostd serve` on a config whose VM autostarts; returns its log once
     the VM has ended (or after timeout)."""
-    log = open(config + ".serve.log", "w+")
-    serve = subprocess.Popen([sys.executable, "-m", "vhostd", "serve", "--config", config],
-                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    serve, log = start_serve(config, env)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and serve.poll() is None:
@@ -127,13 +136,8 @@ def autostart(config: str, env: dict, timeout: float) -> str:
                 break
             time.sleep(0.5)
     finally:
-        serve.terminate()
-        try:
-            serve.wait(20)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-    log.seek(0)
-    return log.read()[-6000:]
+        text = stop_serve(serve, log, 6000)
+    return text
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""cffi build script for the native data plane (module `vhostd._native`).
+"""cffi build script for the C modules: the native data plane
+(`vhostd._native`), and two small single-file ones, the load generator's
+ring loop (`vhostd._loadgen`, vhostd/loadgen/lg.c: the driver side of the
+rings, sharing no code with the back-end on purpose) and the VMM's vCPU exit
+loop (`vhostd._vcpu`, vhostd/vmm/vcpu.c: `vm run` loads it without the data
+plane's libraries).
 
 Compiles with io_uring support when liburing's headers are installed
 (Debian: liburing-dev), with the NBD store when libnbd's are (libnbd-dev)
@@ -6,7 +11,7 @@ and with the RBD store when librbd's are (librbd-dev, librados-dev);
 VHOSTD_NO_URING=1 / VHOSTD_NO_NBD=1 / VHOSTD_NO_RBD=1 build without them.
 
 Run at install time through setup.py's cffi_modules; `python -m
-vhostd.native.build` builds it in place for development.  VHOSTD_SANITIZE=1
+vhostd.native.build` builds them in place for development.  VHOSTD_SANITIZE=1
 adds AddressSanitizer + UBSan for the sanitizer test job.
 """
 
@@ -67,7 +72,32 @@ def make_builder(absolute_paths: bool) -> FFI:
     return ffi
 
 
+def single_file_builder(module: str, folder: str, name: str, absolute_paths: bool) -> FFI:
+    """vhostd.<module> from vhostd/<folder>/<name>.c, declared by <name>.h."""
+    where = HERE.parent / folder
+    ffi = FFI()
+    lines = (where / f"{name}.h").read_text().splitlines()
+    ffi.cdef("\n".join(line for line in lines if not line.lstrip().startswith("#")))
+    src = where / f"{name}.c"
+    ffi.set_source(
+        f"vhostd.{module}",
+        f'#include "{name}.h"\n',
+        sources=[str(src) if absolute_paths else str(src.relative_to(HERE.parent.parent))],
+        include_dirs=[str(where)],
+        extra_compile_args=["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                            "-fvisibility=hidden"],
+        extra_link_args=["-pthread"],
+    )
+    return ffi
+
+
+SMALL_MODULES = {"_loadgen": ("loadgen", "lg"), "_vcpu": ("vmm", "vcpu")}
 ffibuilder = make_builder(absolute_paths=False)
+loadgen_ffibuilder = single_file_builder("_loadgen", *SMALL_MODULES["_loadgen"], absolute_paths=False)
+vcpu_ffibuilder = single_file_builder("_vcpu", *SMALL_MODULES["_vcpu"], absolute_paths=False)
 
 if __name__ == "__main__":
     make_builder(absolute_paths=True).compile(tmpdir=str(HERE.parent.parent / "build" / "cffi"), verbose=False)
+    for module, (folder, name) in SMALL_MODULES.items():
+        single_file_builder(module, folder, name, absolute_paths=True).compile(
+            tmpdir=str(HERE.parent.parent / "build" / f"cffi{module}"), verbose=False)
