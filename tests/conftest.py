@@ -314,10 +314,13 @@ def vhostd_factory(tmp_path, sockdir):
     started: list[Vhostd] = []
 
     def start(devices: list[dict], daemon: dict | None = None, workdir: Path | None = None,
-              prefix: list[str] | tuple[str, ...] = ()) -> Vhostd:
+              prefix: list[str] | tuple[str, ...] = (), activate: tuple[str, ...] = ()) -> Vhostd:
+        """activate: devices whose sockets the test binds and passes (socket activation)."""
         wd = workdir or tmp_path / f"vhostd{len(started)}"
         wd.mkdir(exist_ok=True)
         vd = Vhostd(wd, sockdir, devices, daemon, prefix)
+        for name in activate:
+            vd.activate(name)
         started.append(vd)
         return vd.start()
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +34,21 @@ class DaemonProcess:
         self.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
         self.devices = devices
         self.proc: subprocess.Popen | None = None
+        #: listening sockets handed to every start as systemd would
+        #: (LISTEN_FDS, LISTEN_FDNAMES); the test holds them, like systemd.
+        self.activation: list[tuple[str, socket.socket]] = []
+
+    def activate(self, name: str) -> socket.socket:
+        """Bind the device's socket here and pass it to the daemon at each
+        start (socket activation)."""
+        path = self.socket(name)
+        if os.path.exists(path):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        sock.listen(16)
+        self.activation.append((name, sock))
+        return sock
 
     def socket(self, name: str) -> str:
         for d in self.devices:
@@ -41,9 +58,11 @@ class DaemonProcess:
 
     def start(self, timeout: float = 15.0) -> DaemonProcess:
         self._log = open(self.log_path, "ab")
+        n = len(self.activation)
         self.proc = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", "vhostd", "serve", "--config", str(self.config_path), "--log-level", "debug"],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=self.workdir,
+            preexec_fn=self._pass_sockets if n else None, pass_fds=range(3, 3 + n),
         )
         deadline = time.monotonic() + timeout
         while not all(os.path.exists(self.socket(d["name"])) for d in self.devices):
@@ -53,6 +72,15 @@ class DaemonProcess:
                 raise TimeoutError(f"vhostd did not create its sockets:\n{self.log()}")
             time.sleep(0.02)
         return self
+
+    def _pass_sockets(self) -> None:
+        """In the child, before exec: the sockets at fds 3.. and the
+        variables naming them, as systemd does."""
+        high = [fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD, 100) for _, sock in self.activation]
+        for i, fd in enumerate(high):
+            os.dup2(fd, 3 + i)
+        os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(high)),
+                          LISTEN_FDNAMES=":".join(name for name, _ in self.activation))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,6 +1,7 @@
 """Reconnect without loss: a Linux guest under QEMU (chardev reconnect=1)
 writes numbered, checksummed blocks while vhostd is killed with SIGKILL and
-started again, several times.  No write the guest saw complete may be lost,
+started again, several times, or stopped and started under socket
+activation.  No write the guest saw complete may be lost,
 and the guest must see no I/O error."""
 
 from __future__ import annotations
@@ -25,9 +26,7 @@ def block(i: int) -> bytes:
     return (line * (4096 // len(line) + 1))[:4096]
 
 
-def test_sigkill_and_restart_lose_no_completed_write(vhostd_factory, qemu_guest):
-    vd = vhostd_factory([{"name": "disk0", "size": "8M"}])
-    script = f"""
+SCRIPT = f"""
 i=0
 while [ $i -lt {BLOCKS} ]; do
     n=$(printf %04d $i)
@@ -48,13 +47,36 @@ done
 echo "VHOSTD-RESULT bad=$bad"
 dmesg | grep -i -E "I/O error|blk_update_request|buffer i/o" && echo "VHOSTD-RESULT ioerrors=yes" || echo "VHOSTD-RESULT ioerrors=no"
 """
-    g = qemu_guest(script, disks=[BlkDisk(vd.socket("disk0"), reconnect=1)])
+
+
+def test_sigkill_and_restart_lose_no_completed_write(vhostd_factory, qemu_guest):
+    vd = vhostd_factory([{"name": "disk0", "size": "8M"}])
+    g = qemu_guest(SCRIPT, disks=[BlkDisk(vd.socket("disk0"), reconnect=1)])
     g.start()
     for k in range(KILLS):
         g.wait_for(re.compile(rf"WROTE {20 + k * 30} "), timeout=240)
         vd.kill()  # SIGKILL: no goodbye to QEMU, requests may be in flight
         vd.proc.wait()
         vd.start()
+    check_every_write_landed(vd, g, KILLS + 1)
+
+
+def test_restarts_under_socket_activation_lose_nothing(vhostd_factory, qemu_guest):
+    """An upgrade: vhostd stopped (SIGTERM) and started twice while its
+    socket, passed by socket activation, stays bound; QEMU reconnects to
+    the same socket at once."""
+    vd = vhostd_factory([{"name": "disk0", "size": "8M"}], activate=("disk0",))
+    g = qemu_guest(SCRIPT, disks=[BlkDisk(vd.socket("disk0"), reconnect=1)])
+    g.start()
+    for k in range(2):
+        g.wait_for(re.compile(rf"WROTE {30 + k * 50} "), timeout=240)
+        assert vd.stop() == 0
+        vd.start()
+    check_every_write_landed(vd, g, 3)
+    assert vd.log().count("(passed by socket activation)") == 3
+
+
+def check_every_write_landed(vd, g, sessions: int) -> None:
     assert g.wait(timeout=600) == 0, g.console_tail()
     console = g.console
     assert "WRITE-FAILED" not in console, g.console_tail()
@@ -67,5 +89,5 @@ dmesg | grep -i -E "I/O error|blk_update_request|buffer i/o" && echo "VHOSTD-RES
         assert hashlib.md5(block(i)).hexdigest() == digest
         assert image[i * 4096:(i + 1) * 4096] == block(i), f"block {i} lost"
     log = vd.log()
-    assert log.count("disk0: front-end connected") >= KILLS + 1
+    assert log.count("disk0: front-end connected") >= sessions
     assert "inflight tracking: " in log

@@ -153,7 +153,9 @@ def test_text_format_without_systemd(tmp_path):
     assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO vhostd.device: d0: listening on", d.log(), re.M)
 
 
-def test_unit_file_verifies(tmp_path):
+def test_unit_files_verify(tmp_path):
+    """vhostd.service and vhostd.socket, together; the socket unit listens
+    on the device sockets of the config the service runs."""
     if not shutil.which("systemd-analyze"):
         pytest.skip("systemd-analyze is not installed (package systemd)")
     unit = (REPO / "config" / "vhostd.service").read_text()
@@ -162,14 +164,21 @@ def test_unit_file_verifies(tmp_path):
     unit = unit.replace("/usr/local/bin/vhostd", exe)
     path = tmp_path / "vhostd.service"
     path.write_text(unit)
-    out = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
+    sockets = (REPO / "config" / "vhostd.socket").read_text()
+    (tmp_path / "vhostd.socket").write_text(sockets)
+    out = subprocess.run(["systemd-analyze", "verify", str(path), str(tmp_path / "vhostd.socket")],
+                         capture_output=True, text=True, timeout=60)
     problems = [line for line in (out.stdout + out.stderr).splitlines()
-                if "vhostd.service" in line and "Failed to" not in line.split("vhostd.service", 1)[0]]
+                if re.search(r"vhostd\.(service|socket)", line)
+                and "Failed to" not in re.split(r"vhostd\.(?:service|socket)", line, maxsplit=1)[0]]
     assert out.returncode == 0 and not problems, out.stdout + out.stderr
     assert "Type=notify" in unit and "ExecReload=/bin/kill -HUP $MAINPID" in unit
     from vhostd.config import load_config
 
-    assert load_config(REPO / "config" / "vhostd-systemd.yaml", check_files=False).daemon.control_socket
+    cfg = load_config(REPO / "config" / "vhostd-systemd.yaml", check_files=False)
+    assert cfg.daemon.control_socket
+    listen = re.findall(r"^ListenStream=(\S+)", sockets, re.M)
+    assert listen == [d.socket for d in cfg.devices]
 
 
 def test_sigterm_completes_what_the_guest_submitted(vhostd_factory):

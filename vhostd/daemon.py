@@ -10,6 +10,7 @@ import os
 import pwd
 import resource
 import signal
+import socket
 import threading
 import time
 
@@ -79,10 +80,19 @@ class Opening:
     error: str = ""
 
 
+def bound_path(sock: socket.socket) -> str:
+    """The absolute path a unix socket is bound to ("" if none)."""
+    name = sock.getsockname()
+    return os.path.abspath(name) if isinstance(name, str) and name else ""
+
+
 class Daemon:
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop,
+                 passed: list[tuple[str, socket.socket]] = ()) -> None:
+        """passed: listening sockets from socket activation (systemd.listen_fds)."""
         self.config = config
         self.loop = loop
+        self.passed = list(passed)
         self.engine = Engine(config.daemon.workers)
         self.servers: dict[str, DeviceServer] = {}
         self.configs: dict[str, object] = {}  # the config each running device was started from
@@ -100,6 +110,21 @@ class Daemon:
         except BaseException:
             self.close()
             raise
+        for name, sock in self.passed:
+            if not any(self.passed_listener(cfg) is sock for cfg in self.config.devices):
+                log.warning("a socket passed by socket activation (%s, name %r) matches no device: unused",
+                            bound_path(sock), name)
+
+    def passed_listener(self, cfg) -> socket.socket | None:
+        """The passed socket for a device: the one named after it
+        (FileDescriptorName=), else the one bound to its socket path."""
+        named = [sock for name, sock in self.passed if name == cfg.name]
+        if named:
+            if bound_path(named[0]) != os.path.abspath(cfg.socket):
+                log.warning("%s: serving the passed socket %s, not the config's socket %s", cfg.name,
+                            bound_path(named[0]), cfg.socket)
+            return named[0]
+        return next((sock for _, sock in self.passed if bound_path(sock) == os.path.abspath(cfg.socket)), None)
         log.info("serving %d device(s) with %d data plane worker(s)%s", len(self.servers), self.engine.workers,
                  f"; opening the store of {len(self.opening)} more" if self.opening else "")
         uring, why = self.engine.uring()
@@ -120,7 +145,8 @@ class Daemon:
             handler = DeviceHandler(device, self.engine, logging.LoggerAdapter(log, {}))
             device.attach(handler.rings)
             server = DeviceServer(device, handler, cfg.socket, self.loop, cfg.socket_mode,
-                                  access=Access.from_config(cfg), on_session=self._sessions_changed)
+                                  access=Access.from_config(cfg), on_session=self._sessions_changed,
+                                  listener=self.passed_listener(cfg))
             handler.log = server.log
             if self.config.daemon.metrics:
                 handler.rings.set_timing(True)  # latency histograms only when someone reads them
@@ -348,7 +374,7 @@ async def _watchdog(interval: float) -> None:
 async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     raise_open_file_limit(fds_needed(config))
-    daemon = Daemon(config, loop)
+    daemon = Daemon(config, loop, systemd.listen_fds())
     # Before the sockets appear: a signal sent as soon as they exist must
     # find its handler (the loop runs the handlers at the next await).
     for sig in (signal.SIGTERM, signal.SIGINT):

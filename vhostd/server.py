@@ -271,8 +271,12 @@ class DeviceServer:
 
     def __init__(self, device: Device, handler: DeviceHandler, socket_path: str, loop: asyncio.AbstractEventLoop,
                  socket_mode: int | None = None, access: Access = Access(),
-                 on_session: Callable[[], None] | None = None) -> None:
+                 on_session: Callable[[], None] | None = None, listener: socket.socket | None = None) -> None:
+        """listener: a listening socket passed by socket activation, used
+        instead of binding socket_path; it stays open and bound when the
+        device stops (its owner, systemd, keeps it for the next start)."""
         self.access = access
+        self.passed = listener
         self.on_session = on_session
         self.peer: tuple[int, int, int] | None = None  # (pid, uid, gid) of the connected front-end
         self.device = device
@@ -286,6 +290,10 @@ class DeviceServer:
         self._listener: socket.socket | None = None
 
     def start(self) -> None:
+        if self.passed is not None:
+            self.passed.setblocking(False)
+            self._listen_on(self.passed, "passed by socket activation")
+            return
         remove_stale_socket(self.socket_path)
         os.makedirs(os.path.dirname(self.socket_path) or ".", exist_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
@@ -301,12 +309,15 @@ class DeviceServer:
         except BaseException:
             sock.close()
             raise
+        self._listen_on(sock, "")
+
+    def _listen_on(self, sock: socket.socket, how: str) -> None:
         self._listener = sock
         self.loop.add_reader(sock.fileno(), self._on_accept)
         self.loop.add_reader(self.handler.event_fd, self._on_device_event)
         if (notes := self.device.notes_fd()) is not None:
             self.loop.add_reader(notes, self._on_notes)
-        self.log.info("listening on %s", self.socket_path)
+        self.log.info("listening on %s%s", self.socket_path, f" ({how})" if how else "")
 
     def _on_device_event(self) -> None:
         """A queue broke, or one that drains has nothing pending any more."""
@@ -361,12 +372,13 @@ class DeviceServer:
         front-end stays until stop()."""
         if self._listener is not None:
             self.loop.remove_reader(self._listener.fileno())
-            self._listener.close()
+            if self._listener is not self.passed:
+                self._listener.close()
+                try:
+                    os.unlink(self.socket_path)
+                except FileNotFoundError:
+                    pass
             self._listener = None
-            try:
-                os.unlink(self.socket_path)
-            except FileNotFoundError:
-                pass
 
     def stop(self) -> None:
         self.stop_accepting()

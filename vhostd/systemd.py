@@ -1,5 +1,6 @@
-"""systemd integration without libsystemd: the sd_notify datagram protocol
-and the journal's log format.
+"""systemd integration without libsystemd: the sd_notify datagram protocol,
+socket activation (sockets passed as fds 3.. with $LISTEN_FDS) and the
+journal's log format.
 
 sd_notify: one datagram of newline-separated KEY=VALUE lines to the
 AF_UNIX socket named by $NOTIFY_SOCKET (a leading '@' names an abstract
@@ -101,3 +102,44 @@ class JournalFormatter(logging.Formatter):
         prio = _PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
         text = super().format(record)
         return "\n".join(f"<{prio}>{line}" for line in text.splitlines() or [""])
+
+
+#: the first fd systemd passes (SD_LISTEN_FDS_START)
+LISTEN_FDS_START = 3
+
+
+def listen_fds(environ: dict | None = None) -> list[tuple[str, socket.socket]]:
+    """The sockets passed by socket activation ($LISTEN_FDS, for this pid),
+    each with its name from $LISTEN_FDNAMES ("" when unnamed).  The
+    variables are removed so that children do not take the fds as theirs.
+    Only listening unix stream sockets are kept; anything else passed is
+    logged and left alone."""
+    env = os.environ if environ is None else environ
+    pid, count, names = env.get("LISTEN_PID"), env.get("LISTEN_FDS"), env.get("LISTEN_FDNAMES", "")
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(key, None)
+    if not count or pid != str(os.getpid()):
+        return []
+    try:
+        n = int(count)
+    except ValueError:
+        log.warning("ignored LISTEN_FDS=%r: not a number", count)
+        return []
+    labels = names.split(":") if names else []
+    passed = []
+    for i in range(n):
+        fd = LISTEN_FDS_START + i
+        name = labels[i] if i < len(labels) else ""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            log.warning("ignored passed fd %d (%s): %s", fd, name or "unnamed", exc)
+            continue
+        if (sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM
+                or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+            log.warning("ignored passed fd %d (%s): not a listening unix stream socket", fd, name or "unnamed")
+            sock.detach()
+            continue
+        os.set_inheritable(fd, False)
+        passed.append((name, sock))
+    return passed
