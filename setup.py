@@ -2,5 +2,9 @@
 # setup() keyword that pyproject.toml cannot express.
 from setuptools import setup
 
+# data_files: the vhost-user.json descriptors (QEMU's back-end program conventions) go to
+# <prefix>/share/qemu/vhost-user; libvirt reads /usr/share, /etc and ~/.config/qemu/vhost-user.
 setup(cffi_modules=["vhostd/native/build.py:ffibuilder", "vhostd/native/build.py:loadgen_ffibuilder",
-                     "vhostd/native/build.py:vcpu_ffibuilder"])
+                    "vhostd/native/build.py:vcpu_ffibuilder"],
+      data_files=[("share/qemu/vhost-user", ["config/vhost-user/50-vhostd-blk.json",
+                                             "config/vhost-user/50-vhostd-net.json"])])

@@ -54,7 +54,12 @@ def cmd_serve(args) -> int:
     if (config.daemon.user is not None or config.daemon.group is not None) and os.geteuid() != 0:
         print(f"{args.config}: daemon.user/daemon.group need vhostd to be started as root", file=sys.stderr)
         return 1
-    _setup_logging(args.log_level or config.daemon.log_level, config.daemon.log_format)
+    return serve_config(config, args.log_level or config.daemon.log_level)
+
+
+def serve_config(config, log_level: str, passed=None) -> int:
+    """Serve a loaded config on uvloop until stopped (serve, and the one-device mode)."""
+    _setup_logging(log_level, config.daemon.log_format)
     from vhostd.daemon import serve
 
     try:
@@ -64,7 +69,7 @@ def cmd_serve(args) -> int:
     except ImportError:  # pragma: no cover - uvloop is a declared dependency
         runner = asyncio.run
     try:
-        return runner(serve(config))
+        return runner(serve(config, passed))
     except (OSError, ValueError) as exc:
         logging.getLogger("vhostd").error("cannot start: %s", exc)
         return 1
@@ -242,6 +247,16 @@ def cmd_bench_blk(args) -> int:
     return 0 if result.drained and not result.errors else 1
 
 
+def blk_main() -> int:
+    """`vhostd-blk`: `vhostd blk` under a name of its own, for vhost-user.json's "binary"."""
+    return main(["blk", *sys.argv[1:]])
+
+
+def net_main() -> int:
+    """`vhostd-net`: `vhostd net` (see blk_main)."""
+    return main(["net", *sys.argv[1:]])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vhostd", description="vhost-user device back-end daemon")
     parser.add_argument("--version", action="version", version=f"vhostd {__version__}")
@@ -264,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == "status":
             p.add_argument("--json", action="store_true", help="print everything as JSON")
         p.set_defaults(func=func)
+
+    from vhostd import single
+
+    for kind in single.BACKEND_TYPES:
+        single.add_parser(sub, kind)
 
     p = sub.add_parser("vm", help="the built-in VMM")
     vm_sub = p.add_subparsers(dest="vm_command", required=True)

@@ -838,8 +838,9 @@ def _build_vm(vm: _VmDraft) -> VmConfig:
 # --------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
-    """Read, parse and validate the config file at ``path``.
+def load_config(path: str | os.PathLike, *, check_files: bool = True, text: str | None = None) -> Config:
+    """Read, parse and validate the config file at ``path`` (or ``text``,
+    a config made by the program, which ``path`` then only names).
 
     Relative ``socket`` and ``path`` values (and a VM's ``payload``,
     ``kernel`` and ``initrd``) are resolved against the directory
@@ -853,7 +854,7 @@ def load_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
     abs_file = os.path.abspath(file)
     ctx = v.Context(file, os.path.dirname(abs_file), check_files)
 
-    root = _compose(file, ctx)
+    root = _compose(file, ctx, text)
     if root is None:
         raise ConfigError(ctx.problems)
 
@@ -915,11 +916,14 @@ def load_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
     return Config(path=abs_file, daemon=daemon, devices=devices, vms=tuple(_build_vm(vm) for vm in vms))
 
 
-def _compose(file: str, ctx: v.Context) -> Node | None:
-    """Parse the file into a YAML node tree, or report why not and return None."""
+def _compose(file: str, ctx: v.Context, text: str | None = None) -> Node | None:
+    """Parse the file (or text) into a YAML node tree, or report why not and return None."""
     try:
-        with open(file, "rb") as f:
-            data = f.read()
+        if text is not None:
+            data = text.encode()
+        else:
+            with open(file, "rb") as f:
+                data = f.read()
     except OSError as e:
         ctx.report(None, "", f"cannot read config file: {e.strerror}")
         return None

@@ -371,10 +371,12 @@ async def _watchdog(interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config, passed: list[tuple[str, socket.socket]] | None = None) -> int:
+    """Serve config until stopped.  passed: listening sockets given on the
+    command line (one-device mode's --fd); default: socket activation's."""
     loop = asyncio.get_running_loop()
     raise_open_file_limit(fds_needed(config))
-    daemon = Daemon(config, loop, systemd.listen_fds())
+    daemon = Daemon(config, loop, systemd.listen_fds() if passed is None else passed)
     # Before the sockets appear: a signal sent as soon as they exist must
     # find its handler (the loop runs the handlers at the next await).
     for sig in (signal.SIGTERM, signal.SIGINT):
