@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Guest, wait_until
+from nested.linux_vms import listening
 from virtio_driver import BLK_S_OK
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,15 +37,6 @@ class At:
 def start(args: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / "vhostd"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **kw)
-
-
-def listening(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(path)
-            return True
-        except OSError:
-            return False
 
 
 def stop(proc: subprocess.Popen) -> str:
