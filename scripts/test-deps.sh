@@ -46,6 +46,11 @@ PACKAGES=(
     ceph-osd
     ceph-common
     ethtool               # offload/queue inspection of TAPs in tests
+    # libvirt runs a guest on vhostd (tests/test_libvirt.py): libvirtd and
+    # virtlogd started by the test (no systemd needed as root), virsh.
+    libvirt-daemon
+    libvirt-daemon-driver-qemu
+    libvirt-clients
 )
 
 missing=()
