@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_until
 from guest.build_guest import GUEST_EXIT_MARKER
+from guest.scripts import net_up_and_ping
 from guest.cpio import CpioWriter, gzip_bytes
 from guest.qemu import KERNEL_CMDLINE
 
@@ -35,14 +36,7 @@ printf '{PATTERN}' | dd of=/dev/vda bs=512 seek=64 conv=sync,fsync 2>/dev/null |
 back=$(dd if=/dev/vda bs=512 skip=64 count=1 iflag=direct 2>/dev/null | head -c {len(PATTERN)})
 [ "$back" = {PATTERN} ] || exit 4
 echo "VHOSTD-RESULT disk=ok"
-ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0 || exit 5
-ok=
-for i in $(seq 20); do
-    if ping -c 1 -W 1 {HOST_IP} >/dev/null 2>&1; then ok=1; break; fi
-done
-[ -n "$ok" ] || exit 6
-ping -c 3 -W 2 {HOST_IP} | grep -q " 0% packet loss" || exit 7
-echo "VHOSTD-RESULT net=ok"
+{net_up_and_ping(GUEST_IP, HOST_IP, 5)}echo "VHOSTD-RESULT net=ok"
 """
 
 
