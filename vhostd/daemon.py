@@ -114,22 +114,19 @@ class Daemon:
             if not any(self.passed_listener(cfg) is sock for cfg in self.config.devices):
                 log.warning("a socket passed by socket activation (%s, name %r) matches no device: unused",
                             bound_path(sock), name)
+        log.info("serving %d device(s) with %d data plane worker(s)%s", len(self.servers), self.engine.workers,
+                 f"; opening the store of {len(self.opening)} more" if self.opening else "")
+        uring, why = self.engine.uring()
+        if not uring and any(s.device.describe().get("aio") == "threads" for s in self.servers.values()):
+            log.warning("io_uring is unavailable (%s): disk I/O runs on a thread pool", why)
 
     def passed_listener(self, cfg) -> socket.socket | None:
         """The passed socket for a device: the one named after it
         (FileDescriptorName=), else the one bound to its socket path."""
         named = [sock for name, sock in self.passed if name == cfg.name]
         if named:
-            if bound_path(named[0]) != os.path.abspath(cfg.socket):
-                log.warning("%s: serving the passed socket %s, not the config's socket %s", cfg.name,
-                            bound_path(named[0]), cfg.socket)
             return named[0]
         return next((sock for _, sock in self.passed if bound_path(sock) == os.path.abspath(cfg.socket)), None)
-        log.info("serving %d device(s) with %d data plane worker(s)%s", len(self.servers), self.engine.workers,
-                 f"; opening the store of {len(self.opening)} more" if self.opening else "")
-        uring, why = self.engine.uring()
-        if not uring and any(s.device.describe().get("aio") == "threads" for s in self.servers.values()):
-            log.warning("io_uring is unavailable (%s): disk I/O runs on a thread pool", why)
 
     def _start_device(self, cfg, store=None) -> None:
         """Start a device (on store, if its store was opened already).  A
@@ -139,6 +136,10 @@ class Daemon:
             op = self.opening[cfg.name] = Opening(cfg)
             op.task = self.loop.create_task(self._open_store(op))
             return
+        listener = self.passed_listener(cfg)
+        if listener is not None and bound_path(listener) != os.path.abspath(cfg.socket):
+            log.warning("%s: serving the passed socket %s, not the config's socket %s", cfg.name,
+                        bound_path(listener) or "(unnamed)", cfg.socket)
         device = create_device(cfg, self.switches, store)
         handler = None
         try:
@@ -146,7 +147,7 @@ class Daemon:
             device.attach(handler.rings)
             server = DeviceServer(device, handler, cfg.socket, self.loop, cfg.socket_mode,
                                   access=Access.from_config(cfg), on_session=self._sessions_changed,
-                                  listener=self.passed_listener(cfg))
+                                  listener=listener)
             handler.log = server.log
             if self.config.daemon.metrics:
                 handler.rings.set_timing(True)  # latency histograms only when someone reads them

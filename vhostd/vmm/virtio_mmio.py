@@ -572,6 +572,9 @@ class VhostUserMmioDevice:
         with self.lock:
             self.fe.close()
             for q in self.queues:
+                # The interrupt state points into guest RAM, which may be unmapped next.
+                _vcpu.vcpu_isr_stop_queue(self.isr, q.index)
+                q.started = False
                 if not q.wired:
                     continue
                 try:
