@@ -86,13 +86,14 @@ def inner(spec: dict, rounds: int) -> dict:
         # queue_size 1024: QEMU's virtio-mmio offers the guest 1024 entries
         # whatever the device's queue-size, and vhostd refuses rings larger
         # than a device's queue_size.
-        f.write(f"daemon: {{workers: 1}}\ndevices:\n  - {{name: d0, type: blk, socket: {sock}, path: {disk}, "
+        f.write(f"daemon: {{workers: 1, control_socket: {tmp}/ctl.sock}}\ndevices:\n  - {{name: d0, type: blk, socket: {sock}, path: {disk}, "
                 f"queue_size: 1024}}\n"
                 f"vms:\n  - name: bench\n    memory: {MEMORY}\n    vcpus: 1\n    kernel: {spec['kernel']}\n"
                 f"    initrd: {spec['initrd']}\n    cmdline: \"{CMDLINE}\"\n"
                 f"    devices:\n      - {{type: blk, socket: {sock}}}\n")
-    serve = subprocess.Popen([sys.executable, "-m", "vhostd", "serve", "--config", cfg], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve_log = open(os.path.join(tmp, "serve.log"), "w+")
+    serve = subprocess.Popen([sys.executable, "-m", "vhostd", "serve", "--config", cfg, "--log-level", "debug"],
+                             cwd=ROOT, stdout=serve_log, stderr=subprocess.STDOUT)
     while not os.path.exists(sock):
         time.sleep(0.05)
     time.sleep(0.5)
@@ -120,7 +121,10 @@ def inner(spec: dict, rounds: int) -> dict:
                             err.seek(0)
                             status = subprocess.run([sys.executable, "-m", "vhostd", "status", "--config", cfg],
                                                     capture_output=True, text=True, cwd=ROOT)
-                            failure = f"{side}: {e}\n{err.read()[-2000:]}\nvhostd status:\n{status.stdout}{status.stderr}"
+                            serve_log.seek(0)
+                            tail = "".join(serve_log.readlines()[-25:])
+                            failure = (f"{side}: {e}\n{err.read()[-2000:]}\nvhostd status:\n{status.stdout}"
+                                       f"{status.stderr}\nvhostd's log, last lines:\n{tail}")
                             if attempt == 2:
                                 raise RuntimeError(failure) from None
                             print(f"round {r + 1} {side} failed, once more: {failure}", file=sys.stderr, flush=True)
