@@ -80,12 +80,6 @@ class Opening:
     error: str = ""
 
 
-def bound_path(sock: socket.socket) -> str:
-    """The absolute path a unix socket is bound to ("" if none)."""
-    name = sock.getsockname()
-    return os.path.abspath(name) if isinstance(name, str) and name else ""
-
-
 class Daemon:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop,
                  passed: list[tuple[str, socket.socket]] = ()) -> None:
@@ -113,7 +107,7 @@ class Daemon:
         for name, sock in self.passed:
             if not any(self.passed_listener(cfg) is sock for cfg in self.config.devices):
                 log.warning("a socket passed by socket activation (%s, name %r) matches no device: unused",
-                            bound_path(sock), name)
+                            systemd.bound_path(sock), name)
         log.info("serving %d device(s) with %d data plane worker(s)%s", len(self.servers), self.engine.workers,
                  f"; opening the store of {len(self.opening)} more" if self.opening else "")
         uring, why = self.engine.uring()
@@ -126,7 +120,7 @@ class Daemon:
         named = [sock for name, sock in self.passed if name == cfg.name]
         if named:
             return named[0]
-        return next((sock for _, sock in self.passed if bound_path(sock) == os.path.abspath(cfg.socket)), None)
+        return next((sock for _, sock in self.passed if systemd.bound_path(sock) == os.path.abspath(cfg.socket)), None)
 
     def _start_device(self, cfg, store=None) -> None:
         """Start a device (on store, if its store was opened already).  A
@@ -137,9 +131,9 @@ class Daemon:
             op.task = self.loop.create_task(self._open_store(op))
             return
         listener = self.passed_listener(cfg)
-        if listener is not None and bound_path(listener) != os.path.abspath(cfg.socket):
+        if listener is not None and systemd.bound_path(listener) != os.path.abspath(cfg.socket):
             log.warning("%s: serving the passed socket %s, not the config's socket %s", cfg.name,
-                        bound_path(listener) or "(unnamed)", cfg.socket)
+                        systemd.bound_path(listener) or "(unnamed)", cfg.socket)
         device = create_device(cfg, self.switches, store)
         handler = None
         try:

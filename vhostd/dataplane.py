@@ -231,6 +231,6 @@ class Rings:
         lib.vd_queue_get_stats(self._ptr, index, info)
         return QueueInfo(
             index, info.num, bool(info.started), bool(info.enabled), bool(info.broken), bool(info.polled),
-            info.last_avail, info.used_idx, info.driver_avail, info.requests, info.kicks, info.notifies, info.out_bytes, info.in_bytes,
-            info.pending,
+            info.last_avail, info.used_idx, info.driver_avail, info.requests, info.kicks, info.notifies,
+            info.out_bytes, info.in_bytes, info.pending,
         )

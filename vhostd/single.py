@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import stat
 import sys
 
 #: vhost-user.json's VHostUserBackendType of each device type
@@ -79,28 +77,10 @@ def config_text(kind: str, args, socket_path: str) -> tuple[str, dict[str, str]]
     return "\n".join(lines) + "\n", origin
 
 
-def passed_socket(fd: int) -> tuple[socket.socket, str]:
-    """The listening socket at fd, and the path it is bound to ("")."""
-    try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            raise ValueError(f"--fd {fd} is not a socket")
-        sock = socket.socket(fileno=fd)
-    except OSError as exc:
-        raise ValueError(f"--fd {fd}: {exc.strerror}") from None
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        sock.detach()
-        raise ValueError(f"--fd {fd} is not a unix stream socket")
-    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        sock.detach()
-        raise ValueError(f"--fd {fd} is not listening (vhostd needs a listening socket to accept front-ends on)")
-    os.set_inheritable(fd, False)
-    name = sock.getsockname()
-    return sock, os.path.abspath(name) if isinstance(name, str) and name else ""
-
-
 def run(args) -> int:
     from vhostd.cli import serve_config
     from vhostd.config import ConfigError, load_config
+    from vhostd.systemd import bound_path, listening_socket
 
     kind = args.kind
     prog = f"vhostd {kind}"
@@ -117,10 +97,12 @@ def run(args) -> int:
     socket_path = args.socket_path
     if args.fd is not None:
         try:
-            sock, socket_path = passed_socket(args.fd)
+            sock = listening_socket(args.fd)
         except ValueError as exc:
-            print(f"{prog}: {exc}", file=sys.stderr)
+            why = " (vhostd needs a listening socket to accept front-ends on)" if str(exc) == "not listening" else ""
+            print(f"{prog}: --fd {args.fd} is {exc}{why}", file=sys.stderr)
             return 1
+        socket_path = bound_path(sock)
         socket_path = socket_path or f"/proc/self/fd/{args.fd}"
         passed.append((args.name, sock))
     text, origin = config_text(kind, args, os.path.abspath(socket_path))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import stat
 import time
 
 log = logging.getLogger("vhostd")
@@ -131,15 +132,35 @@ def listen_fds(environ: dict | None = None) -> list[tuple[str, socket.socket]]:
         fd = LISTEN_FDS_START + i
         name = labels[i] if i < len(labels) else ""
         try:
-            sock = socket.socket(fileno=fd)
-        except OSError as exc:
+            sock = listening_socket(fd)
+        except ValueError as exc:
             log.warning("ignored passed fd %d (%s): %s", fd, name or "unnamed", exc)
             continue
-        if (sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM
-                or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
-            log.warning("ignored passed fd %d (%s): not a listening unix stream socket", fd, name or "unnamed")
-            sock.detach()
-            continue
-        os.set_inheritable(fd, False)
         passed.append((name, sock))
     return passed
+
+
+def listening_socket(fd: int) -> socket.socket:
+    """Take over fd, which must be a listening unix stream socket (it is
+    close-on-exec from now on).  ValueError says what it is instead, and
+    leaves fd open."""
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise ValueError("not a socket")
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ValueError(f"not usable ({exc.strerror})") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise ValueError("not a unix stream socket")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise ValueError("not listening")
+    os.set_inheritable(fd, False)
+    return sock
+
+
+def bound_path(sock: socket.socket) -> str:
+    """The absolute path a unix socket is bound to ("" if none)."""
+    name = sock.getsockname()
+    return os.path.abspath(name) if isinstance(name, str) and name else ""

@@ -73,38 +73,29 @@ EXPORT void vcpu_isr_raise(struct vcpu_isr *isr, uint32_t bits)
 
 /* Bit 0 is computed: a started queue's used index moved since the driver
  * last acknowledged it (the back-end's interrupt went to KVM directly). */
-static uint32_t isr_status_locked(struct vcpu_isr *isr)
-{
-    uint32_t bits = isr->bits;
-    for (uint32_t i = 0; i < isr->num_queues; i++) {
-        const volatile uint16_t *used = isr->q[i].used_idx;
-        if (used && __atomic_load_n((const uint16_t *)used, __ATOMIC_ACQUIRE) != isr->q[i].acked)
-            return bits | INT_VRING;
-    }
-    return bits;
-}
-
 EXPORT uint32_t vcpu_isr_status(struct vcpu_isr *isr)
 {
     pthread_mutex_lock(&isr->lock);
-    uint32_t bits = isr_status_locked(isr);
+    uint32_t bits = isr->bits;
+    for (uint32_t i = 0; i < isr->num_queues; i++) {
+        const volatile uint16_t *used = isr->q[i].used_idx;
+        if (used && __atomic_load_n((const uint16_t *)used, __ATOMIC_ACQUIRE) != isr->q[i].acked) {
+            bits |= INT_VRING;
+            break;
+        }
+    }
     pthread_mutex_unlock(&isr->lock);
     return bits;
-}
-
-static void isr_ack_locked(struct vcpu_isr *isr, uint32_t bits)
-{
-    if (bits & INT_VRING)
-        for (uint32_t i = 0; i < isr->num_queues; i++)
-            if (isr->q[i].used_idx)
-                isr->q[i].acked = __atomic_load_n((const uint16_t *)isr->q[i].used_idx, __ATOMIC_ACQUIRE);
-    isr->bits &= ~(bits & ~INT_VRING);
 }
 
 EXPORT void vcpu_isr_ack(struct vcpu_isr *isr, uint32_t bits)
 {
     pthread_mutex_lock(&isr->lock);
-    isr_ack_locked(isr, bits);
+    if (bits & INT_VRING)
+        for (uint32_t i = 0; i < isr->num_queues; i++)
+            if (isr->q[i].used_idx)
+                isr->q[i].acked = __atomic_load_n((const uint16_t *)isr->q[i].used_idx, __ATOMIC_ACQUIRE);
+    isr->bits &= ~(bits & ~INT_VRING);
     pthread_mutex_unlock(&isr->lock);
 }
 
@@ -126,23 +117,17 @@ static int answer_mmio(struct kvm_run *run, const struct vcpu_mmio_map *map)
         return 0;
     struct vcpu_isr *isr = map->devices[index];
     if (offset == REG_INTERRUPT_STATUS && !run->mmio.is_write) {
-        pthread_mutex_lock(&isr->lock);
-        uint32_t bits = isr_status_locked(isr);
-        isr->fast_exits++;
-        pthread_mutex_unlock(&isr->lock);
+        uint32_t bits = vcpu_isr_status(isr);
         memcpy(run->mmio.data, &bits, 4);
-        return 1;
-    }
-    if (offset == REG_INTERRUPT_ACK && run->mmio.is_write) {
+    } else if (offset == REG_INTERRUPT_ACK && run->mmio.is_write) {
         uint32_t bits;
         memcpy(&bits, run->mmio.data, 4);
-        pthread_mutex_lock(&isr->lock);
-        isr_ack_locked(isr, bits);
-        isr->fast_exits++;
-        pthread_mutex_unlock(&isr->lock);
-        return 1;
+        vcpu_isr_ack(isr, bits);
+    } else {
+        return 0;
     }
-    return 0;
+    __atomic_add_fetch(&isr->fast_exits, 1, __ATOMIC_RELAXED);
+    return 1;
 }
 
 EXPORT int vcpu_run(int vcpu_fd, void *run_page, const struct vcpu_mmio_map *map)
