@@ -42,6 +42,7 @@ from daemon import DaemonProcess
 from virtio_driver import BLK_S_OK, BLK_T_IN, BLK_T_OUT, BlkDriver, GuestMemory, SplitQueue
 from vhostd.frontend import BackendError, Frontend, make_eventfd
 from vhostd.protocol.constants import F_PROTOCOL_FEATURES
+from vhostd.virtio import F_RING_PACKED
 
 STATUS_NEEDS_RESET = 0x40
 
@@ -210,13 +211,14 @@ class DriverQueue(SplitQueue):
 class Guest:
     """One front-end session on one device: handshake, memory, queues.
 
-    features: mask of offered virtio features to ack (None: all offered).
+    features: mask of offered virtio features to ack (None: all offered
+              but the packed ring layout, which takes packed=True).
     protocol: mask of offered protocol features to ack (None: all).
     layout:   GuestMemory layout [(gpa, size), ...] (None: one 16 MiB region).
     """
 
     def __init__(self, vd: Vhostd, name: str, *, features: int | None = None, protocol: int | None = None,
-                 layout=None, mem_size: int = 16 << 20, handshake: bool = True) -> None:
+                 layout=None, mem_size: int = 16 << 20, handshake: bool = True, packed: bool = False) -> None:
         self.vd = vd
         self.name = name
         self.fe, self.offered = connect_frontend(vd.socket(name))
@@ -229,6 +231,8 @@ class Guest:
             pf = self.fe.get_protocol_features()
             self.fe.set_protocol_features(pf if protocol is None else pf & protocol)
             acked = self.offered if features is None else self.offered & features
+            if not packed:
+                acked &= ~(1 << F_RING_PACKED)
             self.fe.set_features(acked)
             self.features = acked
             self.mem = GuestMemory(layout, mem_size)

@@ -25,6 +25,7 @@ from conftest import (
 from virtio_driver import BLK_T_IN, BLK_T_OUT, DESC_F_NEXT, DESC_F_WRITE, BlkDriver, GuestMemory, SplitQueue, blk_header
 from vhostd.frontend import BackendError, Frontend
 from vhostd.protocol.codec import ConfigAccess, MemoryRegion, pack_u64, unpack_u64
+from vhostd.virtio import F_RING_PACKED
 from vhostd.protocol.constants import (
     F_PROTOCOL_FEATURES,
     FLAG_NEED_REPLY,
@@ -235,7 +236,7 @@ def test_rings_need_a_memory_table_first(vd):
     fe, offered = connect_frontend(vd.socket("d0"))
     try:
         fe.set_protocol_features(fe.get_protocol_features())
-        fe.set_features(offered)
+        fe.set_features(offered & ~(1 << F_RING_PACKED))  # the split ring driver
         mem = GuestMemory(size=1 << 20)
         q = SplitQueue(mem, 16, arena=4096)
         mark = vd.log_mark()
@@ -345,7 +346,7 @@ def test_restart_from_base_in_a_new_session(vd, guests):
     fe, offered = connect_frontend(vd.socket("d0"))
     try:
         fe.set_protocol_features(fe.get_protocol_features())
-        fe.set_features(offered)
+        fe.set_features(offered & ~(1 << F_RING_PACKED))  # the split ring driver
         mem.give_to(fe)
         q.attach(fe, 0)  # SET_VRING_BASE(14): q.avail_idx is the driver's own index
         assert q.avail_idx == 14

@@ -194,6 +194,7 @@ def cmd_status(args) -> int:
         for q in d["queues"]:
             qs = "broken" if q["broken"] else "started" if q["started"] else "stopped"
             qs += "" if q["enabled"] else ",disabled"
+            qs += ",packed" if q.get("packed") else ""
             print(f"  queue {q['index']}: {qs} size={q['size']} avail={q['last_avail']}/{q['driver_avail']} "
                   f"used={q['used_idx']} "
                   f"requests={q['requests']} kicks={q['kicks']} notifies={q['notifies']} "

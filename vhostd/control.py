@@ -32,7 +32,7 @@ def device_status(name: str, server, cfg) -> dict:
         q = handler.rings.queue_info(i)
         queues.append({"index": i, "size": q.num, "started": q.started, "enabled": q.enabled, "broken": q.broken,
                        "last_avail": q.last_avail, "used_idx": q.used_idx,
-                       "driver_avail": q.driver_avail, "requests": q.requests,
+                       "driver_avail": q.driver_avail, "packed": q.packed, "requests": q.requests,
                        "kicks": q.kicks, "notifies": q.notifies, "bytes_out": q.out_bytes, "bytes_in": q.in_bytes,
                        "pending": q.pending})
     peer = None

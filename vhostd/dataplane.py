@@ -44,6 +44,7 @@ class QueueInfo:
     out_bytes: int
     in_bytes: int
     pending: int  # requests submitted and not yet completed
+    packed: bool = False  # a packed ring: last_avail/used_idx are ring positions
 
 
 class Engine:
@@ -165,7 +166,7 @@ class Rings:
     def get_base(self, index: int) -> int:
         """Stop the queue and return where the device got to in the avail
         ring (drain it first: requests still pending are orphaned)."""
-        base = ffi.new("uint16_t *")
+        base = ffi.new("uint32_t *")
         _call(lib.vd_queue_get_base, self._ptr, index, base)
         return base[0]
 
@@ -232,5 +233,5 @@ class Rings:
         return QueueInfo(
             index, info.num, bool(info.started), bool(info.enabled), bool(info.broken), bool(info.polled),
             info.last_avail, info.used_idx, info.driver_avail, info.requests, info.kicks, info.notifies,
-            info.out_bytes, info.in_bytes, info.pending,
+            info.out_bytes, info.in_bytes, info.pending, bool(info.packed),
         )

@@ -4,6 +4,7 @@
 F_RING_INDIRECT_DESC = 28
 F_RING_EVENT_IDX = 29
 F_VERSION_1 = 32
+F_RING_PACKED = 34
 
 # Device status bits (section 2.1)
 STATUS_ACKNOWLEDGE = 1
@@ -13,7 +14,8 @@ STATUS_FEATURES_OK = 8
 STATUS_NEEDS_RESET = 0x40
 STATUS_FAILED = 0x80
 
-RING_FEATURES = (1 << F_RING_INDIRECT_DESC) | (1 << F_RING_EVENT_IDX) | (1 << F_VERSION_1)
+# Ring layouts and options every device offers; the front-end chooses.
+RING_FEATURES = (1 << F_RING_INDIRECT_DESC) | (1 << F_RING_EVENT_IDX) | (1 << F_VERSION_1) | (1 << F_RING_PACKED)
 
 
 def bit(n: int) -> int:
@@ -26,7 +28,7 @@ def feature_names(features: int, device_type: str) -> list[str]:
     import importlib
 
     names = {F_RING_INDIRECT_DESC: "RING_INDIRECT_DESC", F_RING_EVENT_IDX: "RING_EVENT_IDX",
-             F_VERSION_1: "VERSION_1", 30: "PROTOCOL_FEATURES"}
+             F_VERSION_1: "VERSION_1", F_RING_PACKED: "RING_PACKED", 30: "PROTOCOL_FEATURES"}
     try:
         module = importlib.import_module(f"vhostd.devices.{device_type}")
         for key, value in vars(module).items():

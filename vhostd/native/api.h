@@ -20,8 +20,8 @@ struct vd_region_desc {
 
 struct vd_queue_info {
     uint32_t num;
-    int started, enabled, broken, polled;
-    uint16_t last_avail, used_idx;
+    int started, enabled, broken, polled, packed;
+    uint16_t last_avail, used_idx;  /* packed: ring positions */
     uint16_t driver_avail;    /* the avail index the driver has written (ahead of last_avail: unseen requests) */
     uint64_t requests, kicks, notifies, out_bytes, in_bytes;
     uint32_t pending;         /* requests submitted and not yet completed */
@@ -75,14 +75,16 @@ int vd_queue_set_num(vd_device *d, int i, uint32_t num, char *err, size_t errlen
 /* flags: VHOST_VRING_F_LOG (1): log used-ring writes at log_gpa while logging is on. */
 int vd_queue_set_addr(vd_device *d, int i, uint64_t desc, uint64_t used, uint64_t avail, uint32_t flags,
                       uint64_t log_gpa, char *err, size_t errlen);
-int vd_queue_set_base(vd_device *d, int i, uint16_t base, char *err, size_t errlen);
+/* base: split rings the next avail index; packed rings bits 0-14 position, 15 wrap counter
+ * (and bits 16-31 the used side, else the same) */
+int vd_queue_set_base(vd_device *d, int i, uint32_t base, char *err, size_t errlen);
 /* GET_VRING_BASE in two steps, so that the control plane never waits for a
  * disk: drain (take nothing new; pending = requests still in flight; the
  * device's event fd is written when they are done), then get_base (stops
  * the queue; whatever is still pending then is orphaned). */
 int vd_queue_drain(vd_device *d, int i, uint32_t *pending, char *err, size_t errlen);
 uint32_t vd_queue_pending(vd_device *d, int i);
-int vd_queue_get_base(vd_device *d, int i, uint16_t *base, char *err, size_t errlen);
+int vd_queue_get_base(vd_device *d, int i, uint32_t *base, char *err, size_t errlen);
 int vd_queue_set_kick(vd_device *d, int i, int fd, char *err, size_t errlen);
 int vd_queue_set_call(vd_device *d, int i, int fd, char *err, size_t errlen);
 int vd_queue_set_err(vd_device *d, int i, int fd, char *err, size_t errlen);
@@ -91,12 +93,27 @@ void vd_queue_poke(vd_device *d, int i);
 /* Latency histograms (for metrics): off by default, they cost two clock reads per request. */
 enum { VD_LAT_BUCKETS = 24 };
 void vd_device_set_timing(vd_device *d, int on);
-/* Inflight tracking (split rings): region = this queue's part of the inflight
+/* Inflight tracking (split and packed rings): region = this queue's part of the inflight
  * memfd, at least vd_inflight_queue_bytes(queue size) long; NULL stops it. */
 uint64_t vd_inflight_queue_bytes(uint32_t queue_size);
 int vd_queue_set_inflight(vd_device *d, int i, void *region, char *err, size_t errlen);
 int vd_queue_get_latency(vd_device *d, int i, uint64_t *buckets, uint64_t *sum_ns);
 int vd_queue_get_stats(vd_device *d, int i, struct vd_queue_info *out);
+
+/* Ring-level access for tests (probe.c): queue i of a device whose queues
+ * are all device-driven without an rx_kick (vd_device_set_rx_queues(d,
+ * mask, NULL)) is served by the caller.  pop: 1 with the next chain (its
+ * buffers as host address + length, at most max), 0 when none is
+ * available, -1 when the queue broke or is not running.  push writes a used
+ * entry, publish makes them visible and signals the call fd if the driver
+ * wants it, notify(on) asks for kicks (returns 1 if a chain arrived
+ * meanwhile) or (off) suppresses them. */
+struct vd_probe_chain { uint16_t id, ndesc; int nout, nin; uint64_t out_bytes, in_bytes; };
+struct vd_probe_buf { uint64_t host, len; };
+int vd_probe_pop(vd_device *d, int i, struct vd_probe_chain *out, struct vd_probe_buf *bufs, int max);
+void vd_probe_push(vd_device *d, int i, uint16_t id, uint16_t ndesc, uint32_t len);
+void vd_probe_publish(vd_device *d, int i);
+int vd_probe_notify(vd_device *d, int i, int on);
 
 /* Stores (store.h): where a disk's data lives.  A new store holds one
  * reference for its creator; a blk device takes its own. */

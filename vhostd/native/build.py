@@ -21,7 +21,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["memory.c", "log.c", "iov.c", "vring.c", "inflight.c", "request.c", "guard.c", "aio.c", "store.c", "file.c", "nbd.c", "rbd.c", "engine.c", "blk.c", "net.c", "net_switch.c", "net_tap.c"]
+SOURCES = ["memory.c", "log.c", "iov.c", "vring.c", "inflight.c", "request.c", "guard.c", "aio.c", "store.c", "file.c", "nbd.c", "rbd.c", "engine.c", "blk.c", "net.c", "net_switch.c", "net_tap.c", "probe.c"]
 
 
 def _cdef_text() -> str:

@@ -616,6 +616,7 @@ vd_device *vd_device_new(vd_engine *e, int nqueues, uint32_t max_queue_size, vd_
         q->dev = d;
         q->index = i;
         q->kick_fd = q->call_fd = q->err_fd = -1;
+        q->avail_wrap = q->used_wrap = 1;
         q->worker = worker >= 0 ? &e->w[worker % e->nworkers] : &e->w[e->next++ % e->nworkers];
         q->aio = &q->worker->aio;
         q->kick_src = (struct vd_source){.ready = kick_ready, .worker = q->worker};
@@ -699,6 +700,11 @@ static int queue_start(struct vd_queue *q, char *err, size_t errlen)
     if (rc == 0) {
         q->event_idx = !!(q->dev->features & (1ull << VIRTIO_RING_F_EVENT_IDX));
         q->indirect = !!(q->dev->features & (1ull << VIRTIO_RING_F_INDIRECT_DESC));
+        q->packed = !!(q->dev->features & (1ull << VIRTIO_F_RING_PACKED));
+        q->used_puts = q->signalled_puts = 0;
+        q->batch_open = 0;
+        q->signalled_used = q->used_idx;
+        q->signalled_wrap = q->used_wrap;
         q->fresh = 1;
         q->avail_known = 0;
         q->inflight_recover = q->inflight != NULL;
@@ -783,16 +789,36 @@ int vd_queue_set_addr(vd_device *d, int i, uint64_t desc, uint64_t used, uint64_
     return rc;
 }
 
-int vd_queue_set_base(vd_device *d, int i, uint16_t base, char *err, size_t errlen)
+/* Split: the next avail index (16 bits).  Packed: bits 0-14 the next
+ * descriptor position, bit 15 its wrap counter; bits 16-30 and 31 the used
+ * position and wrap counter when the front-end sends them (else the same). */
+int vd_queue_set_base(vd_device *d, int i, uint32_t base, char *err, size_t errlen)
 {
     QUEUE_OR_FAIL(q, d, i);
     if (q->started) {
         snprintf(err, errlen, "queue %d: cannot set the base of a running queue", i);
         return -EBUSY;
     }
-    q->last_avail = base;
+    if (!(d->features & (1ull << VIRTIO_F_RING_PACKED))) {
+        if (base > 0xffff) {
+            snprintf(err, errlen, "queue %d: ring base %u does not fit 16 bits", i, base);
+            return -EINVAL;
+        }
+        q->last_avail = q->used_idx = (uint16_t)base;
+        q->avail_known = 0;
+        return 0;
+    }
+    uint32_t used = base >> 16 ? base >> 16 : base & 0xffff;
+    if ((base & 0x7fff) >= q->num || (used & 0x7fff) >= q->num) {
+        snprintf(err, errlen, "queue %d: packed ring base %#x names a position beyond the ring size %u", i, base,
+                 q->num);
+        return -EINVAL;
+    }
+    q->last_avail = base & 0x7fff;
+    q->avail_wrap = (base >> 15) & 1;
+    q->used_idx = used & 0x7fff;
+    q->used_wrap = (used >> 15) & 1;
     q->avail_known = 0;
-    q->used_idx = base;
     return 0;
 }
 
@@ -820,12 +846,16 @@ uint32_t vd_queue_pending(vd_device *d, int i)
     return n;
 }
 
-int vd_queue_get_base(vd_device *d, int i, uint16_t *base, char *err, size_t errlen)
+int vd_queue_get_base(vd_device *d, int i, uint32_t *base, char *err, size_t errlen)
 {
     QUEUE_OR_FAIL(q, d, i);
     queue_stop(q);
     close_fd(&q->kick_fd);
-    *base = q->last_avail;
+    if (q->packed)
+        *base = q->last_avail | (uint32_t)q->avail_wrap << 15 | (uint32_t)q->used_idx << 16 |
+                (uint32_t)q->used_wrap << 31;
+    else
+        *base = q->last_avail;
     return 0;
 }
 
@@ -1071,6 +1101,7 @@ void vd_device_reset(vd_device *d)
          * (e.g. the guest's last kick raced the disconnect) must still be
          * reported; the control plane collects it right after the reset. */
         q->last_avail = q->used_idx = 0;
+        q->avail_wrap = q->used_wrap = 1; /* 2.8.1: both start at 1 */
         q->avail_known = 0;
         pthread_mutex_unlock(&q->lock);
     }
@@ -1202,6 +1233,7 @@ int vd_queue_get_stats(vd_device *d, int i, struct vd_queue_info *out)
     out->enabled = q->enabled;
     out->broken = q->broken;
     out->polled = q->polled;
+    out->packed = q->packed;
     out->last_avail = q->last_avail;
     out->used_idx = q->used_idx;
     out->driver_avail = q->started ? vd_ring_driver_avail(q) : 0;

@@ -98,6 +98,7 @@ struct fill {
     const struct frame *f;
     int publish;          /* make the used entries visible (and signal) at the end */
     volatile int popped;  /* buffers taken from the ring so far */
+    uint32_t mark;        /* where the ring was before (vd_queue_rewind gives them back) */
 };
 
 /* 5.1.6.3.2 (device requirements): with VIRTIO_NET_F_MTU negotiated the
@@ -126,7 +127,7 @@ static int fill_buffers(void *arg)
     struct vd_queue *q = c->q;
     const struct frame *f = c->f;
     int nbufs = 0;
-    uint16_t heads[MAX_RX_BUFS];
+    uint16_t ids[MAX_RX_BUFS], ndescs[MAX_RX_BUFS];
     uint32_t lens[MAX_RX_BUFS];
     uint8_t *nb_lo = NULL, *nb_hi = NULL; /* where num_buffers lands in the first buffer */
     struct iovec iov[RX_IOV];
@@ -181,7 +182,8 @@ static int fill_buffers(void *arg)
         }
         if (__builtin_expect(q->dev->log_on, 0))
             vd_log_iov(q, q->dev->mem, in, req.nin, put);
-        heads[nbufs] = req.head;
+        ids[nbufs] = req.head;
+        ndescs[nbufs] = req.ndesc;
         lens[nbufs] = put;
         nbufs++;
         done += put;
@@ -193,7 +195,7 @@ static int fill_buffers(void *arg)
         *nb_hi = nbufs >> 8;
     }
     for (int i = 0; i < nbufs; i++)
-        vd_queue_push(q, heads[i], lens[i]);
+        vd_queue_push(q, ids[i], ndescs[i], lens[i]);
     if (c->publish)
         vd_queue_flush(q);
     return 0;
@@ -253,7 +255,8 @@ int net_deliver(vd_net *n, int qp, const struct frame *f, struct rx_hold *hold, 
         pthread_mutex_lock(&q->lock);
         hold->q = q;
     }
-    struct fill c = {.n = n, .q = q, .f = f, .publish = !hold || hold->frames + 1 >= NET_RX_PUBLISH};
+    struct fill c = {.n = n, .q = q, .f = f, .publish = !hold || hold->frames + 1 >= NET_RX_PUBLISH,
+                     .mark = vd_queue_avail_mark(q)};
     void *addr = NULL;
     /* not ready: no driver (yet), or the queue broke: a drop like any other */
     int rc = vd_queue_ready(q) ? vd_try_guarded(fill_buffers, &c, &addr) : -1;
@@ -270,7 +273,7 @@ int net_deliver(vd_net *n, int qp, const struct frame *f, struct rx_hold *hold, 
         if (hold)
             hold->frames = c.publish ? 0 : hold->frames + 1;
     } else {
-        vd_queue_unpop(q, c.popped);
+        vd_queue_rewind(q, c.mark, c.popped);
         __atomic_add_fetch(&st->rx_dropped, 1, __ATOMIC_RELAXED);
     }
     if (!hold)

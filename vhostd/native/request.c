@@ -1,13 +1,13 @@
 /* Requests: the life of one descriptor chain in the device's hands.
  *
- * A request is taken from the avail ring into its queue's pool, in the slot
- * of its head descriptor (a driver may not make a head available again
- * while it is in use, so a busy slot is a broken driver), and handed to the
- * device.  The device completes it at once (VD_REQ_DONE) or submits I/O and
- * completes it later from that I/O's completion, on the same worker
- * (VD_REQ_PENDING).  Used entries therefore go out in completion order,
- * which split rings allow; they are made visible in batches, one signal per
- * batch.
+ * A request is taken from the ring into its queue's pool, in the slot of
+ * its head descriptor (split) or buffer id (packed): a driver may not make
+ * either available again while it is in use, so a busy slot is a broken
+ * driver.  It is handed to the device, which completes it at once
+ * (VD_REQ_DONE) or submits I/O and completes it later from that I/O's
+ * completion, on the same worker (VD_REQ_PENDING).  Used entries therefore
+ * go out in completion order, which both ring layouts allow; they are made
+ * visible in batches, one signal per batch.
  *
  * A pending request keeps alive what its iovecs point into: the memory
  * table it was mapped against (q->mem_refs counts the pending requests of
@@ -154,9 +154,10 @@ static void finish(struct vd_queue *q, struct vd_req *req)
         const struct vd_mem *m = req->pending ? req->mem : q->dev->mem;
         vd_log_iov(q, m, req->iov + req->nout, req->nin, UINT64_MAX);
     }
-    vd_ring_put_used(q, req->head, req->used_len);
     if (q->inflight)
-        vd_inflight_end(q, req->head);
+        vd_inflight_complete(q, req->head, req->ndesc, req->used_len);
+    else
+        vd_ring_put_used(q, req->head, req->ndesc, req->used_len);
     if (req->t0)
         record_latency(q, vd_now_ns() - req->t0);
     q->st.requests++;
@@ -252,24 +253,24 @@ int vd_reqs_io_done(struct vd_io *io, int64_t res)
     return req->pending == 2 ? release(req) : 0;
 }
 
-/* Take the chain at head.  Returns 0 (handled: done or pending), 1 when the
- * device asked to retry later (nothing taken), -1 when the queue broke. */
-static int take(struct vd_queue *q, uint16_t head, int fresh)
+/* Take the chain the ring layer walked into c and q->scratch (a new one:
+ * `fresh`; else one redone after a restart).  Returns 0 (handled: done or
+ * pending), 1 when the device asked to retry later (nothing taken), -1
+ * when the queue broke. */
+static int take(struct vd_queue *q, const struct vd_chain *c, int fresh)
 {
     struct vd_reqpool *p = q->pool;
-    if (head >= p->num) {
-        vd_queue_fail(q, "queue %d: avail ring names descriptor %u, ring size is %u", q->index, head, q->num);
+    if (c->id >= p->num) {
+        vd_queue_fail(q, "queue %d: the ring names buffer id %u, ring size is %u", q->index, c->id, q->num);
         return -1;
     }
-    struct vd_req *req = slot(p, head);
+    struct vd_req *req = slot(p, c->id);
     if (req->pending) {
-        vd_queue_fail(q, "queue %d: descriptor %u was made available again while its request is pending",
-                      q->index, head);
+        vd_queue_fail(q, "queue %d: %s %u was made available again while its request is pending", q->index,
+                      q->packed ? "buffer id" : "descriptor", c->id);
         return -1;
     }
-    if (vd_ring_map_chain(q, head, req, q->scratch, VD_MAX_IOV) < 0)
-        return -1;
-    int n = req->nout + req->nin;
+    int n = c->nout + c->nin;
     if (n <= VD_REQ_INLINE_IOV) {
         req->iov = req->inline_iov;
     } else {
@@ -285,13 +286,19 @@ static int take(struct vd_queue *q, uint16_t head, int fresh)
         req->iov = req->big_iov;
     }
     memcpy(req->iov, q->scratch, (size_t)n * sizeof(struct iovec)); /* scratch is hot; slots are many */
+    req->head = c->id;
+    req->ndesc = c->ndesc;
+    req->nout = c->nout;
+    req->nin = c->nin;
+    req->out_bytes = c->out_bytes;
+    req->in_bytes = c->in_bytes;
     req->queue = (uint16_t)q->index;
     req->used_len = 0;
     req->aio = q->aio;
     req->pool = p;
     req->t0 = q->dev->timing ? vd_now_ns() : 0;
-    if (q->inflight && fresh)
-        vd_inflight_begin(q, head);
+    if (q->inflight && fresh && vd_inflight_begin(q, c) < 0)
+        return -1;
     int r = q->dev->handle(q->dev->ctx, req);
     if (r == VD_REQ_PENDING) {
         req->pending = 1;
@@ -303,7 +310,7 @@ static int take(struct vd_queue *q, uint16_t head, int fresh)
     if (r == VD_REQ_RETRY) {
         drop_buf(p, req);
         if (q->inflight && fresh)
-            vd_inflight_cancel(q, head);
+            vd_inflight_cancel(q, c->id);
         q->starved = 1;
         return 1;
     }
@@ -341,7 +348,8 @@ int vd_queue_process(struct vd_queue *q, int quiet)
             ret = VD_MORE; /* more to redo: come back, as for a full ring */
             goto out;
         }
-        if (take(q, q->resubmit[q->resubmit_pos], 0) != 0)
+        struct vd_chain c;
+        if (vd_inflight_chain(q, q->resubmit_pos, &c, q->scratch, VD_MAX_IOV) < 0 || take(q, &c, 0) != 0)
             goto out;
         q->resubmit_pos++;
         budget--;
@@ -365,9 +373,10 @@ int vd_queue_process(struct vd_queue *q, int quiet)
                     vd_ring_prefetch(q, (uint16_t)(q->last_avail + PREFETCH_DESC), 0);
                 if (pending > PREFETCH_BUF)
                     vd_ring_prefetch(q, (uint16_t)(q->last_avail + PREFETCH_BUF), 1);
-                if (take(q, vd_ring_next_head(q), 1) != 0)
+                struct vd_chain c;
+                if (vd_ring_peek(q, &c, q->scratch, VD_MAX_IOV) < 0 || take(q, &c, 1) != 0)
                     goto out;
-                q->last_avail++;
+                vd_ring_advance(q, &c);
                 if (++since_publish >= VD_USED_BATCH) {
                     /* Completions visible early (the driver may refill the
                      * ring while we work), one signal at the end. */

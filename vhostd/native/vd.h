@@ -3,8 +3,8 @@
  * Layers (each in its own file):
  *   memory.c   guest memory table: map regions, translate addresses with bounds checks
  *   log.c      the dirty-page log of a live migration: what we wrote into guest memory
- *   vring.c    split virtqueue: walk descriptor chains, read the avail ring, fill the
- *              used ring, notify
+ *   vring.c    virtqueues, split and packed layouts: walk descriptor chains, find what
+ *              the driver made available, write used entries, notify
  *   inflight.c the front-end's inflight area: what was taken and not completed
  *   request.c  requests: taken from the ring into a pool, handed to the device,
  *              completed now or later (out of order), released
@@ -112,7 +112,8 @@ struct vd_reqpool;
  * lives in its queue's pool, in the slot of its head descriptor, from the
  * moment it is taken until the device completes it. */
 struct vd_req {
-    uint16_t head;
+    uint16_t head;          /* what names it in the used ring: split head descriptor, packed buffer id */
+    uint16_t ndesc;         /* ring descriptors it took (packed rings move the used position by this) */
     uint16_t queue;
     int nout, nin;          /* iov[0..nout) readable, iov[nout..nout+nin) writable */
     uint64_t out_bytes, in_bytes;
@@ -157,14 +158,31 @@ int vd_req_buf(struct vd_req *req, size_t len, size_t align, void **out);
 /* ---------------------------------------------------------------- queues */
 
 struct vring_desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
+struct vring_packed_desc { uint64_t addr; uint32_t len; uint16_t id; uint16_t flags; };
 #define VRING_DESC_F_NEXT 1
 #define VRING_DESC_F_WRITE 2
 #define VRING_DESC_F_INDIRECT 4
+#define VRING_PACKED_DESC_F_AVAIL (1u << 7)
+#define VRING_PACKED_DESC_F_USED (1u << 15)
 #define VRING_USED_F_NO_NOTIFY 1
 #define VRING_AVAIL_F_NO_INTERRUPT 1
+/* packed rings' event suppression areas: flags values */
+#define VRING_EVENT_F_ENABLE 0
+#define VRING_EVENT_F_DISABLE 1
+#define VRING_EVENT_F_DESC 2
 
 #define VIRTIO_RING_F_INDIRECT_DESC 28
 #define VIRTIO_RING_F_EVENT_IDX 29
+#define VIRTIO_F_RING_PACKED 34
+
+/* One descriptor chain as the ring layer found it (vd_ring_peek). */
+struct vd_chain {
+    uint16_t id;            /* split: the head descriptor; packed: the buffer id */
+    uint16_t ndesc;         /* ring descriptors it occupies (packed: how far its used entry moves) */
+    uint16_t pos;           /* packed: ring position of its first descriptor */
+    int nout, nin;          /* iovecs: readable first, then writable */
+    uint64_t out_bytes, in_bytes;
+};
 
 struct vd_queue_stats {
     uint64_t requests, kicks, notifies, out_bytes, in_bytes, chain_errors;
@@ -208,6 +226,8 @@ struct vd_queue {
     int enabled;
     int draining;           /* GET_VRING_BASE asked: take nothing new, finish what is pending */
     int event_idx, indirect;
+    int packed;             /* VIRTIO_F_RING_PACKED: desc is the one ring; avail and used are the
+                               driver's and the device's event suppression areas */
     int log_used;           /* VHOST_VRING_F_LOG: log used-ring writes at used_gpa */
     uint64_t used_gpa;      /* SET_VRING_ADDR's log_guest_addr */
     int log_marked;         /* marked the log since the last vd_log_kick */
@@ -215,6 +235,11 @@ struct vd_queue {
     /* ring state, owned by the worker while started */
     uint8_t *desc, *avail, *used; /* host pointers */
     uint16_t last_avail, used_idx, signalled_used;
+    /* packed: last_avail and used_idx are ring positions (0..num-1) with these wrap counters */
+    uint16_t avail_wrap, used_wrap, signalled_wrap;
+    uint32_t used_puts, signalled_puts; /* used entries written, and as of the last signal decision */
+    int batch_open;         /* packed: the first used descriptor of a batch waits at batch_pos for */
+    uint16_t batch_pos, batch_flags; /* its flags, which make the whole batch visible at once */
     uint16_t avail_known;   /* device-driven use: entries from last_avail on known to be
                                available (vring.c); 0 whenever last_avail is set */
     int signalled_valid;
@@ -237,7 +262,11 @@ struct vd_queue {
     uint8_t *inflight;
     int inflight_recover;   /* look at the region before serving (set at start) */
     uint64_t inflight_counter;
-    uint16_t resubmit[VD_MAX_QUEUE_SIZE]; /* heads to redo first, oldest first */
+    uint16_t resubmit[VD_MAX_QUEUE_SIZE]; /* to redo first, oldest first: split heads,
+                                              packed the region entries holding their chains */
+    uint16_t if_head[VD_MAX_QUEUE_SIZE];  /* packed: region entry of each pending buffer id */
+    uint16_t if_free[VD_MAX_QUEUE_SIZE];  /* packed: region entries free for copies of descriptors */
+    uint32_t if_nfree;
     int nresubmit, resubmit_pos;
     struct iovec scratch[VD_MAX_IOV]; /* a chain is mapped here first */
     struct vd_queue *poll_next;
@@ -301,38 +330,53 @@ static inline void vd_wr16(uint8_t *p, uint16_t v)
     __atomic_store((uint16_t *)p, &v, __ATOMIC_RELAXED);
 }
 
-/* ---- the ring (vring.c); q->lock held by the caller throughout */
+/* ---- the ring (vring.c); q->lock held by the caller throughout.  One
+ * interface for both layouts: last_avail and used_idx are split free-running
+ * indices, or packed ring positions with their wrap counters. */
 int vd_queue_translate(struct vd_queue *q, char *err, size_t errlen);
 void vd_queue_fail(struct vd_queue *q, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-/* Walk the chain at head into iov (at most maxiov); -1 after failing the queue. */
-int vd_ring_map_chain(struct vd_queue *q, uint16_t head, struct vd_req *req, struct iovec *iov, int maxiov);
+/* Chains made available and not taken: split their number, packed 1 or 0; -1 after failing the queue. */
 int vd_ring_pending(struct vd_queue *q);
-uint16_t vd_ring_next_head(const struct vd_queue *q);
+/* Walk the next available chain into c and iov (at most maxiov) without
+ * taking it; -1 after failing the queue.  vd_ring_advance takes it. */
+int vd_ring_peek(struct vd_queue *q, struct vd_chain *c, struct iovec *iov, int maxiov);
+void vd_ring_advance(struct vd_queue *q, const struct vd_chain *c);
+/* Walk a split chain at head, or a packed chain held as n descriptor copies
+ * at d (c->pos set by the caller), for requests redone after a restart. */
+int vd_ring_map_split(struct vd_queue *q, uint16_t head, struct vd_chain *c, struct iovec *iov, int maxiov);
+int vd_ring_map_packed(struct vd_queue *q, const struct vring_packed_desc *d, int n, struct vd_chain *c,
+                       struct iovec *iov, int maxiov);
 uint16_t vd_ring_driver_avail(const struct vd_queue *q);
 /* Prefetch the descriptor (buffer 0) or first buffer line (1) of the chain
- * at avail position pos, which the driver published. */
+ * at avail position pos, which the driver published (split rings). */
 void vd_ring_prefetch(const struct vd_queue *q, uint16_t pos, int buffer);
 void vd_ring_read_fresh_used(struct vd_queue *q);
 void vd_ring_notify_enable(struct vd_queue *q, int on);
-void vd_ring_put_used(struct vd_queue *q, uint16_t head, uint32_t len);
+void vd_ring_put_used(struct vd_queue *q, uint16_t id, uint16_t ndesc, uint32_t len);
 void vd_ring_expose_used(struct vd_queue *q);
 /* End of a batch that began at used index old: expose it, signal if wanted. */
 void vd_ring_publish_used(struct vd_queue *q, uint16_t old);
 int vd_queue_want_kick(struct vd_queue *q);
 /* Device-driven use (net rx): pop returns 1 with req mapped into iov, 0 when
- * the ring is empty, -1 when the queue broke. */
+ * the ring is empty, -1 when the queue broke.  A mark taken before popping
+ * lets rewind give `popped` chains back. */
 int vd_queue_ready(struct vd_queue *q);
 int vd_queue_pop(struct vd_queue *q, struct vd_req *req, struct iovec *iov, int maxiov);
-void vd_queue_unpop(struct vd_queue *q, int n);
+uint32_t vd_queue_avail_mark(const struct vd_queue *q);
+void vd_queue_rewind(struct vd_queue *q, uint32_t mark, int popped);
 int vd_queue_has_avail(struct vd_queue *q);
-void vd_queue_push(struct vd_queue *q, uint16_t head, uint32_t len);
+void vd_queue_push(struct vd_queue *q, uint16_t id, uint16_t ndesc, uint32_t len);
 void vd_queue_flush(struct vd_queue *q);
 
 /* ---- inflight tracking (inflight.c) */
-void vd_inflight_begin(struct vd_queue *q, uint16_t head);
-void vd_inflight_cancel(struct vd_queue *q, uint16_t head);
-void vd_inflight_end(struct vd_queue *q, uint16_t head);
+int vd_inflight_begin(struct vd_queue *q, const struct vd_chain *c);
+void vd_inflight_cancel(struct vd_queue *q, uint16_t id);
+/* Instead of vd_ring_put_used while tracked: the used entry, written so that
+ * a crash at any point leaves the region telling whether it was seen. */
+void vd_inflight_complete(struct vd_queue *q, uint16_t id, uint16_t ndesc, uint32_t len);
 int vd_inflight_recover(struct vd_queue *q);
+/* The k-th request to redo, walked into c and iov; -1 after failing the queue. */
+int vd_inflight_chain(struct vd_queue *q, int k, struct vd_chain *c, struct iovec *iov, int maxiov);
 
 /* ---- serving a queue (request.c), q->lock held.  process returns VD_MORE
  * when it stopped after VD_BUDGET requests with more waiting (the caller
