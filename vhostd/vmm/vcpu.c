@@ -20,9 +20,11 @@ struct vcpu_isr {
     uint32_t num_queues;
     uint32_t bits;        /* raised, not computed (config change) */
     uint64_t fast_exits;
+    uint32_t packed_running; /* started packed queues */
     struct isr_queue {
-        const volatile uint16_t *used_idx; /* NULL: not started */
+        const volatile uint16_t *used_idx; /* NULL: not started, or packed */
         uint16_t acked;
+        uint8_t packed;
     } q[];
 };
 
@@ -49,8 +51,15 @@ EXPORT int vcpu_isr_start_queue(struct vcpu_isr *isr, uint32_t queue, const void
     if (queue >= isr->num_queues)
         return -EINVAL;
     pthread_mutex_lock(&isr->lock);
-    isr->q[queue].used_idx = used_idx;
-    isr->q[queue].acked = __atomic_load_n((const uint16_t *)used_idx, __ATOMIC_ACQUIRE);
+    if (isr->q[queue].packed)
+        isr->packed_running--;
+    isr->q[queue].packed = !used_idx;
+    if (!used_idx) {
+        isr->packed_running++;
+    } else {
+        isr->q[queue].used_idx = used_idx;
+        isr->q[queue].acked = __atomic_load_n((const uint16_t *)used_idx, __ATOMIC_ACQUIRE);
+    }
     pthread_mutex_unlock(&isr->lock);
     return 0;
 }
@@ -61,6 +70,9 @@ EXPORT void vcpu_isr_stop_queue(struct vcpu_isr *isr, uint32_t queue)
         return;
     pthread_mutex_lock(&isr->lock);
     isr->q[queue].used_idx = NULL;
+    if (isr->q[queue].packed)
+        isr->packed_running--;
+    isr->q[queue].packed = 0;
     pthread_mutex_unlock(&isr->lock);
 }
 
@@ -71,12 +83,17 @@ EXPORT void vcpu_isr_raise(struct vcpu_isr *isr, uint32_t bits)
     pthread_mutex_unlock(&isr->lock);
 }
 
-/* Bit 0 is computed: a started queue's used index moved since the driver
- * last acknowledged it (the back-end's interrupt went to KVM directly). */
+/* Bit 0 is computed: a started split queue's used index moved since the
+ * driver last acknowledged it (the back-end's interrupt went to KVM
+ * directly).  A packed ring has no used index, and how far each used
+ * descriptor moves the device's position is known only to the driver, so
+ * while a packed queue runs bit 0 is always set: the driver then looks at
+ * its rings on every interrupt, and interrupts come only from the back-end
+ * when it has used buffers to hand back. */
 EXPORT uint32_t vcpu_isr_status(struct vcpu_isr *isr)
 {
     pthread_mutex_lock(&isr->lock);
-    uint32_t bits = isr->bits;
+    uint32_t bits = isr->bits | (isr->packed_running ? INT_VRING : 0);
     for (uint32_t i = 0; i < isr->num_queues; i++) {
         const volatile uint16_t *used = isr->q[i].used_idx;
         if (used && __atomic_load_n((const uint16_t *)used, __ATOMIC_ACQUIRE) != isr->q[i].acked) {

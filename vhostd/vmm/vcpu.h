@@ -16,7 +16,7 @@ struct vcpu_isr *vcpu_isr_new(uint32_t num_queues);
 void vcpu_isr_free(struct vcpu_isr *isr);
 /* A started queue: its used index is the 16-bit word at used_idx (a host
  * address inside guest RAM, checked by the caller); what is there now
- * counts as acknowledged. */
+ * counts as acknowledged.  NULL: a packed ring (see vcpu_isr_status). */
 int vcpu_isr_start_queue(struct vcpu_isr *isr, uint32_t queue, const void *used_idx);
 void vcpu_isr_stop_queue(struct vcpu_isr *isr, uint32_t queue);
 /* Sets status bits that are not computed from rings (config change). */

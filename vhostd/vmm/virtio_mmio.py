@@ -13,8 +13,8 @@ The VMM only runs the transport; the back-end does the work:
   to SET_CONFIG.  ConfigGeneration changes whenever the fetched config does.
 * DRIVER_OK: SET_FEATURES (the driver's features, plus the protocol bit when
   negotiated), SET_MEM_TABLE (the guest memfd; addresses are this process's
-  mapping of guest RAM), then per ready queue SET_VRING_NUM, SET_VRING_BASE 0,
-  SET_VRING_ADDR (host virtual addresses), SET_VRING_CALL, SET_VRING_KICK,
+  mapping of guest RAM), then per ready queue SET_VRING_NUM, SET_VRING_BASE 0
+  (packed rings: wrap counter 1 in bit 15), SET_VRING_ADDR (host virtual addresses), SET_VRING_CALL, SET_VRING_KICK,
   SET_VRING_ERR and SET_VRING_ENABLE 1.  A queue made ready after DRIVER_OK
   starts at once.
 * QueueNotify is a KVM ioeventfd (datamatch = queue index) on the queue's
@@ -22,8 +22,9 @@ The VMM only runs the transport; the back-end does the work:
 * Each queue's call eventfd is a KVM irqfd on the device's GSI: the
   back-end's interrupt goes straight to the in-kernel irqchip, edge style.
 * InterruptStatus: since interrupts bypass the VMM, bit 0 (used buffer) is
-  computed: set when the used index of a running queue moved since the
-  driver last acknowledged bit 0.  Bit 1 (config change) is set when a
+  computed: set when the used index of a running split queue moved since
+  the driver last acknowledged bit 0, and always while a packed queue runs
+  (a packed ring has no used index to watch).  Bit 1 (config change) is set when a
   config fetch saw the config change.  InterruptACK clears what it names.
   A driver reads and acknowledges on every interrupt, so this state lives in
   C (vcpu.c), where the vCPU exit loop answers both registers itself.
@@ -91,12 +92,13 @@ INT_VRING, INT_CONFIG = 1, 2
 DEVICE_IDS = {"net": 1, "blk": 2}
 
 VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_RING_PACKED = 34
+PACKED_BASE = 1 << 15
 VHOST_F_LOG_ALL = 26
 #: Transport features this VMM cannot offer even when the back-end can.
 UNSUPPORTED_FEATURES = (
     (1 << F_PROTOCOL_FEATURES) | (1 << VHOST_F_LOG_ALL)
     | (1 << 33)  # ACCESS_PLATFORM: no IOMMU here
-    | (1 << 34)  # RING_PACKED: the VMM computes InterruptStatus from split rings
     | (1 << 37)  # SR_IOV
     | (1 << 38)  # NOTIFICATION_DATA: QueueNotify must carry only the index (ioeventfd datamatch)
     | (1 << 40)  # RING_RESET: no QueueReset register
@@ -420,7 +422,14 @@ class VhostUserMmioDevice:
             if q.ready:
                 self._start_queue(q)
 
+    @property
+    def packed(self) -> bool:
+        return bool(self.driver_features & (1 << VIRTIO_F_RING_PACKED))
+
     def _ring_sizes(self, q: Queue) -> tuple[int, int, int]:
+        """Descriptor table/ring, driver area, device area (packed: the two event suppression areas)."""
+        if self.packed:
+            return 16 * q.num, 4, 4
         return 16 * q.num, 6 + 2 * q.num, 6 + 8 * q.num
 
     def _backend_index(self, q: Queue) -> int:
@@ -450,7 +459,8 @@ class VhostUserMmioDevice:
         fe = self.fe
         try:
             self._backend(f"queue {q.index}: SET_VRING_NUM", fe.set_vring_num, bi, q.num)
-            self._backend(f"queue {q.index}: SET_VRING_BASE", fe.set_vring_base, bi, 0)
+            # position 0; a packed ring's wrap counter starts at 1 (bit 15)
+            self._backend(f"queue {q.index}: SET_VRING_BASE", fe.set_vring_base, bi, PACKED_BASE if self.packed else 0)
             self._backend(f"queue {q.index}: SET_VRING_ADDR", fe.set_vring_addr, bi, self.mem.to_hva(q.desc, d),
                           self.mem.to_hva(q.device, u), self.mem.to_hva(q.driver, a))
             self._backend(f"queue {q.index}: SET_VRING_CALL", fe.set_vring_call, bi, q.call_fd)
@@ -463,7 +473,8 @@ class VhostUserMmioDevice:
             return
         q.started = True
         q.backend_index = bi
-        _vcpu.vcpu_isr_start_queue(self.isr, q.index, _ffi.cast("void *", self.mem.to_hva(q.device + 2, 2)))
+        used_idx = _ffi.NULL if self.packed else _ffi.cast("void *", self.mem.to_hva(q.device + 2, 2))
+        _vcpu.vcpu_isr_start_queue(self.isr, q.index, used_idx)
 
     def _set_queue_ready(self, q: Queue, ready: int) -> None:
         if ready == q.ready:
