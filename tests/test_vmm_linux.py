@@ -7,8 +7,9 @@ costs ~5 s to start and Python runs slowly in it): there `vhostd serve`
 runs the devices and `vhostd vm run` boots the Debian cloud kernel with the
 test guest's busybox initramfs (tests/guest) several times:
 
-* `boot`: 2 vCPUs, a vhostd blk disk (virtio-mmio, described by ACPI);
-  the guest writes and reads back a sector, then /init powers off;
+* `boot`: 2 vCPUs, a vhostd blk disk (virtio-mmio, described by ACPI, on
+  a packed ring: Linux takes it when offered); the guest writes and reads
+  back a sector, then /init powers off;
 * `panic`: the guest panics (sysrq c);
 * `auto`: the `boot` guest on 1 vCPU, started by `vhostd serve` itself
   (autostart), its console on serve's log;
@@ -45,6 +46,7 @@ TAP, HOST_IP, GUEST_IP = "vhtap0", "10.9.0.1", "10.9.0.2"
 SCRIPTS = {
     "boot": f"""
 echo "VHOSTD-RESULT nproc=$(nproc)"
+echo "VHOSTD-RESULT features=$(cat /sys/bus/virtio/devices/virtio0/features)"
 printf '{PATTERN}' | dd of=/dev/vda bs=512 seek=2048 conv=sync,fsync 2>/dev/null
 back=$(dd if=/dev/vda bs=512 skip=2048 count=1 2>/dev/null | head -c {len(PATTERN)})
 [ "$back" = {PATTERN} ] || exit 3
@@ -52,6 +54,7 @@ echo "VHOSTD-RESULT readback=ok"
 """,
     "panic": "echo 1 > /proc/sys/kernel/sysrq\necho c > /proc/sysrq-trigger\nsleep 30\n",
     "net": f"""
+echo "VHOSTD-RESULT features=$(cat /sys/bus/virtio/devices/virtio0/features)"
 {net_up_and_ping(GUEST_IP, HOST_IP, 5)}echo "VHOSTD-RESULT ping=ok"
 dd if=/dev/zero bs=1024 count={STREAM_BYTES // 1024} 2>/dev/null | nc {HOST_IP} {STREAM_PORT} || exit 7
 echo "VHOSTD-RESULT sent=ok"
@@ -150,6 +153,7 @@ def test_linux_boots_to_init_on_two_vcpus_and_powers_off(nested_run):
 def test_linux_writes_a_vhostd_disk_and_the_host_image_has_it(nested_run):
     r = vm_result(nested_run, "boot")
     assert results(r["console"]).get("readback") == "ok", r["why"]
+    assert results(r["console"])["features"][34] == "1", r["why"]  # on a packed ring
     assert bytes.fromhex(nested_run["reads"]["sector"]) == PATTERN.encode()
 
 
@@ -165,6 +169,7 @@ def test_linux_passes_traffic_through_a_vhostd_net_port_to_a_tap(nested_run):
     assert results(r["console"]).get("sent") == "ok", r["why"]
     assert results(r["console"]).get("ping") == "ok", r["why"]
     assert nested_run.get("received") == STREAM_BYTES, r["why"]
+    assert results(r["console"])["features"][34] == "1", r["why"]  # on packed rings
     assert r["status"] == 0, r["why"]
 
 
