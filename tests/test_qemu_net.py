@@ -3,7 +3,8 @@
 * two guests on one vhostd switch: ping, and a TCP transfer each way whose
   checksum matches on both ends, with offloads negotiated;
 * a guest on a TAP that vhostd creates inside a network namespace the test
-  makes: ping from both sides and TCP both ways with the namespace's kernel.
+  makes: ping from both sides and TCP both ways with the namespace's kernel,
+  on split and on packed virtqueues (QEMU's packed=on).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import pytest
 
 from daemon import DaemonProcess
 from guest.qemu import NetNic
+from guest.scripts import VIRTIO_ID_NET, virtio_features
 from net.netns import NetNs, netns_available
+from vhostd.virtio import F_RING_PACKED
 
 pytestmark = pytest.mark.qemu
 
@@ -32,14 +35,6 @@ def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def net_features_snippet() -> str:
-    # /sys/bus/virtio/devices/*/features is a string of '0'/'1', bit 0 first.
-    return (
-        'for d in /sys/bus/virtio/devices/*; do '
-        '[ "$(cat $d/device)" = 0x0001 ] && echo "VHOSTD-RESULT features=$(cat $d/features)"; done\n'
-    )
-
-
 def peer_script(me: str, peer: str) -> str:
     return f"""
 set -e
@@ -53,7 +48,7 @@ n=0
 until nc -w 2 {peer} 5000 -e /send.sh; do n=$((n + 1)); [ $n -lt 30 ] || exit 1; sleep 1; done
 wait $listener
 echo "VHOSTD-RESULT recv=$(md5sum /recv | cut -d' ' -f1)"
-{net_features_snippet()}
+{virtio_features(VIRTIO_ID_NET)}
 """
 
 
@@ -92,7 +87,8 @@ def _recv_all(conn: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def test_guest_on_tap_in_a_network_namespace(tmp_path, qemu_guest):
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_guest_on_tap_in_a_network_namespace(tmp_path, qemu_guest, packed):
     ok, why = netns_available()
     if not ok:
         pytest.skip(f"network namespaces unavailable: {why}")
@@ -119,9 +115,9 @@ n=0
 until nc -w 2 10.78.0.1 5000 -e /send.sh; do n=$((n + 1)); [ $n -lt 30 ] || exit 1; sleep 1; done
 wait $listener
 echo "VHOSTD-RESULT recv=$(md5sum /recv | cut -d' ' -f1)"
-{net_features_snippet()}
+{virtio_features(VIRTIO_ID_NET)}
 """
-            g = qemu_guest(script, nics=[NetNic(sock)], timeout=120,
+            g = qemu_guest(script, nics=[NetNic(sock, packed=packed)], timeout=120,
                            files={"payload": from_guest, "recv.sh": RECV, "send.sh": SEND})
             # The namespace's side of the TCP transfers, run inside the namespace.
             server = ns.popen(["python3", "-c", (
@@ -152,6 +148,7 @@ echo "VHOSTD-RESULT recv=$(md5sum /recv | cut -d' ' -f1)"
             bits = res["features"]
             for b in (GUEST_CSUM, GUEST_TSO4, HOST_TSO4):
                 assert bits[b] == "1", f"offload bit {b} not negotiated: {bits}"
+            assert bits[F_RING_PACKED] == ("1" if packed else "0"), bits
             assert "NEEDS_RESET" not in vd.log()
         finally:
             assert vd.stop() == 0, vd.log()

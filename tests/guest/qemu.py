@@ -148,6 +148,8 @@ class BlkDisk:
     # chardev reconnect=<seconds>: QEMU reconnects when the back-end restarts
     # (without it, losing the back-end is final for that device).
     reconnect: int | None = None
+    # packed=on: QEMU offers VIRTIO_F_RING_PACKED and the guest drives packed rings.
+    packed: bool = False
     # extra -device properties, e.g. {"queue-size": 256, "config-wce": "off"}
     props: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
@@ -163,6 +165,7 @@ class NetNic:
     min(N, vCPUs) queue pairs by default).  reconnect: chardev reconnect
     seconds.  server=True: QEMU listens on `socket` and waits (before the guest
     boots) until the back-end connects (e.g. testpmd net_vhost client=1).
+    packed=True: -device packed=on (packed virtqueues, VIRTIO_F_RING_PACKED).
     mac: default a per-process unique 52:54:00:xx:xx:xx.  props: more -device
     properties, e.g. {"rx_queue_size": 1024, "mrg_rxbuf": False, "csum": False}.
 
@@ -175,6 +178,7 @@ class NetNic:
     queues: int = 1
     reconnect: int | None = None
     server: bool = False
+    packed: bool = False
     props: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
 
@@ -409,6 +413,8 @@ class QemuGuest:
             dev = f"vhost-user-blk-pci,chardev=vub{i},id=vblk{i}"
             if d.num_queues is not None:
                 dev += f",num-queues={int(d.num_queues)}"
+            if d.packed:
+                dev += ",packed=on"
             for k, v in d.props.items():
                 dev += f",{k}={_qemu_opt(v)}"
             cmd += ["-chardev", chardev, "-device", dev]
@@ -424,6 +430,8 @@ class QemuGuest:
             dev = f"virtio-net-pci,netdev=net{i},id=vnet{i},mac={mac},romfile=,vectors=0"
             if n.queues > 1:
                 dev += ",mq=on"
+            if n.packed:
+                dev += ",packed=on"
             for k, v in n.props.items():
                 dev += f",{k}={_qemu_opt(v)}"
             cmd += ["-chardev", chardev, "-netdev", netdev, "-device", dev]

@@ -12,3 +12,17 @@ done
 [ -n "$ok" ] || exit {fail}
 ping -c 3 -W 2 {host_ip} | grep -q " 0% packet loss" || exit {fail}
 """
+
+
+VIRTIO_ID_NET, VIRTIO_ID_BLOCK = 1, 2
+
+
+def virtio_features(device_id: int, key: str = "features") -> str:
+    """Print `VHOSTD-RESULT <key>=<bits>` for each virtio device of this type
+    (VIRTIO_ID_NET, VIRTIO_ID_BLOCK): the features the driver negotiated, as
+    /sys/bus/virtio/devices/*/features shows them, a '0'/'1' per bit, bit 0 first."""
+    return (
+        'for d in /sys/bus/virtio/devices/*; do '
+        f'if [ "$(cat $d/device)" = 0x{device_id:04x} ]; then echo "VHOSTD-RESULT {key}=$(cat $d/features)"; fi; '
+        'done\n'
+    )
