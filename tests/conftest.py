@@ -39,10 +39,10 @@ from pathlib import Path
 import pytest
 
 from daemon import DaemonProcess
-from virtio_driver import BLK_S_OK, BLK_T_IN, BLK_T_OUT, BlkDriver, GuestMemory, SplitQueue
+from virtio_driver import BLK_S_OK, BLK_T_IN, BLK_T_OUT, BlkDriver, GuestMemory, PackedQueue, SplitQueue
 from vhostd.frontend import BackendError, Frontend, make_eventfd
 from vhostd.protocol.constants import F_PROTOCOL_FEATURES
-from vhostd.virtio import F_RING_PACKED
+from vhostd.virtio import F_RING_EVENT_IDX, F_RING_PACKED
 
 STATUS_NEEDS_RESET = 0x40
 
@@ -190,11 +190,11 @@ def connect_frontend(path: str, timeout: float = 5.0) -> tuple[Frontend, int]:
             time.sleep(0.005)
 
 
-class DriverQueue(SplitQueue):
-    """SplitQueue that, like a real driver with EVENT_IDX, asks for an
-    interrupt on the next completion each time it has consumed the used
-    ring (used_event = last seen).  Set auto_used_event = False to drive
-    used_event by hand."""
+class _UsedEvent:
+    """Like a real driver with EVENT_IDX, ask for an interrupt on the next
+    completion each time the used ring has been consumed (split: used_event
+    = last seen; packed: a DESC event at the next used position).  Set
+    auto_used_event = False to drive it by hand."""
 
     auto_used_event = True
 
@@ -202,10 +202,19 @@ class DriverQueue(SplitQueue):
         out = super().poll_used()
         while self.auto_used_event:
             self.set_used_event(self.last_used)
-            if self.used_idx() == self.last_used:
+            if not self.has_used():
                 break
-            out += super().poll_used()  # completed before used_event was written
+            out += super().poll_used()  # completed before the event was written
         return out
+
+
+class DriverQueue(_UsedEvent, SplitQueue):
+    """SplitQueue that asks for an interrupt on the next completion (_UsedEvent)."""
+
+
+class PackedDriverQueue(_UsedEvent, PackedQueue):
+    """PackedQueue that asks for an interrupt on the next completion (_UsedEvent),
+    when EVENT_IDX was negotiated (else the driver area stays ENABLE)."""
 
 
 class Guest:
@@ -215,6 +224,7 @@ class Guest:
               but the packed ring layout, which takes packed=True).
     protocol: mask of offered protocol features to ack (None: all).
     layout:   GuestMemory layout [(gpa, size), ...] (None: one 16 MiB region).
+    packed:   ack VIRTIO_F_RING_PACKED (if offered): queue() lays out packed rings.
     """
 
     def __init__(self, vd: Vhostd, name: str, *, features: int | None = None, protocol: int | None = None,
@@ -222,7 +232,7 @@ class Guest:
         self.vd = vd
         self.name = name
         self.fe, self.offered = connect_frontend(vd.socket(name))
-        self.queues: list[SplitQueue] = []
+        self.queues: list[SplitQueue | PackedQueue] = []
         self.extra_fds: list[int] = []
         self.mem: GuestMemory | None = None
         self.closed = False
@@ -243,16 +253,28 @@ class Guest:
         self.extra_fds.append(fd)
         return fd
 
+    @property
+    def packed(self) -> bool:
+        return bool(getattr(self, "features", 0) & (1 << F_RING_PACKED))
+
     def queue(self, index: int = 0, size: int = 128, *, kick: bool = True, enable: bool = True, region: int = 0,
-              arena: int = 1 << 20, base: int = 0, err: bool = True) -> SplitQueue:
-        """Lay out a split ring in guest memory and start it on the device.
+              arena: int = 1 << 20, base: int | None = None, err: bool = True) -> SplitQueue | PackedQueue:
+        """Lay out a ring (packed if negotiated, else split) in guest memory
+        and start it on the device.  base: where a resumed ring stands (split:
+        the avail and used index; packed: position | wrap counter << 15).
         q.err is the queue's SET_VRING_ERR eventfd (or None)."""
-        q = DriverQueue(self.mem, size, region, arena)
-        if base:
-            # A resumed ring: the driver's indices and the used idx in memory agree on `base`.
-            q.avail_idx = q.last_used = base
-            q.set_avail_idx(base)
-            self.mem.write(q.used + 2, struct.pack("<H", base))
+        if self.packed:
+            q = PackedDriverQueue(self.mem, size, region, arena)
+            q.event_idx = q.auto_used_event = bool(self.features & (1 << F_RING_EVENT_IDX))
+            if base is not None:
+                q.resume_at(base & 0x7FFF, base >> 15 & 1)
+        else:
+            q = DriverQueue(self.mem, size, region, arena)
+            if base is not None:
+                # A resumed ring: the driver's indices and the used idx in memory agree on `base`.
+                q.avail_idx = q.last_used = base
+                q.set_avail_idx(base)
+                self.mem.write(q.used + 2, struct.pack("<H", base))
         q.err = self.eventfd() if err else None
         if err:
             self.fe.set_vring_err(index, q.err)
@@ -286,7 +308,7 @@ class Guest:
             self.mem.close()
 
 
-def wait_broken(q: SplitQueue, timeout: float = 5.0) -> None:
+def wait_broken(q: SplitQueue | PackedQueue, timeout: float = 5.0) -> None:
     """The device reports a broken queue on the vring err eventfd."""
     assert q.err is not None
     assert readable(q.err, timeout), "vring err eventfd was not signalled"
