@@ -33,16 +33,19 @@ testpmd to CPU 1 (LOAD_CPU).  Paths (--paths):
             the back-end's write() to the TAP, so it is in its CPU time, and
             it is likely the bottleneck on both sides.
 
-Each path and frame size runs --runs rounds, each round vhostd then the anchor,
-each with fresh processes: after a warm-up, the frames counted and the
+Each path and frame size runs --runs rounds; a round runs, for each ring
+layout of --rings (the load's virtio-user ports with packed_vq=0 or 1; both
+back-ends serve either), vhostd then the anchor, each with fresh processes: after a warm-up, the frames counted and the
 back-end's CPU time (utime + stime, all threads) are read at the start and
-the end of a --seconds window.  Reported per size: the median frames/s of
-each side, the median of the per-round ratios with their min-max, and the
-back-end's CPU ns per frame.  vhostd's devices get `poll_us: 100` (DPDK's
+the end of a --seconds window.  Reported per size and layout: the median
+frames/s of each side, the median of the per-round ratios with their min-max,
+and the back-end's CPU ns per frame; with both layouts also vhostd's packed /
+split ratio per round (above 1: packed is faster).  vhostd's devices get `poll_us: 100` (DPDK's
 PMD polls all the time too); --device-keys changes that.
 
     python3 benchmarks/net_testpmd.py [--paths loopback,switch,tap] [--sizes 64,1500]
-                                      [--seconds 10] [--runs 3] [--device-keys KEYS] [--no-save]
+                                      [--rings split,packed] [--seconds 10] [--runs 3]
+                                      [--device-keys KEYS] [--no-save]
 """
 
 from __future__ import annotations
@@ -70,6 +73,13 @@ WARMUP = 2.0  # seconds of traffic before the measured window
 DPDK_RUN = "/var/run/dpdk"  # EAL's runtime directories (root): <DPDK_RUN>/<file-prefix>
 PREFIX = f"vhostd-bench-{os.getpid()}"  # of DPDK file prefixes and the namespace
 MACS = ("02:00:00:00:5e:00", "02:00:00:00:5e:01")  # of the switch load's two ports
+RINGS = ("split", "packed")
+RING = "split"  # the layout the load's virtio-user ports negotiate (packed_vq=1: packed); set per run
+
+
+def virtio_user(i: int, sock: str, extra: str = "") -> str:
+    """A load testpmd's virtio-user port on sock, on the current ring layout."""
+    return f"net_virtio_user{i},path={sock},queues=1{extra}" + (",packed_vq=1" if RING == "packed" else "")
 _seq = itertools.count()
 
 
@@ -280,10 +290,10 @@ def start_load(procs: Procs, tmp: str, name: str, path: str, socks: list[str], s
     freeing what arrives; its frames are --txpkts minus 4 (an FCS it leaves
     out)."""
     if path == "loopback":
-        vdevs = [f"net_virtio_user0,path={socks[0]},queues=1"]
+        vdevs = [virtio_user(0, socks[0])]
         args, start = ["--forward-mode=io", f"--txpkts={size}"], "start tx_first"
     else:
-        vdevs = [f"net_virtio_user{i},path={s},queues=1,mac={mac}" for i, (s, mac) in enumerate(zip(socks, MACS))]
+        vdevs = [virtio_user(i, s, f",mac={mac}") for i, (s, mac) in enumerate(zip(socks, MACS))]
         args = ["--forward-mode=flowgen", f"--txpkts={size + 4}", f"--eth-peer=0,{MACS[1]}", f"--eth-peer=1,{MACS[0]}"]
         start = "start"
     gen = procs.add(Testpmd(tmp, name, vdevs, args, LOAD_CPU, interactive=True))
@@ -330,7 +340,7 @@ def tap(tmp: str, side: str, size: int, seconds: float, netns: str) -> tuple[flo
             sock, ifname = os.path.join(tmp, "ta.sock"), "vbtap1"
             be = anchor(tmp, procs, [f"net_vhost0,iface={sock},queues=1", f"net_tap0,iface={ifname}"], "io",
                         [sock], netns)
-        procs.add(Testpmd(tmp, f"sender-{side}", [f"net_virtio_user0,path={sock},queues=1"],
+        procs.add(Testpmd(tmp, f"sender-{side}", [virtio_user(0, sock)],
                           ["--forward-mode=txonly", f"--txpkts={size}"], LOAD_CPU))
         return window(lambda: tap_rx(netns, ifname), be.pid, seconds)
 
@@ -365,15 +375,16 @@ def main() -> int:
     ap.add_argument("--sizes", default="64,1500", help="frame sizes in bytes")
     ap.add_argument("--seconds", type=float, default=10, help="measured window per run (after a warm-up)")
     ap.add_argument("--runs", type=int, default=3, help="rounds (vhostd then anchor) per path and size")
+    ap.add_argument("--rings", default=",".join(RINGS), help="ring layouts the load negotiates: split,packed")
     ap.add_argument("--device-keys", default=POLL_KEYS,
                     help=f'YAML keys added to vhostd\'s devices (default "{POLL_KEYS}"; "" for none)')
     ap.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/net_testpmd.json")
     args = ap.parse_args()
-    global DEVICE_KEYS
+    global DEVICE_KEYS, RING
     DEVICE_KEYS = args.device_keys
-    paths = args.paths.split(",")
-    if set(paths) - set(PATHS) or args.runs < 1:
-        ap.error(f"--paths: some of {','.join(PATHS)}; --runs: at least 1")
+    paths, rings = args.paths.split(","), args.rings.split(",")
+    if set(paths) - set(PATHS) or args.runs < 1 or not rings or set(rings) - set(RINGS):
+        ap.error(f"--paths: some of {','.join(PATHS)}; --rings: some of {','.join(RINGS)}; --runs: at least 1")
     sizes = [int(s) for s in args.sizes.split(",")]
     if not all(60 <= s <= 2040 for s in sizes):
         ap.error("--sizes: 60 to 2040 bytes (one mbuf)")
@@ -390,37 +401,47 @@ def main() -> int:
             subprocess.run(["ip", "netns", "add", netns], check=True)
         measure = {"loopback": lambda *a: forwarded("loopback", *a), "switch": lambda *a: forwarded("switch", *a),
                    "tap": lambda *a: tap(*a, netns=netns)}
-        print(f"{'workload':<16} {'vhostd Mfps':>11} {'DPDK Mfps':>10} {'ratio':>6} {'min-max':>11} "
+        print(f"{'workload':<22} {'vhostd Mfps':>11} {'DPDK Mfps':>10} {'ratio':>6} {'min-max':>11} "
               f"{'vhostd ns/f':>11} {'DPDK ns/f':>10}", flush=True)
         for path in paths:
             for size in sizes:
-                res = {"vhostd": [], "anchor": []}
+                res = {ring: {"vhostd": [], "anchor": []} for ring in rings}
                 for r in range(args.runs):
-                    for side in ("vhostd", "anchor"):
-                        work = os.path.join(tmp, f"{path}-{size}-r{r + 1}-{side}")  # its logs, sockets
-                        os.mkdir(work)
-                        res[side].append(measure[path](work, side, size, args.seconds))
-                    print(f"  {path} {size} B round {r + 1}: vhostd {res['vhostd'][-1][0] / 1e6:.3f} Mfps, "
-                          f"anchor {res['anchor'][-1][0] / 1e6:.3f} Mfps", flush=True)
-                fps = {s: [f for f, _ in res[s]] for s in res}
-                ratio, lo, hi = ratio_spread(fps["vhostd"], fps["anchor"])
-                row = {"workload": f"{path} {size} B"}
-                for s in res:
-                    row[s] = {"fps": median(fps[s]), "ns_per_frame": median([n for _, n in res[s]]),
-                              "fps_runs": fps[s]}
-                row.update(ratio=ratio, ratio_min=lo, ratio_max=hi)
-                rows.append(row)
-                v, a = row["vhostd"], row["anchor"]
-                print(f"{row['workload']:<16} {v['fps'] / 1e6:>11.3f} {a['fps'] / 1e6:>10.3f} {ratio:>6.2f} "
-                      f"{f'{lo:.2f}-{hi:.2f}':>11} {v['ns_per_frame']:>11.0f} {a['ns_per_frame']:>10.0f}",
-                      flush=True)
+                    for ring in rings:
+                        RING = ring
+                        for side in ("vhostd", "anchor"):
+                            work = os.path.join(tmp, f"{path}-{size}-{ring}-r{r + 1}-{side}")  # its logs, sockets
+                            os.mkdir(work)
+                            res[ring][side].append(measure[path](work, side, size, args.seconds))
+                        print(f"  {path} {size} B {ring} round {r + 1}: "
+                              f"vhostd {res[ring]['vhostd'][-1][0] / 1e6:.3f} Mfps, "
+                              f"anchor {res[ring]['anchor'][-1][0] / 1e6:.3f} Mfps", flush=True)
+                for ring in rings:
+                    fps = {s: [f for f, _ in res[ring][s]] for s in res[ring]}
+                    ratio, lo, hi = ratio_spread(fps["vhostd"], fps["anchor"])
+                    row = {"workload": f"{path} {size} B" + (f" {ring}" if len(rings) > 1 else ""), "ring": ring}
+                    for s in res[ring]:
+                        row[s] = {"fps": median(fps[s]), "ns_per_frame": median([n for _, n in res[ring][s]]),
+                                  "fps_runs": fps[s]}
+                    row.update(ratio=ratio, ratio_min=lo, ratio_max=hi)
+                    rows.append(row)
+                    v, a = row["vhostd"], row["anchor"]
+                    print(f"{row['workload']:<22} {v['fps'] / 1e6:>11.3f} {a['fps'] / 1e6:>10.3f} {ratio:>6.2f} "
+                          f"{f'{lo:.2f}-{hi:.2f}':>11} {v['ns_per_frame']:>11.0f} {a['ns_per_frame']:>10.0f}",
+                          flush=True)
+                if len(rings) == 2:
+                    ratio, lo, hi = ratio_spread([f for f, _ in res["packed"]["vhostd"]],
+                                                 [f for f, _ in res["split"]["vhostd"]])
+                    rows[-1]["vhostd_packed_over_split"] = {"ratio": ratio, "min": lo, "max": hi}
+                    print(f"  vhostd packed/split {path} {size} B: {ratio:.2f} ({lo:.2f}-{hi:.2f})", flush=True)
     finally:
         if netns:
             subprocess.run(["ip", "netns", "del", netns], capture_output=True)
     print(f"{time.monotonic() - start:.0f} s; logs: {tmp}")
     if not args.no_save:
         print("saved", save_results("net_testpmd", f"python3 benchmarks/net_testpmd.py --paths {args.paths} "
-                                    f"--sizes {args.sizes} --seconds {args.seconds:g} --runs {args.runs}"
+                                    f"--sizes {args.sizes} --rings {args.rings} --seconds {args.seconds:g} "
+                                    f"--runs {args.runs}"
                                     + (f" --device-keys '{args.device_keys}'" if args.device_keys != POLL_KEYS
                                        else ""), rows))
     return 0
