@@ -130,12 +130,14 @@ class VirtioUserPort:
 
     server=True: testpmd listens and the back-end connects to it.  mac: the
     port's MAC (default: random).  queue_size: ring size (DPDK default 256).
+    packed=True: packed virtqueues (packed_vq=1), when the back-end offers them.
     """
     socket: PathLike
     queues: int = 1
     server: bool = False
     mac: str | None = None
     queue_size: int | None = None
+    packed: bool = False
     extra: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
     def vdev(self, index: int) -> str:
@@ -146,6 +148,8 @@ class VirtioUserPort:
             s += f",mac={self.mac}"
         if self.queue_size:
             s += f",queue_size={self.queue_size}"
+        if self.packed:
+            s += ",packed_vq=1"
         return s + _devargs(self.extra)
 
 
