@@ -212,9 +212,9 @@ class Rings:
             out.append((q, ffi.string(buf).decode(errors="replace")))
         return out
 
-    def set_inflight(self, index: int, region) -> None:
+    def set_inflight(self, index: int, region, queue_size: int = 0) -> None:
         """region: a cdata pointer into the inflight mapping, or ffi.NULL."""
-        _call(lib.vd_queue_set_inflight, self._ptr, index, region)
+        _call(lib.vd_queue_set_inflight, self._ptr, index, region, queue_size)
 
     def set_timing(self, on: bool) -> None:
         lib.vd_device_set_timing(self._ptr, int(on))

@@ -351,7 +351,7 @@ class DeviceHandler:
         self._inflight = area
         base = area[1]
         for i in range(num_queues):
-            self._dp(self.rings.set_inflight, i, ffi.cast("uint8_t *", base) + i * per)
+            self._dp(self.rings.set_inflight, i, ffi.cast("uint8_t *", base) + i * per, queue_size)
 
     def _unmap_inflight(self) -> None:
         if self._inflight is None:

@@ -94,9 +94,10 @@ void vd_queue_poke(vd_device *d, int i);
 enum { VD_LAT_BUCKETS = 24 };
 void vd_device_set_timing(vd_device *d, int on);
 /* Inflight tracking (split and packed rings): region = this queue's part of the inflight
- * memfd, at least vd_inflight_queue_bytes(queue size) long; NULL stops it. */
+ * memfd, vd_inflight_queue_bytes(queue_size) long (a ring larger than
+ * queue_size breaks the queue when it starts); NULL stops it. */
 uint64_t vd_inflight_queue_bytes(uint32_t queue_size);
-int vd_queue_set_inflight(vd_device *d, int i, void *region, char *err, size_t errlen);
+int vd_queue_set_inflight(vd_device *d, int i, void *region, uint32_t queue_size, char *err, size_t errlen);
 int vd_queue_get_latency(vd_device *d, int i, uint64_t *buckets, uint64_t *sum_ns);
 int vd_queue_get_stats(vd_device *d, int i, struct vd_queue_info *out);
 

@@ -1190,7 +1190,7 @@ int vd_device_orphans(vd_device *d)
     return __atomic_load_n(&d->orphans, __ATOMIC_RELAXED);
 }
 
-int vd_queue_set_inflight(vd_device *d, int i, void *region, char *err, size_t errlen)
+int vd_queue_set_inflight(vd_device *d, int i, void *region, uint32_t queue_size, char *err, size_t errlen)
 {
     struct vd_queue *q = queue_at(d, i);
     if (!q) {
@@ -1199,6 +1199,7 @@ int vd_queue_set_inflight(vd_device *d, int i, void *region, char *err, size_t e
     }
     pthread_mutex_lock(&q->lock);
     q->inflight = region;
+    q->inflight_size = queue_size;
     q->inflight_recover = region != NULL;
     q->nresubmit = q->resubmit_pos = 0;
     pthread_mutex_unlock(&q->lock);

@@ -269,8 +269,8 @@ static int recover_packed(struct vd_queue *q)
         wr16_at(r, PK_OLD_USED_IDX, old);
         r[PK_USED_WRAP] = r[PK_OLD_USED_WRAP] = old_wrap;
     }
-    q->used_idx = old;
-    q->used_wrap = old_wrap;
+    q->used_idx = q->signalled_used = old;
+    q->used_wrap = q->signalled_wrap = old_wrap;
     uint8_t owned[VD_MAX_QUEUE_SIZE] = {0}, id_seen[VD_MAX_QUEUE_SIZE] = {0};
     uint64_t counters[VD_MAX_QUEUE_SIZE];
     uint64_t top = 0;
@@ -335,6 +335,11 @@ int vd_inflight_recover(struct vd_queue *q)
     memcpy(&features, q->inflight + IF_FEATURES, 8);
     int was_packed = !!(features & (1ull << VIRTIO_F_RING_PACKED));
     q->nresubmit = q->resubmit_pos = 0;
+    if (q->num > q->inflight_size) {
+        vd_queue_fail(q, "queue %d: the inflight area was made for rings of %u descriptors; this one has %u",
+                      q->index, q->inflight_size, q->num);
+        return -1;
+    }
     if (version == 1 && num == q->num && was_packed != q->packed) {
         /* The driver renegotiated the ring layout: nothing of the old one is pending. */
         memset(q->inflight, 0, vd_inflight_queue_bytes(q->num));

@@ -260,6 +260,7 @@ struct vd_queue {
     /* VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD (inflight.c): this queue's region of
      * the front-end's inflight memfd (NULL = untracked). */
     uint8_t *inflight;
+    uint32_t inflight_size; /* the ring size the region was made for */
     int inflight_recover;   /* look at the region before serving (set at start) */
     uint64_t inflight_counter;
     uint16_t resubmit[VD_MAX_QUEUE_SIZE]; /* to redo first, oldest first: split heads,
