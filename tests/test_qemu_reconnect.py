@@ -12,6 +12,8 @@ import re
 import pytest
 
 from guest.qemu import BlkDisk
+from guest.scripts import VIRTIO_ID_BLOCK, virtio_features
+from vhostd.virtio import F_RING_PACKED
 
 pytestmark = pytest.mark.qemu
 
@@ -49,16 +51,21 @@ dmesg | grep -i -E "I/O error|blk_update_request|buffer i/o" && echo "VHOSTD-RES
 """
 
 
-def test_sigkill_and_restart_lose_no_completed_write(vhostd_factory, qemu_guest):
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_sigkill_and_restart_lose_no_completed_write(vhostd_factory, qemu_guest, packed):
+    """packed: QEMU's packed=on; the restarted vhostd resumes the packed ring
+    from the inflight area (QEMU keeps no packed ring position to give back
+    when the back-end is gone)."""
     vd = vhostd_factory([{"name": "disk0", "size": "8M"}])
-    g = qemu_guest(SCRIPT, disks=[BlkDisk(vd.socket("disk0"), reconnect=1)])
+    g = qemu_guest(SCRIPT + virtio_features(VIRTIO_ID_BLOCK),
+                   disks=[BlkDisk(vd.socket("disk0"), reconnect=1, packed=packed)])
     g.start()
     for k in range(KILLS):
         g.wait_for(re.compile(rf"WROTE {20 + k * 30} "), timeout=240)
         vd.kill()  # SIGKILL: no goodbye to QEMU, requests may be in flight
         vd.proc.wait()
         vd.start()
-    check_every_write_landed(vd, g, KILLS + 1)
+    check_every_write_landed(vd, g, KILLS + 1, packed)
 
 
 def test_restarts_under_socket_activation_lose_nothing(vhostd_factory, qemu_guest):
@@ -76,11 +83,16 @@ def test_restarts_under_socket_activation_lose_nothing(vhostd_factory, qemu_gues
     assert vd.log().count("(passed by socket activation)") == 3
 
 
-def check_every_write_landed(vd, g, sessions: int) -> None:
+def check_every_write_landed(vd, g, sessions: int, packed: bool | None = None) -> None:
+    """packed: also check bit 34 of the features the guest printed
+    (virtio_features appended to SCRIPT)."""
     assert g.wait(timeout=600) == 0, g.console_tail()
     console = g.console
     assert "WRITE-FAILED" not in console, g.console_tail()
-    assert g.results() == {"bad": "0", "ioerrors": "no"}, g.console_tail(60)
+    results = g.results()
+    if packed is not None:
+        assert results.pop("features")[F_RING_PACKED] == ("1" if packed else "0")
+    assert results == {"bad": "0", "ioerrors": "no"}, g.console_tail(60)
     # On the host: every block the guest saw written is in the image, intact.
     written = {int(m.group(1)): m.group(2) for m in re.finditer(r"WROTE (\d+) ([0-9a-f]{32})", console)}
     assert len(written) == BLOCKS
