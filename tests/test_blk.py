@@ -24,8 +24,12 @@ from virtio_driver import (
     DESC_F_NEXT,
     DESC_F_WRITE,
     AVAIL_F_NO_INTERRUPT,
+    EVENT_F_DESC,
+    EVENT_F_DISABLE,
+    EVENT_F_ENABLE,
     USED_F_NO_NOTIFY,
     BlkDriver,
+    PackedQueue,
     SplitQueue,
     blk_header,
 )
@@ -35,6 +39,8 @@ CAPACITY = DISK_SIZE // 512
 RO_PATTERN = bytes(range(256)) * (4096 // 256) * 64  # 256 KiB
 LONG_NAME = "a-device-name-longer-than-twenty"
 F_RO, F_FLUSH, F_DISCARD, F_WRITE_ZEROES, F_EVENT_IDX, F_INDIRECT = 5, 9, 13, 14, 29, 28
+# Tests that run on both ring layouts: split (2.7) and packed (2.8).
+layouts = pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +73,7 @@ def guest(vd):
     vd.assert_alive()
 
 
-def run_chain(q: SplitQueue, out: list[bytes], in_lens: list[int], indirect: bool = False) -> tuple[int, bytes, int]:
+def run_chain(q: SplitQueue | PackedQueue, out: list[bytes], in_lens: list[int], indirect: bool = False) -> tuple[int, bytes, int]:
     """One request made of the given segments; the status is the last
     writable byte.  Returns (status, writable bytes before it, used len)."""
     head, bufs = q.add(out, in_lens, indirect=indirect)
@@ -84,8 +90,9 @@ def seg(sector: int, num: int, flags: int = 0) -> bytes:
 # ====================================================================== reads and writes
 
 
-def test_write_then_read_and_the_image_file_agrees(vd, guest):
-    drv = guest().blk(0)
+@layouts
+def test_write_then_read_and_the_image_file_agrees(vd, guest, packed):
+    drv = guest(packed=packed).blk(0)
     data = os.urandom(8192)
     status, _, used = drv.run(BLK_T_OUT, 16, data)
     assert (status, used) == (BLK_S_OK, 1)
@@ -98,8 +105,9 @@ def test_write_then_read_and_the_image_file_agrees(vd, guest):
     blk_roundtrip(vd, drv, CAPACITY - 1, 512, "disk")
 
 
-def test_multi_segment_chains(vd, guest):
-    drv = guest().blk(0)
+@layouts
+def test_multi_segment_chains(vd, guest, packed):
+    drv = guest(packed=packed).blk(0)
     data = os.urandom(16384)
     assert drv.write(64, data, split=512) == BLK_S_OK  # 32 data descriptors
     assert vd.read_image("disk", 64 * 512, 16384) == data
@@ -107,8 +115,9 @@ def test_multi_segment_chains(vd, guest):
     assert status == BLK_S_OK and back == data
 
 
-def test_odd_segment_boundaries(vd, guest):
-    q = guest().queue(0)
+@layouts
+def test_odd_segment_boundaries(vd, guest, packed):
+    q = guest(packed=packed).queue(0)
     data = os.urandom(2048)
     hdr = blk_header(BLK_T_OUT, 200)
     # header split over two descriptors, data in uneven pieces, status alone
@@ -120,9 +129,10 @@ def test_odd_segment_boundaries(vd, guest):
     assert (status, back, used) == (BLK_S_OK, data, 2049)
 
 
-def test_indirect_chains(vd, guest):
-    g = guest()
-    assert g.features & (1 << F_INDIRECT)
+@layouts
+def test_indirect_chains(vd, guest, packed):
+    g = guest(packed=packed)
+    assert g.features & (1 << F_INDIRECT) and g.packed == packed
     drv = g.blk(0)
     data = os.urandom(64 * 512)
     assert drv.write(300, data, indirect=True, split=512) == BLK_S_OK  # 66-entry table
@@ -133,8 +143,9 @@ def test_indirect_chains(vd, guest):
     assert (status, back, used) == (BLK_S_OK, data[:512], 513)
 
 
-def test_large_request(vd, guest):
-    drv = guest().blk(0, size=256, arena=4 << 20)
+@layouts
+def test_large_request(vd, guest, packed):
+    drv = guest(packed=packed).blk(0, size=256, arena=4 << 20)
     data = os.urandom(1 << 20)
     assert drv.write(2048, data, split=8192) == BLK_S_OK  # 128 segments
     assert vd.read_image("disk", 2048 * 512, len(data)) == data
@@ -142,9 +153,10 @@ def test_large_request(vd, guest):
     assert status == BLK_S_OK and back == data
 
 
-def test_buffer_crossing_a_region_boundary(vd, guest):
+@layouts
+def test_buffer_crossing_a_region_boundary(vd, guest, packed):
     boundary = 8 << 20
-    g = guest(layout=[(0, boundary), (boundary, 8 << 20)])
+    g = guest(layout=[(0, boundary), (boundary, 8 << 20)], packed=packed)
     q = g.queue(0)
     view = g.mem.map  # both regions are one contiguous mapping: file offset == gpa here
     buf, status_gpa = boundary - 1000, boundary + 8192
@@ -154,11 +166,14 @@ def test_buffer_crossing_a_region_boundary(vd, guest):
     def run(kind: int, writable: int) -> int:
         hdr = q.buffer(16)
         g.mem.write(hdr, blk_header(kind, 500))
-        q.write_desc(0, hdr, 16, DESC_F_NEXT, 1)
-        q.write_desc(1, buf, 4096, DESC_F_NEXT | writable, 2)
-        q.write_desc(2, status_gpa, 1, DESC_F_WRITE)
-        q.chains[0] = []
-        q.publish(0)
+        if q.packed:
+            q.post([(hdr, 16, DESC_F_NEXT), (buf, 4096, DESC_F_NEXT | writable), (status_gpa, 1, DESC_F_WRITE)])
+        else:
+            q.write_desc(0, hdr, 16, DESC_F_NEXT, 1)
+            q.write_desc(1, buf, 4096, DESC_F_NEXT | writable, 2)
+            q.write_desc(2, status_gpa, 1, DESC_F_WRITE)
+            q.chains[0] = []
+            q.publish(0)
         (u,) = q.wait_used(1)
         return view[status_gpa], u.length
 
@@ -172,8 +187,9 @@ def test_buffer_crossing_a_region_boundary(vd, guest):
 # ====================================================================== other request types
 
 
-def test_flush(guest):
-    drv = guest().blk(0)
+@layouts
+def test_flush(guest, packed):
+    drv = guest(packed=packed).blk(0)
     status, data, used = drv.run(BLK_T_FLUSH)
     assert (status, data, used) == (BLK_S_OK, b"", 1)
 
@@ -334,8 +350,9 @@ def test_readonly_device(vd, guest):
 # ====================================================================== queues and notifications
 
 
-def test_multiqueue_serves_both_queues_concurrently(vd, guest):
-    g = guest()
+@layouts
+def test_multiqueue_serves_both_queues_concurrently(vd, guest, packed):
+    g = guest(packed=packed)
     q0, q1 = g.queue(0, size=256, arena=2 << 20), g.queue(1, size=256, arena=2 << 20)
     payload = {}
     for i in range(64):
@@ -357,7 +374,7 @@ def test_multiqueue_serves_both_queues_concurrently(vd, guest):
     assert len(q0.wait_used(1)) == 1
 
 
-def wait_used_idx(q: SplitQueue, idx: int) -> None:
+def wait_used_idx(q: SplitQueue | PackedQueue, idx: int) -> None:
     wait_until(lambda: q.used_idx() == idx, 5, what=f"used idx {idx}")
 
 
@@ -395,8 +412,10 @@ def test_event_idx_used_event_is_respected(guest):
     assert not readable(q.call, 0.05)
 
 
-def test_no_interrupt_flag_without_event_idx(guest):
-    g = guest(features=~(1 << F_EVENT_IDX))
+@layouts
+def test_no_interrupt_flag_without_event_idx(guest, packed):
+    """Split: avail flags NO_INTERRUPT; packed: the driver area's DISABLE (the same value, 1)."""
+    g = guest(features=~(1 << F_EVENT_IDX), packed=packed)
     assert not g.features & (1 << F_EVENT_IDX)
     q = g.queue(0, size=64)
     drv = BlkDriver(q)
@@ -411,19 +430,27 @@ def test_no_interrupt_flag_without_event_idx(guest):
     assert readable(q.call, 5) and eventfd_take(q.call) == 1
 
 
-def test_used_flags_no_notify_is_cleared_when_idle(guest):
-    g = guest(features=~(1 << F_EVENT_IDX))
+@layouts
+def test_used_flags_no_notify_is_cleared_when_idle(guest, packed):
+    g = guest(features=~(1 << F_EVENT_IDX), packed=packed)
     q = g.queue(0, size=64)
-    # a stale NO_NOTIFY must not survive the device going idle, or the
-    # driver would never kick again
-    q.mem.write(q.used, struct.pack("<H", USED_F_NO_NOTIFY))
+    # a stale NO_NOTIFY (packed: the device area's DISABLE) must not survive
+    # the device going idle, or the driver would never kick again
+    if packed:
+        q.mem.write(q.used, struct.pack("<HH", 0, EVENT_F_DISABLE))
+    else:
+        q.mem.write(q.used, struct.pack("<H", USED_F_NO_NOTIFY))
     drv = BlkDriver(q)
     assert drv.read(0, 512)[0] == BLK_S_OK
-    assert q.used_flags() & USED_F_NO_NOTIFY == 0
+    if packed:
+        assert q.used_flags() == EVENT_F_ENABLE
+    else:
+        assert q.used_flags() & USED_F_NO_NOTIFY == 0
 
 
-def test_ring_of_1024_filled_and_kicked_once(vd, guest):
-    g = guest()
+@layouts
+def test_ring_of_1024_filled_and_kicked_once(vd, guest, packed):
+    g = guest(packed=packed)
     q = g.queue(0, size=1024, arena=2 << 20)
     image = os.urandom(1024 * 512)
     vd.write_image("disk", 0, image)
@@ -431,7 +458,8 @@ def test_ring_of_1024_filled_and_kicked_once(vd, guest):
     for i in range(1024):
         head, bufs = q.add([blk_header(BLK_T_IN, i)], [512, 1], indirect=True, kick=False)
         heads[head] = (i, bufs)
-    assert q.free == []  # every descriptor is in flight
+    assert q.free == []  # every descriptor (packed: every buffer id and ring slot) is in flight
+    assert not packed or q.num_free == 0
     q.notify()
     done = q.wait_used(1024, timeout=10)
     assert sorted(u.head for u in done) == sorted(heads)
@@ -441,13 +469,14 @@ def test_ring_of_1024_filled_and_kicked_once(vd, guest):
         assert q.mem.read(data, 512) == image[i * 512 : (i + 1) * 512]
 
 
-def test_direct_chains_fill_the_ring(vd, guest):
-    q = guest().queue(0, size=256)
+@layouts
+def test_direct_chains_fill_the_ring(vd, guest, packed):
+    q = guest(packed=packed).queue(0, size=256)
     n = 256 // 3
     status = []
     for i in range(n):
         status.append(q.add([blk_header(BLK_T_OUT, 14000 + i), bytes([i]) * 512], [1], kick=False)[1][-1])
-    assert len(q.free) == 1  # 85 chains of 3 use 255 of 256 descriptors
+    assert (q.num_free if packed else len(q.free)) == 1  # 85 chains of 3 use 255 of 256 descriptors
     q.notify()
     assert len(q.wait_used(n)) == n
     for i in range(n):
@@ -481,9 +510,101 @@ def test_index_wraps_from_65535_to_0(vd, guest):
     assert g.fe.get_vring_base(0) == 151
 
 
-def test_seg_max_segments_in_one_request(vd, guest):
+def packed_base(q: PackedQueue) -> int:
+    """GET_VRING_BASE of a packed ring with nothing in flight: the driver's
+    next position and wrap counter, the same on the used side."""
+    assert q.next_avail == q.last_used and q.avail_wrap == q.used_wrap
+    return q.ring_base() | q.ring_base() << 16
+
+
+def test_packed_ring_wraps_many_times_and_the_base_says_where(vd, guest):
+    """A packed ring resumed at position 5 of a wrap-0 lap, then 300 writes
+    (3 descriptors each, some through indirect tables, completing in any
+    order): seven laps with both wrap counters flipping, and GET_VRING_BASE
+    telling where each side got to."""
+    g = guest(packed=True)
+    q = g.queue(0, size=128, base=5 | 0 << 15)
+    assert isinstance(q, PackedQueue) and (q.next_avail, q.avail_wrap) == (5, 0)
+    assert g.fe.get_vring_base(0) == 5 | 0 << 15 | 5 << 16 | 0 << 31
+    g.fe.set_vring_kick(0, q.kick)  # restart after the peek
+    expected, laps = {}, set()
+    for batch in range(10):
+        sent = []
+        for i in range(30):
+            sector = 16000 + batch * 30 + i
+            expected[sector] = os.urandom(512)
+            head, bufs = q.add([blk_header(BLK_T_OUT, sector), expected[sector]], [1], kick=False,
+                               indirect=(i % 7 == 3))
+            sent.append(bufs[-1])
+        q.notify()
+        assert len(q.wait_used(30)) == 30
+        assert all(q.mem.read(s, 1)[0] == BLK_S_OK for s in sent)
+        laps.add(q.used_wrap)
+    assert laps == {0, 1} and q.num_free == 128
+    for sector, data in expected.items():
+        assert vd.read_image("disk", sector * 512, 512) == data
+    drv = BlkDriver(q)
+    status, back = drv.read(16000 + 7, 512)
+    assert status == BLK_S_OK and back == expected[16007]
+    assert g.fe.get_vring_base(0) == packed_base(q)
+
+
+def test_packed_desc_event_is_respected(guest):
+    """EVENT_IDX on a packed ring: a DESC event signals exactly when the
+    device writes the used descriptor at the named position (and wrap),
+    once per batch; the device asks for kicks with a DESC event at its next
+    position."""
+    g = guest(packed=True)
+    assert g.features & (1 << F_EVENT_IDX)
+    q = g.queue(0, size=64)
+    q.auto_used_event = False
+    drv = BlkDriver(q)
+    q.set_used_event(6)  # each request takes 3 descriptors: the third completion is written at 6
+    for i in range(3):
+        drv.submit(BLK_T_IN, i, in_len=512)
+        wait_used_idx(q, i + 1)
+        if i < 2:
+            assert not readable(q.call, 0.05), f"signalled at completion {i + 1}"
+        else:
+            assert readable(q.call, 5) and eventfd_take(q.call) == 1
+        assert q.device_event_area() == (q.ring_base(), EVENT_F_DESC)  # a kick for the next position
+    q.poll_used()
+    # a batch of 10 crossing the named position gives one signal, not ten
+    q.set_used_event(q.last_used + 2 * 4)  # these take 2 descriptors each: the 5th one's position
+    for i in range(10):
+        q.add([blk_header(BLK_T_IN, i)], [513], kick=False)
+    q.notify()
+    wait_used_idx(q, 13)
+    assert readable(q.call, 5)
+    time.sleep(0.02)
+    assert eventfd_take(q.call) == 1
+    q.poll_used()
+    assert q.device_event_area() == (q.ring_base(), EVENT_F_DESC)
+    # round the end of the ring: the wrap bit says which lap the position is in
+    assert (q.last_used, q.used_wrap) == (29, 1)
+    q.set_used_event(1, wrap=0)  # position 1 of the next lap (behind us in this one): 29 + 12 * 3 - 64
+    for i in range(13):
+        drv.submit(BLK_T_IN, i, in_len=512)
+        wait_used_idx(q, 14 + i)
+        assert readable(q.call, 0.5 if i == 12 else 0.02) == (i == 12), f"completion {i + 1}"
+        eventfd_take(q.call)
+    assert len(q.poll_used()) == 13 and (q.last_used, q.used_wrap) == (4, 0)
+    # an event behind the device: no signal at all
+    q.set_used_event(q.last_used - 3)
+    drv.submit(BLK_T_IN, 0, in_len=512)
+    wait_used_idx(q, 27)
+    assert not readable(q.call, 0.05)
+    # DISABLE holds with EVENT_IDX too
+    q.set_avail_flags(EVENT_F_DISABLE)
+    drv.submit(BLK_T_IN, 0, in_len=512)
+    wait_used_idx(q, 28)
+    assert not readable(q.call, 0.05)
+
+
+@layouts
+def test_seg_max_segments_in_one_request(vd, guest, packed):
     """queue_size 1024 advertises seg_max 1022: a request that uses them all."""
-    g = guest()
+    g = guest(packed=packed)
     assert struct.unpack("<I", g.fe.get_config(12, 4))[0] == 1022
     drv = g.blk(0, size=1024, arena=4 << 20)
     data = os.urandom(1022 * 512)
@@ -587,3 +708,41 @@ def test_null_disk_readonly(null_guest):
     assert drv.read(0, 4096)[0] == BLK_S_OK
     assert drv.write(0, bytes(4096)) == BLK_S_IOERR
     assert drv.run(BLK_T_WRITE_ZEROES, data=seg(0, 8))[0] == BLK_S_IOERR
+
+
+# ====================================================================== packed: completions out of order
+
+
+def test_packed_requests_complete_out_of_order(vhostd_factory, hanging_disk):
+    """A read waits for a disk that hangs while requests behind it complete:
+    on a packed ring their used descriptors take the slots from the front
+    (where the waiting chain's descriptors were), each moving the used
+    position by its own chain's length; the read comes last, and both sides
+    agree where they are."""
+    vd = vhostd_factory([{"name": "hang", "path": hanging_disk.path, "direct": True}])
+    g = vd.connect("hang", packed=True)
+    drv = g.blk(0, size=16)
+    q = drv.q
+    data = os.urandom(4096)
+    assert drv.write(8, data) == BLK_S_OK  # 3 descriptors: positions 0-2
+    hanging_disk.pause()
+    slow, slow_bufs, slow_lens = drv.submit(BLK_T_IN, 8, in_len=4096, split=1024)  # 6 descriptors: 3-8
+    fast = [drv.submit(BLK_T_GET_ID, in_len=20, **kw) for kw in ({}, {"split": 10}, {"indirect": True})]  # 3, 4, 1
+    used = q.wait_used(3)
+    assert [u.head for u in used] == [h for h, _, _ in fast] and all(u.length == 21 for u in used)
+    for _, bufs, _ in fast:
+        assert q.mem.read(bufs[-1], 1)[0] == BLK_S_OK and q.mem.read(bufs[0], 4) == b"hang"
+    assert (q.last_used, q.used_wrap) == (3 + 3 + 4 + 1, 1)
+    assert [q.read_desc(p)[2] for p in (3, 6, 10)] == [h for h, _, _ in fast]  # over the waiting chain's slots
+    time.sleep(0.2)
+    assert q.poll_used() == []
+    hanging_disk.resume()
+    (u,) = q.wait_used(1)
+    assert (u.head, u.length) == (slow, 4097) and q.mem.read(slow_bufs[-1], 1)[0] == BLK_S_OK
+    assert b"".join(q.mem.read(a, n) for a, n in zip(slow_bufs[:-1], slow_lens[:-1])) == data
+    assert (q.last_used, q.used_wrap) == (1, 0) == (q.next_avail, q.avail_wrap)  # 17 descriptors: round the end
+    assert g.fe.get_vring_base(0) == 1 | 0 << 15 | 1 << 16 | 0 << 31
+    g.fe.set_vring_kick(0, q.kick)
+    for i in range(6):  # and on round the ring
+        blk_roundtrip(vd, drv, 16 + 8 * i, 4096)  # O_DIRECT: 4 KiB aligned
+    g.close()

@@ -755,7 +755,7 @@ def test_vring_base_16_bits_set_both_sides(rig):
 
 def test_vring_base_refused(rig):
     r = rig()
-    q = r.queue(size=8, start=False)
+    r.queue(size=8, start=False)
     _call(lib.vd_queue_set_num, r.dev, 0, 8)
     if r.packed:
         with pytest.raises(RingError, match=r"packed ring base 0x8 names a position beyond the ring size 8"):
