@@ -40,9 +40,14 @@ from virtio_driver import (
     DESC_F_INDIRECT as IND,
     DESC_F_NEXT as NEXT,
     DESC_F_WRITE as WRITE,
+    EVENT_F_DESC,
+    PACKED_F_AVAIL,
+    PACKED_F_USED,
     BlkDriver,
     GuestMemory,
+    PackedQueue,
     SplitQueue,
+    Used,
     blk_header,
 )
 from vhostd.frontend import BackendError, Frontend
@@ -123,14 +128,14 @@ def send_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
 @dataclass
 class Attack:
     name: str
-    build: Callable[[Guest, SplitQueue], None]  # write the bad descriptors and publish (no kick)
+    build: Callable[[Guest, SplitQueue | PackedQueue], None]  # write the bad descriptors and publish (no kick)
     log: str  # what the one log line must say
     features: int | None = None
     layout: list | None = None
     arena: int = 1 << 20
 
 
-def hdr(q: SplitQueue, kind: int = BLK_T_IN, sector: int = 0) -> int:
+def hdr(q: SplitQueue | PackedQueue, kind: int = BLK_T_IN, sector: int = 0) -> int:
     a = q.buffer(16)
     q.mem.write(a, blk_header(kind, sector))
     return a
@@ -261,7 +266,7 @@ ATTACKS = [
 ]
 
 
-def assert_broken_once(vd, g: Guest, q: SplitQueue, mark: int, pattern: str, check_ring: bool = True) -> None:
+def assert_broken_once(vd, g: Guest, q: SplitQueue | PackedQueue, mark: int, pattern: str, check_ring: bool = True) -> None:
     wait_broken(q)
     assert g.status() & STATUS_NEEDS_RESET
     (line,) = vd.wait_log(mark, r"victim: queue 0 marked NEEDS_RESET")
@@ -315,6 +320,141 @@ def test_error_is_logged_even_if_the_front_end_leaves_at_once(vd, victim):
         assert readable(q.err, 5)  # it broke ...
         g.close()  # ... and the front-end is gone at once
         vd.wait_log(mark, r"victim: queue 0 marked NEEDS_RESET: queue 0: avail ring names descriptor 99")
+
+
+# ---------------------------------------------------------------------- packed rings (2.8)
+
+
+def p_chain(*descs, buf_id: int | None = None, ids: list[int] | None = None, twice: bool = False):
+    """A packed chain of (addr, len, flags) made available (no kick); addr
+    None: a read header.  twice: the same buffer id again right behind it."""
+    def build(g, q: PackedQueue):
+        chain = [(hdr(q) if a is None else a, n, f) for a, n, f in descs]
+        bid = q.post(chain, buf_id, ids=ids, kick=False)
+        if twice:
+            q.post(chain, bid, kick=False)
+
+    return build
+
+
+def p_whole_ring(g, q: PackedQueue):
+    """Every descriptor of the ring says NEXT: a chain longer than the ring."""
+    q.post([(hdr(q), 16, NEXT)] * q.size, kick=False)
+
+
+def p_long_via_indirect(g, q: PackedQueue):
+    """200 direct descriptors ending in an indirect table of 100: 300 > 256."""
+    h = hdr(q)
+    table = q.buffer(100 * 16)
+    for i in range(100):
+        q.write_desc(i, h, 16, 0, table=table)
+    q.post([(h, 16, NEXT)] * 200 + [(table, 1600, IND)], kick=False)
+
+
+def p_indirect(entries: list[tuple[int | None, int, int]] | None = None, length: int | None = None,
+               addr: int | None = None, flags: int = IND):
+    """A packed chain of one indirect descriptor (table entries read in order, no NEXT needed)."""
+    def build(g, q: PackedQueue):
+        ents = entries if entries is not None else [(None, 16, 0), (q.buffer(1), 1, WRITE)]
+        table = q.buffer(16 * max(len(ents), 1) + 64)
+        for i, (a, n, f) in enumerate(ents):
+            q.write_desc(i, hdr(q) if a is None else a, n, f, table=table)
+        q.post([(table if addr is None else addr, 16 * len(ents) if length is None else length, flags)], kick=False)
+
+    return build
+
+
+def p_too_many_pieces(g, q: PackedQueue):
+    """Within the descriptor limit, but each buffer spans all 8 memory regions."""
+    q.post([(hdr(q), 16, NEXT)] + [(0x8000, 7 * PIECE - 0x8000 + 0x1000, NEXT | WRITE)] * 140
+           + [(q.buffer(1), 1, WRITE)], kick=False)
+
+
+POS = r"at position \d+"
+PACKED_ATTACKS = [
+    Attack("id-out-of-range", p_chain((None, 16, NEXT), (0x2000, 1, WRITE), buf_id=RING),
+           rf"buffer id 256 {POS} is beyond the ring size 256"),
+    Attack("id-0xffff", p_chain((None, 16, 0), buf_id=0xFFFF), rf"buffer id 65535 {POS} is beyond"),
+    Attack("id-of-the-last-descriptor", p_chain((None, 16, NEXT), (0x2000, 1, WRITE), buf_id=3, ids=[3, 4000]),
+           rf"buffer id 4000 {POS} is beyond the ring size 256"),
+    Attack("chain-longer-than-ring", p_whole_ring, rf"descriptor chain {POS} is longer than the ring of 256"),
+    Attack("longer-than-limit", p_long_via_indirect, rf"descriptor chain {POS} is longer than 256 \(loop\?\)"),
+    Attack("buffer-outside", p_chain((1 << 40, 512, WRITE)), rf"buffer 0x10000000000\+512 {POS} is outside"),
+    Attack("buffer-in-a-gap", p_chain((12 << 20, 512, 0)), r"buffer 0xc00000\+512 .* outside",
+           layout=[(0, 8 << 20), (16 << 20, 8 << 20)]),
+    Attack("buffer-past-the-end", p_chain((None, 16, NEXT), (MEM - 256, 512, WRITE)), r"buffer 0xffff00\+512 .* outside"),
+    Attack("addr-len-overflow", p_chain((2**64 - 256, 512, 0)), r"buffer 0xffffffffffffff00\+512 .* outside"),
+    Attack("len-4g", p_chain((0x1000, 0xFFFFFFFF, WRITE)), r"buffer 0x1000\+4294967295 .* outside"),
+    Attack("readable-after-writable", p_chain((None, 16, NEXT), (0x2000, 512, NEXT | WRITE), (0x3000, 16, NEXT),
+                                              (0x4000, 1, WRITE)), rf"readable descriptor after a writable one {POS}"),
+    Attack("indirect-in-indirect", p_indirect([(None, 16, 0), (0x2000, 32, IND)]), rf"nested indirect descriptor table {POS}"),
+    Attack("indirect-with-next", p_indirect(flags=IND | NEXT), rf"indirect descriptor with NEXT set {POS}"),
+    Attack("indirect-ragged", p_indirect(length=24), rf"indirect table of 24 bytes {POS} is empty, ragged or too long"),
+    Attack("indirect-empty", p_indirect(length=0), r"indirect table of 0 bytes"),
+    Attack("indirect-too-long", p_indirect(length=16 * (RING + 1)), r"indirect table of 4112 bytes"),
+    Attack("indirect-outside", p_indirect(addr=1 << 40, length=64), r"indirect table 0x10000000000\+64 .* outside"),
+    Attack("indirect-not-negotiated", p_indirect(), r"INDIRECT_DESC was not negotiated", features=~(1 << F_INDIRECT)),
+    Attack("too-many-pieces", p_too_many_pieces, rf"chain {POS} spans more than 1088 pieces of guest memory",
+           layout=[(i * PIECE, PIECE) for i in range(8)], arena=16 << 10),
+    Attack("id-twice-in-a-burst", p_chain((None, 16, NEXT), (0x100000, 4096, NEXT | WRITE), (0x2000, 1, WRITE),
+                                          twice=True), r"buffer id \d+ was made available again while its request is pending"),
+]
+
+
+@pytest.mark.parametrize("attack", PACKED_ATTACKS, ids=[a.name for a in PACKED_ATTACKS])
+def test_bad_packed_ring(vd, victim, bystander, attack):
+    g = victim(features=attack.features, layout=attack.layout, packed=True)
+    q = g.queue(0, size=RING, arena=attack.arena)
+    assert isinstance(q, PackedQueue)
+    drv = BlkDriver(q)
+    blk_roundtrip(vd, drv, 1, 4096, "victim")  # it works until the attack
+    mark = vd.log_mark()
+    attack.build(g, q)
+    bystander()
+    q.notify()
+    assert_broken_once(vd, g, q, mark, attack.log)
+    bystander()
+
+
+def test_packed_chain_at_the_end_of_the_ring_wraps_to_its_start(vd, victim):
+    """Not an attack: a chain may run over the end of the ring (its last
+    descriptors are those of the next lap), and an indirect one right at
+    the last slot is fine too."""
+    g = victim(packed=True)
+    q = g.queue(0, size=16)
+    drv = BlkDriver(q)
+    for i in range(2):
+        blk_roundtrip(vd, drv, i, 4096, "victim")  # 4 requests of 3 descriptors
+    assert q.next_avail == 12
+    data = os.urandom(2048)
+    assert drv.write(40, data, split=512) == BLK_S_OK  # 6 descriptors: 12-15 and 0-1
+    assert (q.next_avail, q.avail_wrap, q.last_used, q.used_wrap) == (2, 0, 2, 0)
+    assert drv.read(40, 2048, indirect=True) == (BLK_S_OK, data)
+    assert g.status() == 0
+
+
+def test_packed_descriptors_that_are_not_available_are_left_alone(vd, victim):
+    """Flags that do not say available in the device's lap (AVAIL == USED, or
+    the other lap's bits) are not a chain: nothing is taken, nothing breaks,
+    until the driver really makes it available."""
+    g = victim(packed=True)
+    q = g.queue(0, size=16)
+    h = hdr(q, BLK_T_IN, 0)
+    status = q.buffer(1)
+    q.mem.write(status, b"\xee")
+    for flags in (0, PACKED_F_AVAIL | PACKED_F_USED, PACKED_F_USED):  # wrap counter 1: only AVAIL alone says yes
+        q.write_desc(0, h, 16, NEXT | flags, 7)
+        q.write_desc(1, status, 1, WRITE | PACKED_F_AVAIL, 7)
+        q.notify()
+        time.sleep(0.02)
+        # untouched: no used descriptor over it, no status written
+        assert q.read_desc(0) == (h, 16, 7, NEXT | flags) and q.mem.read(status, 1) == b"\xee"
+        assert not readable(q.err, 0) and g.status() == 0
+    q.write_desc(0, h, 16, NEXT | PACKED_F_AVAIL, 7)
+    q.ndesc[7], q.chains[7] = 2, [7]
+    q.free.remove(7)
+    q.notify()
+    assert q.wait_used(1) == [Used(7, 1)] and q.mem.read(status, 1)[0] == BLK_S_OK
 
 
 # ---------------------------------------------------------------------- rings outside memory
@@ -750,6 +890,66 @@ def test_random_descriptor_tables(vd, victim, bystander, ring, indirect_ok):
             assert g.status() & STATUS_NEEDS_RESET
         else:
             assert not g.status() & STATUS_NEEDS_RESET
+    finally:
+        g.close()
+    vd.assert_alive()
+    bystander()
+
+
+@st.composite
+def packed_rings(draw):
+    """Packed descriptors that are often plausible and sometimes wild: any
+    flags (the avail/used bits of either lap among them), ids and lengths."""
+    n = 16
+    addr = st.one_of(st.sampled_from(GOOD_ADDRS), st.sampled_from(ADDRS), st.integers(0, 2**64 - 1))
+    length = st.one_of(st.sampled_from([16, 1, 512, 4096]), st.sampled_from(LENS), st.integers(0, 2**32 - 1))
+    bits = st.sampled_from([PACKED_F_AVAIL, PACKED_F_AVAIL, 0, PACKED_F_USED, PACKED_F_AVAIL | PACKED_F_USED])
+    flags = st.builds(lambda f, b: f | b, st.one_of(st.sampled_from([0, NEXT, WRITE, NEXT | WRITE, IND]),
+                                                    st.integers(0, 7)), bits)
+    ids = st.one_of(st.integers(0, n - 1), st.integers(0, 0xFFFF))
+    desc = [(draw(addr), draw(length), draw(flags), draw(ids)) for _ in range(n)]
+    at = 0
+    for _ in range(draw(st.integers(0, 3))):  # well-formed chains one after another, random buffers and contents
+        k = draw(st.integers(1, 5))
+        if at + k > n:
+            break
+        w = draw(st.integers(0, k))
+        bid = draw(st.integers(0, n - 1))
+        for i in range(k):
+            f = (NEXT if i < k - 1 else 0) | (WRITE if i >= w else 0) | PACKED_F_AVAIL
+            desc[at + i] = (draw(st.sampled_from(GOOD_ADDRS)), draw(st.sampled_from([1, 16, 512, 1024])), f, bid)
+        at += k
+    table = draw(st.lists(st.tuples(addr, length, flags, ids), max_size=8))
+    data = draw(st.binary(min_size=64, max_size=64))
+    return desc, table, data
+
+
+@examples(60)
+@given(ring=packed_rings(), indirect_ok=st.booleans())
+def test_random_packed_rings(vd, victim, bystander, ring, indirect_ok):
+    """Random packed descriptors and indirect tables: the device takes what
+    is available in its lap and either completes it or breaks the queue
+    (then NEEDS_RESET and the err eventfd agree); the daemon survives."""
+    desc, table, data = ring
+    vd.wait_session_idle("victim")
+    g = vd.connect("victim", features=None if indirect_ok else ~(1 << F_INDIRECT), packed=True)
+    try:
+        q = g.queue(0, size=16, arena=4096)  # rings and arena below 0x100000
+        for a in (0x100000, 0x100200, 0x100400, 0x101000, 0x180000):
+            g.mem.write(a, data + blk_header(BLK_T_IN, 1) + data)
+        for i, (a, n, f, bid) in enumerate(table):
+            q.write_desc(i, a, n, f, bid, table=0x180000)
+        for i, (a, n, f, bid) in enumerate(desc):
+            q.write_desc(i, a, n, f, bid)
+        sentinel = 0x7FFF  # a position the device never names in a ring of 16
+        g.mem.write(q.used, struct.pack("<HH", sentinel, EVENT_F_DESC))
+        q.notify()
+        # the device has been round the ring once it asks for the next kick (or broke)
+        wait_until(lambda: readable(q.err, 0) or q.device_event_area()[0] != sentinel, 5,
+                   what="the device to look at the ring")
+        broken = bool(g.status() & STATUS_NEEDS_RESET)
+        event("broken" if broken else "served")
+        assert readable(q.err, 1 if broken else 0) == broken
     finally:
         g.close()
     vd.assert_alive()
