@@ -14,6 +14,7 @@ void vblk_default_opts(struct vblk_opts *o)
     o->queue_size = 0;
     o->event_idx = 1;
     o->indirect = 1;
+    o->packed = 1;
 }
 
 int vblk_init(struct vblk *b, u64 mmio_base, const char *name, const struct vblk_opts *o)
@@ -30,6 +31,8 @@ int vblk_init(struct vblk *b, u64 mmio_base, const char *name, const struct vblk
         want |= BIT(VIRTIO_F_EVENT_IDX);
     if (o->indirect)
         want |= BIT(VIRTIO_F_INDIRECT_DESC);
+    if (o->packed)
+        want |= BIT(VIRTIO_F_RING_PACKED);
     if (vdev_negotiate(&b->dev, want) < 0)
         return -1;
     struct vdev *d = &b->dev;
@@ -66,7 +69,7 @@ int vblk_init(struct vblk *b, u64 mmio_base, const char *name, const struct vblk
         u32 size = o->queue_size ? o->queue_size : 1024;
         if (size > max)
             size = max;
-        virtq_alloc(&b->q[i], (u16)i, (u16)size, vdev_has(d, VIRTIO_F_EVENT_IDX), ind);
+        virtq_alloc(&b->q[i], (u16)i, (u16)size, vdev_virtq_flags(d), ind);
         if (vdev_queue_setup(d, &b->q[i]) < 0) {
             vdev_fail(d);
             return -1;

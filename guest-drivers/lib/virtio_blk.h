@@ -59,6 +59,7 @@ struct vblk_opts {
     u32 queue_size; /* 0: the largest the device allows, capped at 1024 */
     int event_idx;  /* negotiate VIRTIO_F_EVENT_IDX if offered */
     int indirect;   /* negotiate VIRTIO_F_INDIRECT_DESC if offered */
+    int packed;     /* negotiate VIRTIO_F_RING_PACKED if offered (0: split rings) */
 };
 
 struct vblk {

@@ -97,6 +97,12 @@ int vdev_negotiate(struct vdev *d, u64 wanted)
     return 0;
 }
 
+unsigned vdev_virtq_flags(const struct vdev *d)
+{
+    return (vdev_has(d, VIRTIO_F_RING_PACKED) ? VIRTQ_F_PACKED : 0u) |
+           (vdev_has(d, VIRTIO_F_EVENT_IDX) ? VIRTQ_F_EVENT_IDX : 0u);
+}
+
 u32 vdev_queue_max(struct vdev *d, u32 index)
 {
     wr(d, VIRTIO_MMIO_QUEUE_SEL, index);
@@ -116,7 +122,7 @@ int vdev_queue_setup(struct vdev *d, struct virtq *q)
         return -1;
     }
     wr(d, VIRTIO_MMIO_QUEUE_NUM, q->size);
-    u64 desc = gpa(q->desc), drv = gpa(q->avail), dev = gpa(q->used);
+    u64 desc = q->desc_gpa, drv = q->driver_gpa, dev = q->device_gpa;
     wr(d, VIRTIO_MMIO_QUEUE_DESC_LOW, (u32)desc);
     wr(d, VIRTIO_MMIO_QUEUE_DESC_HIGH, (u32)(desc >> 32));
     wr(d, VIRTIO_MMIO_QUEUE_DRIVER_LOW, (u32)drv);

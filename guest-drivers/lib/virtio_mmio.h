@@ -43,6 +43,7 @@
 #define VIRTIO_F_INDIRECT_DESC 28
 #define VIRTIO_F_EVENT_IDX 29
 #define VIRTIO_F_VERSION_1 32
+#define VIRTIO_F_RING_PACKED 34
 
 #define BIT(n) (1ull << (n))
 
@@ -61,14 +62,19 @@ struct vdev {
  * ACKNOWLEDGE | DRIVER and read the device features.  Returns 0 or -1 with a
  * message printed. */
 int vdev_probe(struct vdev *d, u64 base, u32 expect_id, const char *name);
-/* Driver features = offered & wanted, plus VERSION_1 (which the device must
+/* Driver features = offered & wanted (VIRTIO_F_RING_PACKED among them makes
+ * the queues packed: virtq_flags), plus VERSION_1 (which the device must
  * offer); FEATURES_OK written and read back.  Returns 0 or -1. */
 int vdev_negotiate(struct vdev *d, u64 wanted);
 static inline int vdev_has(const struct vdev *d, int bit) { return (d->features >> bit) & 1; }
+/* virtq_alloc flags for what was negotiated (VIRTQ_F_PACKED, VIRTQ_F_EVENT_IDX) */
+unsigned vdev_virtq_flags(const struct vdev *d);
 /* Queue size the device allows for queue `index` (0: queue not available). */
 u32 vdev_queue_max(struct vdev *d, u32 index);
-/* Program queue `index` with q's rings (already allocated by virtq_alloc)
- * and set QueueReady.  Returns 0 or -1. */
+/* Program queue q->index with q's rings (already allocated by virtq_alloc):
+ * QueueDesc = descriptor table or ring, QueueDriver = avail ring or driver
+ * event area, QueueDevice = used ring or device event area; then set
+ * QueueReady.  Returns 0 or -1. */
 int vdev_queue_setup(struct vdev *d, struct virtq *q);
 void vdev_driver_ok(struct vdev *d);
 void vdev_fail(struct vdev *d); /* sets FAILED */

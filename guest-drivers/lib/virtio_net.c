@@ -14,6 +14,7 @@ void vnet_default_opts(struct vnet_opts *o)
     o->mrg_rxbuf = 1;
     o->event_idx = 1;
     o->indirect = 1;
+    o->packed = 1;
     o->split_hdr = 0;
 }
 
@@ -45,6 +46,8 @@ int vnet_init(struct vnet *n, u64 mmio_base, const char *name, const struct vnet
         want |= BIT(VIRTIO_F_EVENT_IDX);
     if (o->indirect)
         want |= BIT(VIRTIO_F_INDIRECT_DESC);
+    if (o->packed)
+        want |= BIT(VIRTIO_F_RING_PACKED);
     if (vdev_negotiate(&n->dev, want) < 0)
         return -1;
     struct vdev *d = &n->dev;
@@ -65,15 +68,15 @@ int vnet_init(struct vnet *n, u64 mmio_base, const char *name, const struct vnet
     n->mtu = vdev_has(d, VIRTIO_NET_F_MTU) ? vdev_cfg16(d, CFG_MTU) : 1500;
 
     u16 ind = vdev_has(d, VIRTIO_F_INDIRECT_DESC) ? 2 : 0;
-    int ev = vdev_has(d, VIRTIO_F_EVENT_IDX);
+    unsigned qf = vdev_virtq_flags(d);
     u16 rxs = pick_size(d, RXQ, o->queue_size), txs = pick_size(d, TXQ, o->queue_size);
     if (!rxs || !txs) {
         printf("%s: rx/tx queue not available (max %u/%u)\n", name, rxs, txs);
         vdev_fail(d);
         return -1;
     }
-    virtq_alloc(&n->rx, RXQ, rxs, ev, 0);
-    virtq_alloc(&n->tx, TXQ, txs, ev, ind);
+    virtq_alloc(&n->rx, RXQ, rxs, qf, 0);
+    virtq_alloc(&n->tx, TXQ, txs, qf, ind);
     if (vdev_queue_setup(d, &n->rx) < 0 || vdev_queue_setup(d, &n->tx) < 0) {
         vdev_fail(d);
         return -1;

@@ -34,6 +34,7 @@ struct vnet_opts {
     int mrg_rxbuf;   /* negotiate VIRTIO_NET_F_MRG_RXBUF if offered */
     int event_idx;
     int indirect;
+    int packed;      /* negotiate VIRTIO_F_RING_PACKED if offered (0: split rings) */
     int split_hdr;   /* 0: header and frame in one tx descriptor; 1: two; 2: alternate */
 };
 

@@ -1,7 +1,7 @@
 /* blkbench: fio-like polled load on one virtio-blk device.
  *
  *   rw=randread|randwrite|read|write  bs=4096  iodepth=32  queues=1
- *   seconds=N | count=N  dev=0  span=BYTES  event_idx=0|1  indirect=0|1
+ *   seconds=N | count=N  dev=0  span=BYTES  event_idx=0|1  indirect=0|1  packed=0|1
  *
  * Final line: "IOPS=<n> BW_KiBps=<n> ops=<n> cycles=<n> tsc_khz=<n> ..." or
  * "BLKBENCH FAIL: reason".  See ../README.md.
@@ -47,6 +47,7 @@ int main(struct boot_info *bi)
     o.queues = queues;
     o.event_idx = !cmd_is("event_idx", "0", 0);
     o.indirect = !cmd_is("indirect", "0", 0);
+    o.packed = !cmd_is("packed", "0", 0);
     o.queue_size = (u32)cmd_u64("queue_size", 0);
     if (vblk_init(b, base, "blk", &o) < 0)
         return bench_fail("device initialisation failed");
@@ -71,8 +72,10 @@ int main(struct boot_info *bi)
                 memcpy((u8 *)reqs[i]->buf + k, &v, 8);
             }
     }
-    printf("blkbench: rw=%s bs=%lu iodepth=%u queues=%u/%u queue_size=%u capacity=%lu span=%lu features=0x%lx\n", rw,
-           bs, iodepth, b->nq, b->num_queues, b->q[0].size, b->capacity, span, b->dev.features);
+    printf("blkbench: rw=%s bs=%lu iodepth=%u queues=%u/%u queue_size=%u ring=%s capacity=%lu span=%lu "
+           "features=0x%lx\n",
+           rw, bs, iodepth, b->nq, b->num_queues, b->q[0].size, b->q[0].packed ? "packed" : "split", b->capacity, span,
+           b->dev.features);
     printf("blkbench: %s%lu tsc_khz=%lu (%s)\n", count ? "count=" : "seconds=", count ? count : seconds, g_tsc_khz,
            g_tsc_source);
 

@@ -1,7 +1,7 @@
 /* netbench: frames through a vhostd loopback port and back, with a window.
  *
  *   size=64 (60..1514)  window=64  seconds=N | count=N  dev=0
- *   verify=0|1|2  batch=16  event_idx=0|1  indirect=0|1  mrg_rxbuf=0|1
+ *   verify=0|1|2  batch=16  event_idx=0|1  indirect=0|1  mrg_rxbuf=0|1  packed=0|1
  *
  * Final line: "PPS=<n> Mbps=<n> tx=<n> rx=<n> lost=0 cycles=<n> tsc_khz=<n>
  * ..." or "NETBENCH FAIL: reason".  See ../README.md.
@@ -41,6 +41,7 @@ int main(struct boot_info *bi)
     o.event_idx = !cmd_is("event_idx", "0", 0);
     o.indirect = !cmd_is("indirect", "0", 0);
     o.mrg_rxbuf = !cmd_is("mrg_rxbuf", "0", 0);
+    o.packed = !cmd_is("packed", "0", 0);
     o.queue_size = (u32)cmd_u64("queue_size", 0);
     if (vnet_init(n, base, "net", &o, rdtsc()) < 0)
         return bench_fail("device initialisation failed");
@@ -51,8 +52,8 @@ int main(struct boot_info *bi)
         window = n->ntx;
     if (window == 0)
         window = 1;
-    printf("netbench: size=%u window=%u batch=%u verify=%u queue_size=%u/%u features=0x%lx\n", size, window, batch,
-           verify, n->rx.size, n->tx.size, n->dev.features);
+    printf("netbench: size=%u window=%u batch=%u verify=%u queue_size=%u/%u ring=%s features=0x%lx\n", size, window,
+           batch, verify, n->rx.size, n->tx.size, n->rx.packed ? "packed" : "split", n->dev.features);
     printf("netbench: %s%lu tsc_khz=%lu (%s)\n", count ? "count=" : "seconds=", count ? count : seconds, g_tsc_khz,
            g_tsc_source);
 

@@ -156,13 +156,14 @@ static void blk_test(u32 devidx, u64 base, const char *name)
     o.queues = (u32)cmd_u64("blk_queues", 4);
     o.event_idx = !cmd_is("event_idx", "0", 0);
     o.indirect = !cmd_is("indirect", "0", 0);
+    o.packed = !cmd_is("packed", "0", 0);
     o.queue_size = (u32)cmd_u64("queue_size", 0);
     if (vblk_init(b, base, name, &o) < 0) {
         fail(name, "device initialisation failed");
         return;
     }
-    printf("%s: device=%u mmio=0x%lx features=0x%lx queues=%u/%u queue_size=%u\n", name, devidx, base,
-           b->dev.features, b->nq, b->num_queues, b->q[0].size);
+    printf("%s: device=%u mmio=0x%lx features=0x%lx queues=%u/%u queue_size=%u ring=%s\n", name, devidx, base,
+           b->dev.features, b->nq, b->num_queues, b->q[0].size, b->q[0].packed ? "packed" : "split");
     printf("%s: capacity=%lu\n", name, b->capacity);
     printf("%s: blk_size=%u size_max=%u seg_max=%u ro=%d flush=%d write_zeroes=%d discard=%d\n", name, b->blk_size,
            b->size_max, b->seg_max, b->ro, b->can_flush, b->can_write_zeroes, b->can_discard);
@@ -540,6 +541,7 @@ static void net_test(u32 devidx, u64 base, const char *name)
     o.event_idx = !cmd_is("event_idx", "0", 0);
     o.indirect = !cmd_is("indirect", "0", 0);
     o.mrg_rxbuf = !cmd_is("mrg_rxbuf", "0", 0);
+    o.packed = !cmd_is("packed", "0", 0);
     o.queue_size = (u32)cmd_u64("queue_size", 0);
     o.split_hdr = 2; /* alternate one and two descriptors per frame */
     if (vnet_init(n, base, name, &o, g_nonce ^ devidx) < 0) {
@@ -548,8 +550,8 @@ static void net_test(u32 devidx, u64 base, const char *name)
     }
     char m[18];
     fmt_mac(m, n->mac);
-    printf("%s: device=%u mmio=0x%lx features=0x%lx queue_size=%u/%u mrg_rxbuf=%d\n", name, devidx, base,
-           n->dev.features, n->rx.size, n->tx.size, n->mrg_rxbuf);
+    printf("%s: device=%u mmio=0x%lx features=0x%lx queue_size=%u/%u mrg_rxbuf=%d ring=%s\n", name, devidx, base,
+           n->dev.features, n->rx.size, n->tx.size, n->mrg_rxbuf, n->rx.packed ? "packed" : "split");
     printf("%s: mac=%s%s\n", name, m, n->mac_from_device ? "" : " (driver-chosen, no VIRTIO_NET_F_MAC)");
     printf("%s: link=%s mtu=%u\n", name, vnet_link_up(n) ? "up" : "down", n->mtu);
 
@@ -586,7 +588,7 @@ static u32 garbage_queue(struct virtq *q, struct vdev *d, const char *kind)
     int all = strcmp(kind, "all") == 0 || strcmp(kind, "1") == 0;
 #define KIND(k) (all || strcmp(kind, k) == 0)
 #define SLOT(d) (u16)((d) % sz)
-#define PUT(head) (q->avail->ring[(q->avail_shadow + n++) & (sz - 1)] = (u16)(head))
+#define PUT(head) (q->avail->ring[(q->next_avail + n++) & (sz - 1)] = (u16)(head))
     if (KIND("loop")) { /* two descriptors chained to each other */
         desc[SLOT(0)] = (struct vring_desc){page, 16, VRING_DESC_F_NEXT, SLOT(1)};
         desc[SLOT(1)] = (struct vring_desc){page + 16, 16, VRING_DESC_F_NEXT, SLOT(0)};
@@ -621,9 +623,9 @@ static u32 garbage_queue(struct virtq *q, struct vdev *d, const char *kind)
         PUT(SLOT(9));
         PUT(SLOT(10));
     }
-    u16 newidx = (u16)(q->avail_shadow + n);
+    u16 newidx = (u16)(q->next_avail + n);
     if (strcmp(kind, "idx") == 0) /* an avail index more than a ring ahead (alone: it hides the rest) */
-        newidx = (u16)(q->avail_shadow + sz + 5);
+        newidx = (u16)(q->next_avail + sz + 5);
 #undef KIND
 #undef SLOT
 #undef PUT
@@ -657,6 +659,7 @@ static int garbage_mode(struct boot_info *bi, const char *kind)
             struct vblk *b = zalloc(sizeof(*b), 64);
             struct vblk_opts o;
             vblk_default_opts(&o);
+            o.packed = 0; /* the malformations are split-ring ones */
             if (vblk_init(b, bd->mmio_base, name, &o) < 0)
                 continue;
             devs[nd] = &b->dev;
@@ -666,6 +669,7 @@ static int garbage_mode(struct boot_info *bi, const char *kind)
             struct vnet *n = zalloc(sizeof(*n), 64);
             struct vnet_opts o;
             vnet_default_opts(&o);
+            o.packed = 0;
             if (vnet_init(n, bd->mmio_base, name, &o, g_nonce ^ i) < 0)
                 continue;
             devs[nd] = &n->dev;

@@ -1,7 +1,12 @@
 /* Fake virtio-mmio devices for the hosted tests: virtio-blk on a RAM disk,
  * virtio-net as loopback, sink, or one port of a two-port switch shared by
  * two forked processes.  Written from the virtio 1.2 spec, strict on
- * purpose: the driver under test must follow the rules, not just work. */
+ * purpose: the driver under test must follow the rules, not just work.
+ * Rings are split (2.7) or, when the driver accepts VIRTIO_F_RING_PACKED,
+ * packed (2.8): then chains are read from consecutive ring positions, every
+ * descriptor must be marked available for its lap, buffer ids must not be
+ * in flight twice, and used descriptors go back in batches whose first
+ * flags are written last. */
 #define _GNU_SOURCE
 #include "fakedev.h"
 
@@ -30,10 +35,16 @@
 #define F_INDIRECT (1ull << 28)
 #define F_EVENT_IDX (1ull << 29)
 #define F_VERSION_1 (1ull << 32)
+#define F_RING_PACKED (1ull << 34)
 
 #define D_NEXT 1
 #define D_WRITE 2
 #define D_INDIRECT 4
+#define P_AVAIL (1 << 7)
+#define P_USED (1 << 15)
+#define EV_ENABLE 0
+#define EV_DISABLE 1
+#define EV_DESC 2
 
 struct desc {
     uint64_t addr;
@@ -42,11 +53,23 @@ struct desc {
     uint16_t next;
 };
 
+struct pdesc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t id;
+    uint16_t flags;
+};
+
 struct fq {
     uint32_t num_max, num, ready;
     uint64_t desc, drv, dev;
-    uint16_t last_avail, used_idx;
+    uint16_t last_avail, used_idx; /* packed: last_avail is a ring position, used_idx counts used entries */
     uint16_t isr_acked; /* used_idx at the last InterruptACK of bit 0 */
+    int packed;
+    uint16_t avail_wrap, used_pos, used_wrap; /* packed */
+    uint8_t *id_busy;   /* packed: buffer ids with the device */
+    int batch_open;     /* packed: used descriptors written, the first one's flags not yet */
+    uint16_t batch_pos, batch_flags;
     int broken;
     atomic_int kick;
     unsigned long notifies, chains;
@@ -178,6 +201,14 @@ static uint16_t *used_flags(struct fq *q) { return (uint16_t *)(uintptr_t)(q->de
 static uint16_t *used_idx(struct fq *q) { return (uint16_t *)(uintptr_t)(q->dev + 2); }
 static uint32_t *used_ring(struct fq *q) { return (uint32_t *)(uintptr_t)(q->dev + 4); }
 static uint16_t *avail_event(struct fq *q) { return (uint16_t *)(uintptr_t)(q->dev + 4 + 8ull * q->num); }
+/* packed: the ring and the two event suppression areas (off_wrap, flags) */
+static struct pdesc *pring(struct fq *q) { return (struct pdesc *)(uintptr_t)q->desc; }
+static uint16_t *drv_event(struct fq *q) { return (uint16_t *)(uintptr_t)q->drv; }
+static uint16_t *dev_event(struct fq *q) { return (uint16_t *)(uintptr_t)q->dev; }
+static int pavail(uint16_t flags, uint16_t wrap)
+{
+    return !!(flags & P_AVAIL) == wrap && !!(flags & P_USED) != wrap;
+}
 
 struct iov {
     uint8_t *p;
@@ -185,7 +216,8 @@ struct iov {
 };
 
 struct chain {
-    uint16_t head;
+    uint16_t head;  /* split: head descriptor; packed: buffer id */
+    uint16_t ndesc; /* packed: ring descriptors it took */
     int nout, nin;
     uint64_t out_bytes, in_bytes;
     struct iov out[MAXSEG], in[MAXSEG];
@@ -323,17 +355,49 @@ static void iov_copy_to(const struct iov *v, int n, uint64_t off, const uint8_t 
     }
 }
 
-static void push_used(struct fq *q, uint16_t head, uint32_t len)
+static void push_used(struct fq *q, const struct chain *c, uint32_t len)
 {
-    uint32_t *e = used_ring(q) + 2 * (q->used_idx % q->num);
-    e[0] = head;
-    e[1] = len;
     q->used_idx++;
+    if (!q->packed) {
+        uint32_t *e = used_ring(q) + 2 * ((uint16_t)(q->used_idx - 1) % q->num);
+        e[0] = c->head;
+        e[1] = len;
+        return;
+    }
+    struct pdesc *e = &pring(q)[q->used_pos];
+    uint16_t flags = q->used_wrap ? (P_AVAIL | P_USED) : 0;
+    e->id = c->head;
+    e->len = len;
+    if (!q->batch_open) { /* written last, by publish_used: the whole batch at once (2.8.21.1) */
+        q->batch_open = 1;
+        q->batch_pos = q->used_pos;
+        q->batch_flags = flags;
+    } else {
+        store16(&e->flags, flags);
+    }
+    q->id_busy[c->head] = 0;
+    uint32_t next = q->used_pos + c->ndesc;
+    if (next >= q->num) {
+        next -= q->num;
+        q->used_wrap ^= 1;
+    }
+    q->used_pos = (uint16_t)next;
 }
 
-static void publish_used(struct fq *q)
+static void publish_used(struct fdev *d, struct fq *q)
 {
-    store16(used_idx(q), q->used_idx);
+    if (!q->packed) {
+        store16(used_idx(q), q->used_idx);
+        return;
+    }
+    if (q->batch_open) {
+        store16(&pring(q)[q->batch_pos].flags, q->batch_flags);
+        q->batch_open = 0;
+    }
+    /* what the driver asks for must be a defined value (2.8.10) */
+    uint16_t f = load16(drv_event(q) + 1);
+    if (f > EV_DESC || (f == EV_DESC && !(d->drv_feat & F_EVENT_IDX)))
+        violation(d, NULL, "driver event suppression flags %u%s", f, f == EV_DESC ? " without EVENT_IDX" : "");
 }
 
 /* Next available head, or -1 (none, or the queue broke). */
@@ -352,6 +416,122 @@ static int pop_avail(struct fdev *d, struct fq *q)
     uint16_t head = load16(avail_ring(q) + q->last_avail % q->num);
     q->last_avail++;
     return head;
+}
+
+/* packed: the chain at last_avail, if the driver made it available (2.8.6,
+ * 2.8.7): its descriptors are consecutive, each marked available for its own
+ * lap (as the spec's driver example does), the buffer id is in the last, an
+ * INDIRECT descriptor stands alone and its table's entries carry only
+ * WRITE.  1: a chain in c; 0: none; -1: the queue broke. */
+static int pop_packed(struct fdev *d, struct fq *q, struct chain *c)
+{
+    struct pdesc *ring = pring(q);
+    uint16_t pos = q->last_avail, wrap = q->avail_wrap, at = pos;
+    if (!pavail(load16(&ring[pos].flags), wrap))
+        return 0;
+    atomic_thread_fence(memory_order_acquire);
+    memset(c, 0, offsetof(struct chain, out));
+    uint32_t n = 0;
+    uint16_t id;
+    for (;;) {
+        struct pdesc e = ring[pos];
+        if (n && !pavail(e.flags, wrap)) {
+            violation(d, q, "descriptor %u of the chain at %u is not marked available (flags 0x%x, wrap %u)", pos, at,
+                      e.flags, wrap);
+            return -1;
+        }
+        if (++n > q->num) {
+            violation(d, q, "chain at %u longer than the ring", at);
+            return -1;
+        }
+        if (++pos == q->num) {
+            pos = 0;
+            wrap ^= 1;
+        }
+        if (e.flags & D_INDIRECT) {
+            if (!(d->drv_feat & F_INDIRECT)) {
+                violation(d, q, "INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC");
+                return -1;
+            }
+            if (n != 1 || (e.flags & D_NEXT)) {
+                violation(d, q, "INDIRECT descriptor %s", n != 1 ? "inside a chain" : "with NEXT");
+                return -1;
+            }
+            if (e.len == 0 || e.len % 16) {
+                violation(d, q, "indirect table length %u", e.len);
+                return -1;
+            }
+            struct pdesc *t = ptr(e.addr, e.len);
+            if (!t) {
+                violation(d, q, "indirect table outside guest RAM");
+                return -1;
+            }
+            for (uint32_t j = 0; j < e.len / 16; j++) {
+                struct pdesc f = t[j];
+                if (f.flags & ~D_WRITE) {
+                    violation(d, q, "indirect entry %u has flags 0x%x (only WRITE is valid)", j, f.flags);
+                    return -1;
+                }
+                if (add_seg(d, q, c, &(struct desc){f.addr, f.len, f.flags, 0}) < 0)
+                    return -1;
+            }
+            id = e.id;
+            break;
+        }
+        if (add_seg(d, q, c, &(struct desc){e.addr, e.len, e.flags, 0}) < 0)
+            return -1;
+        if (!(e.flags & D_NEXT)) {
+            id = e.id;
+            break;
+        }
+    }
+    if (id >= q->num || q->id_busy[id]) {
+        violation(d, q, "chain at %u: buffer id %u %s", at, id, id >= q->num ? "beyond the ring" : "already in flight");
+        return -1;
+    }
+    q->id_busy[id] = 1;
+    c->head = id;
+    c->ndesc = (uint16_t)n;
+    q->last_avail = pos;
+    q->avail_wrap = wrap;
+    return 1;
+}
+
+/* The next available chain, walked into c: 1, 0 if none, -1 if the queue broke. */
+static int pop_chain(struct fdev *d, struct fq *q, struct chain *c)
+{
+    if (q->broken || !q->ready)
+        return q->broken ? -1 : 0;
+    if (q->packed)
+        return pop_packed(d, q, c);
+    int h = pop_avail(d, q);
+    if (h < 0)
+        return q->broken ? -1 : 0;
+    return walk(d, q, (uint16_t)h, c) < 0 ? -1 : 1;
+}
+
+/* Where the driver's side of a queue is, to take back chains not used. */
+struct mark {
+    uint16_t last_avail, avail_wrap;
+};
+
+static struct mark mark(const struct fq *q) { return (struct mark){q->last_avail, q->avail_wrap}; }
+
+static void give_back(struct fq *q, struct mark m, const uint16_t *ids, int n)
+{
+    q->last_avail = m.last_avail;
+    q->avail_wrap = m.avail_wrap;
+    if (q->packed)
+        for (int i = 0; i < n; i++)
+            q->id_busy[ids[i]] = 0;
+}
+
+/* Anything available at all (after re-arming notifications)? */
+static int more_avail(struct fq *q)
+{
+    if (q->packed)
+        return pavail(load16(&pring(q)[q->last_avail].flags), q->avail_wrap);
+    return load16(avail_idx(q)) != q->last_avail;
 }
 
 /* ------------------------------------------------------------ blk */
@@ -450,20 +630,23 @@ static void net_deliver(struct fdev *d, const uint8_t *frame, uint32_t len)
     int mrg = (d->feat & d->drv_feat & (1ull << 15)) != 0;
     uint8_t hdr[12] = {0};
     uint64_t total = 12 + len, done = 0;
-    uint16_t heads[64];
+    struct chain bufs[64]; /* only head and ndesc are kept */
+    uint16_t ids[64];
     uint32_t lens[64];
     int nb = 0;
-    uint16_t saved_last = q->last_avail;
+    struct mark saved = mark(q);
     uint8_t *nbuf_at = NULL;
     while (done < total) {
         if (nb == 64 || (nb && !mrg))
             goto drop;
-        int h = pop_avail(d, q);
-        if (h < 0)
-            goto drop;
         struct chain c;
-        if (walk(d, q, (uint16_t)h, &c) < 0)
+        int got = pop_chain(d, q, &c);
+        if (got < 0)
             return;
+        if (got == 0)
+            goto drop;
+        bufs[nb] = (struct chain){.head = c.head, .ndesc = c.ndesc};
+        ids[nb] = c.head;
         if (c.nout) {
             violation(d, q, "rx buffer with device-readable descriptors");
             return;
@@ -487,7 +670,6 @@ static void net_deliver(struct fdev *d, const uint8_t *frame, uint32_t len)
         uint64_t fcount = total - done - put < room - put ? total - done - put : room - put;
         iov_copy_to(c.in, c.nin, put, frame + (done + put - 12), fcount);
         put += fcount;
-        heads[nb] = (uint16_t)h;
         lens[nb] = (uint32_t)put;
         nb++;
         done += put;
@@ -497,12 +679,12 @@ static void net_deliver(struct fdev *d, const uint8_t *frame, uint32_t len)
         nbuf_at[1] = (uint8_t)(nb >> 8);
     }
     for (int i = 0; i < nb; i++)
-        push_used(q, heads[i], lens[i]);
-    publish_used(q);
+        push_used(q, &bufs[i], lens[i]);
+    publish_used(d, q);
     d->rx_frames++;
     return;
 drop:
-    q->last_avail = saved_last;
+    give_back(q, saved, ids, nb);
     d->rx_dropped++;
 }
 
@@ -533,53 +715,65 @@ static void net_tx_chain(struct fdev *d, struct fq *q, struct chain *c)
 
 /* ------------------------------------------------------------ queue service */
 
-static void service_queue(struct fdev *d, struct fq *q)
+/* Kicks: "no notifications while we are at it" (on 0) and the re-arm (on 1):
+ * split the NO_NOTIFY flag or avail_event, packed the device event area
+ * (ENABLE/DISABLE, or with EVENT_IDX a descriptor event at the next
+ * position we look at). */
+static void want_kicks(struct fdev *d, struct fq *q, int on)
 {
     int event_idx = (d->drv_feat & F_EVENT_IDX) != 0;
-    if (!event_idx)
-        store16(used_flags(q), 1); /* NO_NOTIFY while we are at it */
+    if (q->packed) {
+        if (on && event_idx) {
+            store16(dev_event(q), (uint16_t)(q->last_avail | q->avail_wrap << 15));
+            store16(dev_event(q) + 1, EV_DESC);
+        } else if (!event_idx) {
+            store16(dev_event(q) + 1, on ? EV_ENABLE : EV_DISABLE);
+        }
+    } else if (event_idx) {
+        if (on)
+            store16(avail_event(q), q->last_avail);
+    } else {
+        store16(used_flags(q), on ? 0 : 1);
+    }
+}
+
+static void service_queue(struct fdev *d, struct fq *q)
+{
+    want_kicks(d, q, 0);
     for (;;) {
-        uint16_t batch[1024];
+        static struct chain batch[1024]; /* only head and ndesc are kept (one device thread) */
         uint32_t lens[1024];
-        int n = 0, h;
-        while (n < 1024 && (h = pop_avail(d, q)) >= 0) {
-            struct chain *c = malloc(sizeof(*c));
-            if (walk(d, q, (uint16_t)h, c) < 0) {
-                free(c);
-                return;
-            }
+        int n = 0, got = 0;
+        struct chain *c = malloc(sizeof(*c));
+        while (n < 1024 && (got = pop_chain(d, q, c)) > 0) {
             q->chains++;
             uint32_t used = 0;
             if (d->id == 2)
                 blk_chain(d, q, c, &used);
             else
                 net_tx_chain(d, q, c);
-            free(c);
             if (q->broken)
-                return;
-            batch[n] = (uint16_t)h;
+                break;
+            batch[n] = (struct chain){.head = c->head, .ndesc = c->ndesc};
             lens[n++] = used;
         }
+        free(c);
+        if (got < 0 || q->broken)
+            return;
         if (n) {
             for (int i = 0; i < n; i++) {
                 int k = opts.reorder && d->id == 2 ? n - 1 - i : i;
-                push_used(q, batch[k], lens[k]);
+                push_used(q, &batch[k], lens[k]);
             }
-            publish_used(q);
+            publish_used(d, q);
         }
-        if (q->broken)
-            return;
         /* re-arm notifications, then look again (the driver may have added
          * something after our last look and before seeing the re-arm) */
-        if (event_idx)
-            store16(avail_event(q), q->last_avail);
-        else
-            store16(used_flags(q), 0);
+        want_kicks(d, q, 1);
         atomic_thread_fence(memory_order_seq_cst);
-        if (load16(avail_idx(q)) == q->last_avail)
+        if (!more_avail(q))
             return;
-        if (!event_idx)
-            store16(used_flags(q), 1);
+        want_kicks(d, q, 0);
     }
 }
 
@@ -651,6 +845,12 @@ static void reset(struct fdev *d)
         q->ready = 0;
         q->desc = q->drv = q->dev = 0;
         q->last_avail = q->used_idx = q->isr_acked = 0;
+        q->packed = 0;
+        q->avail_wrap = q->used_wrap = 1;
+        q->used_pos = 0;
+        q->batch_open = 0;
+        free(q->id_busy);
+        q->id_busy = NULL;
         q->broken = 0;
         atomic_store(&q->kick, 0);
     }
@@ -725,17 +925,26 @@ void hosted_mmio_write(uint64_t addr, int size, uint32_t v)
         break;
     case 0x024: d->drv_feat_sel = v; break;
     case 0x030: d->qsel = v; break;
-    case 0x038:
-        if (v == 0 || v > q->num_max || (v & (v - 1)))
+    case 0x038: /* a packed ring need not be a power of two (2.8) */
+        if (v == 0 || v > q->num_max || (!(d->drv_feat & F_RING_PACKED) && (v & (v - 1))))
             violation(d, NULL, "QueueNum %u (max %u)", v, q->num_max);
         q->num = v;
         break;
     case 0x044:
         if (v) {
+            int packed = (d->drv_feat & F_RING_PACKED) != 0;
+            /* packed: descriptor ring, then two 4-byte event areas (2.8.10) */
+            uint64_t drv_len = packed ? 4 : 6 + 2ull * q->num, dev_len = packed ? 4 : 6 + 8ull * q->num;
             struct desc *t = ptr(q->desc, 16ull * q->num);
-            if (!t || !ptr(q->drv, 6 + 2ull * q->num) || !ptr(q->dev, 6 + 8ull * q->num) || q->desc % 16 ||
-                q->drv % 2 || q->dev % 4)
-                violation(d, NULL, "queue %u: rings outside RAM or misaligned", d->qsel);
+            if (!t || !ptr(q->drv, drv_len) || !ptr(q->dev, dev_len) || q->desc % 16 || q->drv % (packed ? 4 : 2) ||
+                q->dev % 4)
+                violation(d, NULL, "queue %u: %s rings outside RAM or misaligned", d->qsel, packed ? "packed" : "split");
+            q->packed = packed;
+            q->avail_wrap = q->used_wrap = 1;
+            q->last_avail = q->used_pos = 0;
+            q->batch_open = 0;
+            free(q->id_busy);
+            q->id_busy = calloc(q->num, 1);
         }
         q->ready = v;
         break;
@@ -799,9 +1008,12 @@ static struct fdev *new_dev(uint32_t id, int nq)
     ndev++;
     d->id = id;
     d->nq = nq;
-    d->feat = F_VERSION_1 | (opts.event_idx ? F_EVENT_IDX : 0) | (opts.indirect ? F_INDIRECT : 0);
-    for (int i = 0; i < nq; i++)
+    d->feat = F_VERSION_1 | (opts.event_idx ? F_EVENT_IDX : 0) | (opts.indirect ? F_INDIRECT : 0) |
+              (opts.packed ? F_RING_PACKED : 0);
+    for (int i = 0; i < nq; i++) {
         d->q[i].num_max = d->q[i].num = opts.queue_max;
+        d->q[i].avail_wrap = d->q[i].used_wrap = 1;
+    }
     return d;
 }
 
@@ -812,7 +1024,7 @@ uint64_t fake_add_blk(uint64_t sectors, int readonly, const char *serial)
     d->disk = calloc(sectors, 512);
     d->sectors = sectors;
     d->ro = readonly;
-    strncpy(d->serial, serial, sizeof(d->serial));
+    memcpy(d->serial, serial, strnlen(serial, sizeof(d->serial))); /* not NUL-terminated when 20 long */
     /* SEG_MAX, BLK_SIZE, WRITE_ZEROES, and RO or FLUSH */
     d->feat |= (1ull << 2) | (1ull << 6) | (1ull << 14) | (readonly ? 1ull << 5 : 1ull << 9);
     if (nq > 1)

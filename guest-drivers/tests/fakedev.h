@@ -11,6 +11,7 @@
 struct fake_opts {
     int event_idx;   /* offer VIRTIO_F_EVENT_IDX */
     int indirect;    /* offer VIRTIO_F_INDIRECT_DESC */
+    int packed;      /* offer VIRTIO_F_RING_PACKED */
     int mrg_rxbuf;   /* offer VIRTIO_NET_F_MRG_RXBUF */
     int net_mac;     /* offer VIRTIO_NET_F_MAC */
     uint32_t queue_max;

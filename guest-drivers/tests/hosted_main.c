@@ -2,12 +2,13 @@
  * against the fake devices of fakedev.c.
  *
  *   hosted-PROG [-m RAM_MB] [-b SECTORS] [-B SECTORS] [-n loopback|sink]
- *               [-P] [-E] [-I] [-M 0|1|2] [-q QMAX] [-Q BLK_QUEUES]
+ *               [-P] [-E] [-I] [-p] [-M 0|1|2] [-q QMAX] [-Q BLK_QUEUES]
  *               [-S SIZE_MAX] [-R] [-V] [-c CMDLINE]
  *
  *   -b/-B  a blk device (-B read-only)     -n   a net device
  *   -P     two processes, each with one net device on a shared switch
  *   -E/-I  do not offer EVENT_IDX / INDIRECT_DESC
+ *   -p     offer RING_PACKED (the programs take it unless packed=0)
  *   -M     MRG_RXBUF: 0 not offered, 1 offered, 2 offered and frames split
  *          over 700-byte pieces of buffers
  *   -R     complete blk requests of a batch in reverse order
@@ -138,7 +139,7 @@ int main(int argc, char **argv)
     int nspecs = 0, peer = 0, opt;
     u64 ram_mb = 256;
     const char *cmdline = "";
-    while ((opt = getopt(argc, argv, "m:b:B:n:PEIM:q:Q:S:RVc:")) != -1) {
+    while ((opt = getopt(argc, argv, "m:b:B:n:PEIpM:q:Q:S:RVc:")) != -1) {
         switch (opt) {
         case 'm': ram_mb = strtoull(optarg, 0, 0); break;
         case 'b':
@@ -149,6 +150,7 @@ int main(int argc, char **argv)
         case 'P': peer = 1; break;
         case 'E': fo.event_idx = 0; break;
         case 'I': fo.indirect = 0; break;
+        case 'p': fo.packed = 1; break;
         case 'M': fo.mrg_rxbuf = atoi(optarg); break;
         case 'q': fo.queue_max = (u32)strtoul(optarg, 0, 0); break;
         case 'Q': fo.blk_queues = (u32)strtoul(optarg, 0, 0); break;
