@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import mmap
 import os
+import random
 import struct
+import time
 
 import pytest
 
-from conftest import Guest, wait_broken
+from conftest import BLK_S_OK, Guest, Vhostd, wait_broken, wait_until
 from vhostd.frontend import BackendError
 from vhostd.native import lib
 from vhostd.protocol.codec import InflightInfo
-from virtio_driver import BLK_T_OUT, blk_header
+from virtio_driver import BLK_T_GET_ID, BLK_T_OUT, BlkDriver, blk_header
 
 QSIZE = 128
 
@@ -202,3 +204,174 @@ def test_more_unfinished_requests_than_one_turn(vhostd_factory):
         assert vd.read_image("d0", 8 * (i + 1) * 512, 4096) == bytes([0x20 + i]) * 4096
     g2.close()
     area.close()
+
+
+# ====================================================================== packed rings
+
+
+class PackedArea(Area):
+    """The packed layout of one queue's region (vhostd/native/inflight.c):
+    features, version, desc_num, then the used position at 16 (old at 18),
+    wrap counters at 20 and 21; from 32 entries of 32 bytes, each a copy of
+    one descriptor of a chain taken (the chain's first entry marked inflight,
+    holding its length, last entry and counter)."""
+
+    def features(self) -> int:
+        return struct.unpack_from("<Q", self.map, 0)[0]
+
+    def used(self) -> tuple[int, int, int, int]:
+        """(used position, old used position, used wrap, old used wrap)."""
+        return struct.unpack_from("<HHBB", self.map, 16)
+
+    def inflight(self) -> dict[int, tuple[int, int]]:
+        """Chains marked in flight: buffer id -> (descriptors, counter)."""
+        out = {}
+        num = self.header()[1]
+        for e in range(num):
+            off = 32 + 32 * e
+            if self.map[off]:
+                last, n = struct.unpack_from("<HH", self.map, off + 4)
+                counter = struct.unpack_from("<Q", self.map, off + 8)[0]
+                (bid,) = struct.unpack_from("<H", self.map, 32 + 32 * last + 16)
+                out[bid] = (n, counter)
+        return out
+
+
+def packed_session(vd, qsize: int = QSIZE) -> tuple[Guest, PackedArea]:
+    g = Guest(vd, "d0", packed=True)
+    assert g.packed
+    fd, info = g.fe.get_inflight_fd(1, qsize)
+    area = PackedArea(fd, info)
+    g.fe.set_inflight_fd(area.fd, area.info)
+    return g, area
+
+
+def resume(vd, g: Guest, area: Area, q) -> Guest:
+    """The restarted back-end, a new front-end session: the same memory, the
+    inflight area, the ring; SET_VRING_BASE says where the driver saw the
+    device's used position (the area knows better, and wins)."""
+    g.fe.close()  # the killed daemon's session: never ended in its log
+    g2 = Guest(vd, "d0", handshake=False)
+    g2.fe.set_owner()
+    g2.fe.set_protocol_features(g2.fe.get_protocol_features())
+    g2.fe.set_features(g.features)
+    g2.features, g2.mem = g.features, g.mem
+    g.mem.give_to(g2.fe)
+    g2.fe.set_inflight_fd(area.fd, area.info)
+    q.attach(g2.fe, 0, base=q.last_used | q.used_wrap << 15)
+    return g2
+
+
+def test_packed_requests_are_tracked_then_forgotten(vhostd_factory):
+    vd = vhostd_factory([{"name": "d0", "size": "4M"}])
+    g, area = packed_session(vd)
+    q = g.queue(0, size=QSIZE)
+    heads = [write_chain(q, 8 * i, i + 1, True) for i in range(10)]
+    assert sorted(u.head for u in q.wait_used(10)) == sorted(heads)
+    assert area.features() & (1 << 34) and area.header()[:2] == (1, QSIZE)
+    assert area.used() == (30, 30, 1, 1)  # 10 chains of 3 descriptors
+    assert area.inflight() == {}
+    g.close()
+    area.close()
+
+
+def test_packed_sigkill_with_a_write_in_flight_redoes_it(vhostd_factory, tmp_path, sockdir, hanging_disk):
+    """A packed write hangs; a request behind it completes (its used
+    descriptor over the hung chain's first slot); vhostd is killed; the next
+    vhostd redoes exactly the hung write from the copy in the area, its used
+    descriptor where the first left off, and the ring goes on."""
+    devices = [{"name": "d0", "path": hanging_disk.path, "direct": True}]
+    (tmp_path / "first").mkdir()
+    first = Vhostd(tmp_path / "first", sockdir, devices)
+    first.start()
+    try:
+        g, area = packed_session(first)
+        q = g.queue(0, size=QSIZE)
+        drv = BlkDriver(q)
+        hanging_disk.pause()
+        hung, _, _ = drv.submit(BLK_T_OUT, 16, b"\x03" * 4096, split=1024)  # 6 descriptors at 0-5
+        wait_until(lambda: area.inflight(), what="the write to be marked in flight")
+        quick, _, _ = drv.submit(BLK_T_GET_ID, in_len=20)  # 3 at 6-8
+        (used,) = q.wait_used(1)
+        assert used.head == quick and (q.last_used, q.used_wrap) == (3, 1)
+        assert area.inflight().keys() == {hung} and area.inflight()[hung][0] == 6
+        assert area.used() == (3, 3, 1, 1)
+    finally:
+        first.kill()
+        hanging_disk.resume()
+    os.unlink(first.socket("d0"))  # stale: the next daemon binds it anew
+    with open(hanging_disk.path, "r+b") as f:  # as if the hung write never reached the disk
+        f.seek(16 * 512)
+        f.write(bytes(4096))
+    second = vhostd_factory(devices)
+    g2 = resume(second, g, area, q)
+    (redone,) = q.wait_used(1)
+    assert redone.head == hung and (q.last_used, q.used_wrap) == (9, 1)
+    with open(hanging_disk.path, "rb") as f:
+        f.seek(16 * 512)
+        assert f.read(4096) == b"\x03" * 4096
+    assert area.inflight() == {} and area.used() == (9, 9, 1, 1)
+    drv.q = q
+    for i in range(50):  # and on, round the ring several times
+        assert drv.write(8 * i, bytes([i]) * 4096) == BLK_S_OK
+    assert q.used_wrap == 0 and area.used()[0] == q.last_used
+    g2.close()
+    g.queues.clear()
+    area.close()
+
+
+def test_packed_sigkill_under_load_loses_nothing_acknowledged(tmp_path, sockdir):
+    """Rounds of writes (direct, some split, some indirect) on a packed ring;
+    each round the daemon is SIGKILLed while they run and started again:
+    every write the driver saw completed is on the disk, every other one is
+    completed by the next daemon (redone from the area, or taken from the
+    ring), each exactly once."""
+    devices = [{"name": "d0", "size": "16M", "direct": True}]
+    vd = Vhostd(tmp_path, sockdir, devices)
+    vd.start()
+    rng = random.Random(17)
+    g, area = packed_session(vd)
+    q = g.queue(0, size=QSIZE, arena=8 << 20)
+    outstanding: dict[int, tuple[int, bytes, int]] = {}  # buffer id -> (sector, data, status address)
+    on_disk: dict[int, bytes] = {}
+    sector, redone = 0, 0
+
+    def collect(used) -> None:
+        for u in used:
+            s, data, status = outstanding.pop(u.head)
+            assert q.mem.read(status, 1)[0] == BLK_S_OK and u.length == 1
+            on_disk[s] = data
+
+    try:
+        for _ in range(4):
+            for _ in range(rng.randrange(12, 20)):
+                data = os.urandom(rng.choice([4096, 16384, 65536]))
+                pieces = rng.choice([0, 4096])
+                out = [blk_header(BLK_T_OUT, sector)] + ([data[i : i + pieces] for i in range(0, len(data), pieces)]
+                                                       if pieces else [data])
+                head, bufs = q.add(out, [1], indirect=rng.random() < 0.3, kick=False)
+                q.mem.write(bufs[-1], b"\xee")
+                outstanding[head] = (sector, data, bufs[-1])
+                sector += len(data) // 512
+            q.notify()
+            wait_until(q.has_used, what="a first completion")
+            vd.kill()
+            collect(q.poll_used())
+            redone += len(area.inflight())
+            for s, data in on_disk.items():  # acknowledged: on the disk, whatever happens next
+                assert vd.read_image("d0", s * 512, len(data)) == data
+            os.unlink(vd.socket("d0"))  # stale: the next daemon binds it anew
+            vd.start()
+            g = resume(vd, g, area, q)
+            collect(q.wait_used(len(outstanding), timeout=10))
+            assert area.inflight() == {}
+            time.sleep(0.05)
+            assert q.poll_used() == [] and not q.has_used()  # nothing completed twice
+        for s, data in on_disk.items():
+            assert vd.read_image("d0", s * 512, len(data)) == data
+        print(f"{len(on_disk)} writes, {redone} redone from the inflight area")
+        assert redone, "no write was in flight at any of the kills"
+        g.close(wait=False)  # the killed daemons' sessions never ended in the log
+        area.close()
+    finally:
+        vd.finish()

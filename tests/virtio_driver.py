@@ -127,9 +127,12 @@ class _Ring:
                 pass
 
     # --- set-up over vhost-user
-    def attach(self, fe: Frontend, index: int, enable: bool = True, kick: bool = True) -> None:
+    def attach(self, fe: Frontend, index: int, enable: bool = True, kick: bool = True,
+               base: int | None = None) -> None:
+        """SET_VRING_NUM/BASE/ADDR/CALL/KICK(/ENABLE); base: what SET_VRING_BASE
+        says (default: where the driver will make the next chain available)."""
         fe.set_vring_num(index, self.size)
-        fe.set_vring_base(index, self.ring_base())
+        fe.set_vring_base(index, self.ring_base() if base is None else base)
         fe.set_vring_addr(index, self.uva(self.desc), self.uva(self.used), self.uva(self.avail))
         fe.set_vring_call(index, self.call)
         fe.set_vring_kick(index, self.kick if kick else None)
