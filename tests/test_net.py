@@ -172,9 +172,16 @@ def netns():
     ns.delete()
 
 
-def connect(vd: NetVhostd, name: str, features: int = ALL, pairs: int = 1, **kw) -> tuple[Guest, NetDriver]:
-    g = Guest(vd, name, features=features)
+def connect(vd: NetVhostd, name: str, features: int = ALL, pairs: int = 1, packed: bool = False,
+            **kw) -> tuple[Guest, NetDriver]:
+    """A driver session; packed: on packed virtqueues (VIRTIO_F_RING_PACKED)."""
+    g = Guest(vd, name, features=features, packed=packed)
+    assert g.packed == packed
     return g, NetDriver(g, pairs, **kw)
+
+
+# Tests that run on both ring layouts: split (virtio 1.2 2.7) and packed (2.8).
+layouts = pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 
 
 def assert_same(rx, frame: bytes, hdr: NetHdr | None = None) -> None:
@@ -187,9 +194,10 @@ def assert_same(rx, frame: bytes, hdr: NetHdr | None = None) -> None:
 # ====================================================================== loopback
 
 
-def test_loopback_frames_and_headers_come_back_identical(net_vhostd):
+@layouts
+def test_loopback_frames_and_headers_come_back_identical(net_vhostd, packed):
     vd = net_vhostd([{"name": "lo", "backend": "loopback"}])
-    g, d = connect(vd, "lo")
+    g, d = connect(vd, "lo", packed=packed)
     d.post_rx(32)
     src = mac_bytes(MAC1)
     cases = [
@@ -221,9 +229,10 @@ def test_loopback_frames_and_headers_come_back_identical(net_vhostd):
     g.close()
 
 
-def test_loopback_mergeable_buffers_carry_big_gso_frames(net_vhostd):
+@layouts
+def test_loopback_mergeable_buffers_carry_big_gso_frames(net_vhostd, packed):
     vd = net_vhostd([{"name": "lo", "backend": "loopback"}])
-    g, d = connect(vd, "lo")
+    g, d = connect(vd, "lo", packed=packed)
     assert g.features & bit(F_MRG_RXBUF)
     d.post_rx(64, 1536)
     src, dst = mac_bytes(MAC1), mac_bytes(MAC2)
@@ -253,9 +262,10 @@ def test_loopback_mergeable_buffers_carry_big_gso_frames(net_vhostd):
     g.close()
 
 
-def test_loopback_without_mergeable_buffers(net_vhostd):
+@layouts
+def test_loopback_without_mergeable_buffers(net_vhostd, packed):
     vd = net_vhostd([{"name": "lo", "backend": "loopback", "mtu": 9000}])
-    g, d = connect(vd, "lo", features=ALL & ~bit(F_MRG_RXBUF))
+    g, d = connect(vd, "lo", features=ALL & ~bit(F_MRG_RXBUF), packed=packed)
     assert not g.features & bit(F_MRG_RXBUF) and d.hdr_len == HDR
     src = mac_bytes(MAC1)
     d.post_rx(1, 1536)
@@ -357,9 +367,10 @@ def test_mtu_bounds_non_gso_frames(net_vhostd):
     g.close()
 
 
-def test_loopback_without_rx_buffers_drops_then_recovers(net_vhostd):
+@layouts
+def test_loopback_without_rx_buffers_drops_then_recovers(net_vhostd, packed):
     vd = net_vhostd([{"name": "lo", "backend": "loopback"}])
-    g, d = connect(vd, "lo")
+    g, d = connect(vd, "lo", packed=packed)
     src = mac_bytes(MAC1)
     for i in range(3):
         d.send(frame_to(BROADCAST, src, 100, i))  # tx completes although nothing can receive it
@@ -431,12 +442,13 @@ def test_switch_floods_unknown_and_broadcast_then_learns(net_vhostd):
         g.close()
 
 
-def test_switch_concurrent_senders(net_vhostd):
+@pytest.mark.parametrize("rings", [("split",) * 3, ("packed", "split", "packed")], ids=["split", "mixed"])
+def test_switch_concurrent_senders(net_vhostd, rings):
     """Three ports blast broadcasts at the same time, served by two workers
     that deliver into each other's rx queues: every frame arrives intact at
-    both other ports, nothing deadlocks."""
+    both other ports, nothing deadlocks (also between packed and split rings)."""
     vd = switch_ports(net_vhostd)
-    ports = [connect(vd, n)[1] for n in ("p1", "p2", "p3")]
+    ports = [connect(vd, n, packed=r == "packed")[1] for n, r in zip(("p1", "p2", "p3"), rings)]
     macs = [mac_bytes(m) for m in (MAC1, MAC2, MAC3)]
     per_port = 120
     for d in ports:
@@ -582,9 +594,10 @@ def test_switch_port_disconnect_and_reconnect(net_vhostd):
 # ====================================================================== bad frames
 
 
-def test_malformed_tx_frames_are_dropped_and_counted(net_vhostd):
+@layouts
+def test_malformed_tx_frames_are_dropped_and_counted(net_vhostd, packed):
     vd = net_vhostd([{"name": "lo", "backend": "loopback", "mtu": 65535}])
-    g, d = connect(vd, "lo")
+    g, d = connect(vd, "lo", packed=packed)
     d.post_rx(128)
     src = mac_bytes(MAC1)
     good_n = 0
@@ -623,6 +636,8 @@ def test_malformed_tx_frames_are_dropped_and_counted(net_vhostd):
 
 
 def _bad_chain(q, addr: int, length: int, flags: int) -> int:
+    if q.packed:
+        return q.post([(addr, length, flags)])
     head = q.free.pop()
     q.chains[head] = [head]
     q.write_desc(head, addr, length, flags)
@@ -630,9 +645,10 @@ def _bad_chain(q, addr: int, length: int, flags: int) -> int:
     return head
 
 
-def test_tx_buffer_outside_guest_memory_breaks_only_that_queue(net_vhostd):
+@layouts
+def test_tx_buffer_outside_guest_memory_breaks_only_that_queue(net_vhostd, packed):
     vd = net_vhostd([{"name": "lo", "backend": "loopback"}, {"name": "other", "backend": "loopback"}])
-    g, d = connect(vd, "lo")
+    g, d = connect(vd, "lo", packed=packed)
     go, do = connect(vd, "other")
     d.post_rx(8)
     do.post_rx(8)
@@ -660,7 +676,7 @@ def test_tx_buffer_outside_guest_memory_breaks_only_that_queue(net_vhostd):
     vd.assert_alive()
     # A new session on the broken device starts clean.
     g.close()
-    g, d = connect(vd, "lo")
+    g, d = connect(vd, "lo", packed=packed)
     assert not g.status() & STATUS_NEEDS_RESET
     d.post_rx(4)
     d.send(f)
@@ -669,9 +685,10 @@ def test_tx_buffer_outside_guest_memory_breaks_only_that_queue(net_vhostd):
     go.close()
 
 
-def test_rx_buffer_outside_guest_memory_breaks_the_rx_queue(net_vhostd):
+@layouts
+def test_rx_buffer_outside_guest_memory_breaks_the_rx_queue(net_vhostd, packed):
     vd = net_vhostd([{"name": "lo", "backend": "loopback"}, {"name": "other", "backend": "loopback"}])
-    g, d = connect(vd, "lo")
+    g, d = connect(vd, "lo", packed=packed)
     go, do = connect(vd, "other")
     do.post_rx(4)
     mark = vd.log_mark()
@@ -778,9 +795,10 @@ def test_rx_buffer_without_writable_part_breaks_the_rx_queue(net_vhostd):
 # ====================================================================== control queue
 
 
-def test_control_queue_commands(net_vhostd):
+@layouts
+def test_control_queue_commands(net_vhostd, packed):
     vd = net_vhostd([{"name": "lo", "backend": "loopback", "mac": MAC1}])
-    g, d = connect(vd, "lo")
+    g, d = connect(vd, "lo", packed=packed)
     for f in (F_CTRL_VQ, F_CTRL_RX, F_CTRL_MAC_ADDR, F_GUEST_ANNOUNCE):
         assert g.features & bit(f)
     assert not g.offered & bit(F_MQ)  # one queue pair: no MQ
@@ -839,7 +857,7 @@ def test_control_queue_commands(net_vhostd):
     assert not g.status() & STATUS_NEEDS_RESET
     g.close()
     # A new driver (device reset) sees the configured MAC again.
-    g, d = connect(vd, "lo")
+    g, d = connect(vd, "lo", packed=packed)
     assert g.fe.get_config(0, 6) == mac_bytes(MAC1)
     g.close()
 
@@ -847,9 +865,10 @@ def test_control_queue_commands(net_vhostd):
 # ====================================================================== multiqueue
 
 
-def test_multiqueue_loopback_two_pairs(net_vhostd):
+@layouts
+def test_multiqueue_loopback_two_pairs(net_vhostd, packed):
     vd = net_vhostd([{"name": "mq", "backend": "loopback", "queues": 2}])
-    g, d = connect(vd, "mq", pairs=2)
+    g, d = connect(vd, "mq", pairs=2, packed=packed)
     assert g.features & bit(F_MQ)
     assert g.fe.get_queue_num() == 2
     assert struct.unpack("<H", g.fe.get_config(8, 2))[0] == 2
