@@ -41,6 +41,8 @@ U64 = st.one_of(st.sampled_from([0, 1, 0x1000, 0x10000, 0x200000, 2**32, 2**63, 
                 st.integers(0, 2**64 - 1))
 SMALL = st.one_of(st.integers(0, 4), st.sampled_from([0xFF, 0xFFFF, 2**31, 2**32 - 1]))
 SIZES = st.sampled_from([0, 1, 16, 4096, 0x10000, 0x200000, 0x200001])
+RING = (1 << 32) | (1 << 30) | (1 << 29)  # VERSION_1, PROTOCOL_FEATURES, EVENT_IDX
+PACKED = 1 << 34  # VIRTIO_F_RING_PACKED: the rings started on the fuzzed memory are packed ones
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,9 @@ def payloads(draw, request: int) -> bytes:
         return draw(st.binary(max_size=120))
     r = request
     if r in (Request.SET_VRING_NUM, Request.SET_VRING_BASE, Request.GET_VRING_BASE, Request.SET_VRING_ENABLE):
-        return VringState(draw(SMALL), draw(st.one_of(st.sampled_from([0, 1, 2, 128, 256, 1024, 1025]),
+        # split: a 16-bit index; packed: position | wrap << 15, used half in bits 16-31
+        return VringState(draw(SMALL), draw(st.one_of(st.sampled_from([0, 1, 2, 128, 256, 1024, 1025, 0x8000, 0x8001,
+                                                                       0x7FFF, 0x80008000, 0x00058005, 0xFFFF8000]),
                                                       st.integers(0, 2**32 - 1)))).pack()
     if r == Request.SET_VRING_ADDR:
         return VringAddr(draw(SMALL), draw(st.integers(0, 3)), draw(U64), draw(U64), draw(U64), draw(U64)).pack()
@@ -116,7 +120,8 @@ def sessions(draw):
     steps = []
     if draw(st.booleans()):
         steps += [(Request.SET_OWNER, b"", []), (Request.SET_PROTOCOL_FEATURES, pack_u64(draw(U64)), []),
-                  (Request.SET_FEATURES, pack_u64(draw(st.sampled_from([0, (1 << 32) | (1 << 30) | (1 << 29)]))), [])]
+                  (Request.SET_FEATURES, pack_u64(draw(st.sampled_from([0, RING, RING | PACKED | (1 << 28)]))),
+                   [])]
         size = draw(st.sampled_from([0x10000, 0x200000]))
         steps.append((Request.SET_MEM_TABLE, pack_memory_table([MemoryRegion(0, size, 0x7F0000000000, 0)]),
                       [("memfd", draw(st.sampled_from([size, size // 2, 0])))]))
