@@ -9,9 +9,10 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
-# Reinstall when the sources of the native module or the metadata changed.
+# Reinstall when the sources of the native modules (the load generator's
+# include the guest programs' virtqueue) or the metadata changed.
 stamp="$VENV/.vhostd-installed${1:-}"
-if [ ! -f "$stamp" ] || [ -n "$(find "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/vhostd/native" "$ROOT/vhostd/loadgen" "$ROOT/vhostd/vmm/vcpu.c" "$ROOT/vhostd/vmm/vcpu.h" -newer "$stamp" -print -quit)" ] \
+if [ ! -f "$stamp" ] || [ -n "$(find "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/vhostd/native" "$ROOT/vhostd/loadgen" "$ROOT/vhostd/vmm/vcpu.c" "$ROOT/vhostd/vmm/vcpu.h" "$ROOT/guest-drivers/lib/virtq.c" "$ROOT/guest-drivers/lib/virtq.h" "$ROOT/guest-drivers/lib/virtq_port.h" -newer "$stamp" -print -quit)" ] \
    || ! "$VENV/bin/python" -c 'import vhostd._native, vhostd._loadgen, vhostd._vcpu' 2>/dev/null; then
     "$VENV/bin/python" -m pip install -q -e "$ROOT${1:-}"
     touch "$stamp"

@@ -236,7 +236,7 @@ def cmd_bench_blk(args) -> int:
         os.sched_setaffinity(0, {args.cpu})
     try:
         result = run_blk(args.socket, args.rw, bs=args.bs, iodepth=args.iodepth, queues=args.queues,
-                         seconds=args.seconds, poll=args.poll, dirty_log=args.dirty_log)
+                         seconds=args.seconds, poll=args.poll, dirty_log=args.dirty_log, packed=args.packed)
     except BenchError as exc:
         print(f"vhostd bench blk: {exc}", file=sys.stderr)
         return 1
@@ -308,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", type=int, help="pin the load generator to this CPU")
     p.add_argument("--dirty-log", action="store_true",
                    help="log dirty pages as during a live migration (what logging costs the back-end)")
+    p.add_argument("--packed", action="store_true",
+                   help="use packed virtqueues (VIRTIO_F_RING_PACKED) instead of split ones; "
+                        "refused if the back-end does not offer them")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_bench_blk)
 

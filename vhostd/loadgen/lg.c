@@ -1,27 +1,29 @@
-/* The driver side of virtio-blk split queues, for `vhostd bench blk`.
+/* The driver side of virtio-blk queues, split or packed, for `vhostd bench
+ * blk`.
  *
  * One thread (the caller's, GIL released by cffi) keeps `iodepth` requests
- * in flight on every queue: each slot is a fixed 3-descriptor chain (header,
- * data, status) so a completion only needs a new offset and an avail entry.
- * Notifications follow the spec both ways (EVENT_IDX or the flags), so the
- * back-end sees what a guest driver would make it see.
+ * in flight on every queue.  The rings are guest-drivers/lib/virtq.c, the
+ * guest programs' own virtqueue built here with -DVIRTQ_LIBC: each request
+ * is a 3-descriptor chain (header, data, status) of its fixed slot, added
+ * again when it completes, and everything the back-end hands back is
+ * checked before use.  Notifications follow the spec both ways (EVENT_IDX,
+ * the flags, or the packed event areas), so the back-end sees what a guest
+ * driver would make it see.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "lg.h"
+#include "virtq.h"
 
 #define VIRTIO_BLK_T_IN 0
 #define VIRTIO_BLK_T_OUT 1
-#define DESC_F_NEXT 1
-#define DESC_F_WRITE 2
-#define AVAIL_F_NO_INTERRUPT 1
-#define USED_F_NO_NOTIFY 1
 #define SLOT_BYTES 32
 #define STATUS_AT 16
 #define MAX_QUEUES 64
@@ -55,7 +57,8 @@ static double bucket_mid(unsigned b)
 
 struct q {
     struct lg_queue *l;
-    uint16_t avail_idx, last_used, kicked_at;
+    struct virtq vq;
+    void *state;             /* the queue's private state (virtq_sizes) */
     uint64_t cursor, rng;
     uint64_t *submitted;     /* per slot: submit time (ns) */
     uint32_t inflight;
@@ -68,9 +71,6 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-static inline uint16_t rd16(const void *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE); }
-static inline void wr16(void *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE); }
-
 static inline uint64_t xorshift(uint64_t *s)
 {
     uint64_t x = *s;
@@ -80,25 +80,23 @@ static inline uint64_t xorshift(uint64_t *s)
     return *s = x;
 }
 
-static void put_desc(struct q *q, unsigned i, uint64_t addr, uint32_t len, uint16_t flags, uint16_t next)
+static int setup_queue(struct q *q, const struct lg_params *p, int index, struct lg_result *r)
 {
-    uint8_t *d = q->l->desc + 16 * i;
-    memcpy(d, &addr, 8);
-    memcpy(d + 8, &len, 4);
-    memcpy(d + 12, &flags, 2);
-    memcpy(d + 14, &next, 2);
-}
-
-/* The fixed chains: slot s owns descriptors 3s, 3s+1, 3s+2. */
-static void build_chains(struct q *q, const struct lg_params *p)
-{
-    for (uint32_t s = 0; s < p->iodepth; s++) {
-        unsigned d = 3 * s;
-        put_desc(q, d, q->l->slots_gpa + SLOT_BYTES * s, 16, DESC_F_NEXT, d + 1);
-        put_desc(q, d + 1, q->l->data_gpa + (uint64_t)p->bs * s, p->bs, DESC_F_NEXT | (p->write ? 0 : DESC_F_WRITE),
-                 d + 2);
-        put_desc(q, d + 2, q->l->slots_gpa + SLOT_BYTES * s + STATUS_AT, 1, DESC_F_WRITE, 0);
+    struct lg_queue *l = q->l;
+    struct virtq_sizes sz;
+    virtq_sizes(l->num, p->packed, 0, &sz);
+    q->state = calloc(1, sz.state);
+    q->submitted = calloc(p->iodepth, sizeof(uint64_t));
+    if (!q->state || !q->submitted)
+        return -ENOMEM;
+    struct virtq_mem m = {.desc = l->desc, .desc_gpa = l->desc_gpa, .driver = l->avail, .driver_gpa = l->avail_gpa,
+                          .device = l->used, .device_gpa = l->used_gpa, .state = q->state};
+    unsigned flags = (p->packed ? VIRTQ_F_PACKED : 0) | (p->event_idx ? VIRTQ_F_EVENT_IDX : 0);
+    if (virtq_init(&q->vq, (uint16_t)index, l->num, flags, 0, &m) < 0) {
+        snprintf(r->error, sizeof(r->error), "%s", q->vq.error);
+        return -EINVAL;
     }
+    return 0;
 }
 
 static uint64_t next_offset(struct q *q, const struct lg_params *p)
@@ -111,8 +109,8 @@ static uint64_t next_offset(struct q *q, const struct lg_params *p)
     return off;
 }
 
-/* Fill slot s with a new request and put it on the avail ring (not yet published). */
-static void submit(struct q *q, const struct lg_params *p, uint32_t s, uint64_t t)
+/* Fill slot s with a new request and add its chain (not yet published). */
+static int submit(struct q *q, const struct lg_params *p, uint32_t s, uint64_t t)
 {
     uint8_t *hdr = q->l->slots + SLOT_BYTES * s;
     uint32_t type = p->write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN, ioprio = 0;
@@ -130,62 +128,35 @@ static void submit(struct q *q, const struct lg_params *p, uint32_t s, uint64_t 
             memcpy(data + o + 8, &where, 8);
         }
     }
-    uint16_t head = (uint16_t)(3 * s);
-    memcpy(q->l->avail + 4 + 2 * (q->avail_idx % q->l->num), &head, 2);
-    q->avail_idx++;
+    uint64_t slot = q->l->slots_gpa + SLOT_BYTES * s;
+    struct vq_buf b[3] = {{slot, 16}, {q->l->data_gpa + (uint64_t)p->bs * s, p->bs}, {slot + STATUS_AT, 1}};
+    int n_out = p->write ? 2 : 1;
+    if (virtq_add(&q->vq, b, n_out, 3 - n_out, (void *)(uintptr_t)(s + 1)) < 0)
+        return -1; /* the ring holds iodepth chains: only when it broke */
     q->submitted[s] = t;
     q->inflight++;
+    return 0;
 }
 
-static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
+/* Publish the new chains and kick if the back-end asked for it. */
+static void publish(struct q *q, struct lg_result *r)
 {
-    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
-}
-
-/* Publish the new avail entries and kick if the back-end asked for it. */
-static void publish(struct q *q, const struct lg_params *p, struct lg_result *r)
-{
-    uint16_t old = rd16(q->l->avail + 2);
-    if (old == q->avail_idx)
-        return;
-    wr16(q->l->avail + 2, q->avail_idx);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* idx before reading the back-end's suppression state */
-    int kick;
-    if (p->event_idx)
-        kick = need_event(rd16(q->l->used + 4 + 8 * q->l->num), q->avail_idx, old);
-    else
-        kick = !(rd16(q->l->used) & USED_F_NO_NOTIFY);
-    if (kick) {
+    if (virtq_kick_prepare(&q->vq)) {
         uint64_t one = 1;
         if (write(q->l->kick_fd, &one, 8) == 8)
             r->kicks++;
     }
 }
 
-/* Ask for (or refuse) a call for the next completion. */
-static void want_interrupt(struct q *q, const struct lg_params *p, int on)
+/* Take completions; resubmit each slot unless stopping.  Returns how many,
+ * or -1 when the back-end broke the ring. */
+static int reap(struct q *q, const struct lg_params *p, struct lg_result *r, uint64_t *hist, int resubmit)
 {
-    if (p->event_idx)
-        wr16(q->l->avail + 4 + 2 * q->l->num, on ? q->last_used : (uint16_t)(q->last_used - 1));
-    else
-        wr16(q->l->avail, on ? 0 : AVAIL_F_NO_INTERRUPT);
-}
-
-/* Take completions; resubmit each slot unless stopping.  Returns how many. */
-static unsigned reap(struct q *q, const struct lg_params *p, struct lg_result *r, uint64_t *hist, int resubmit)
-{
-    uint16_t used_idx = rd16(q->l->used + 2);
-    unsigned n = 0;
+    int n = 0, got;
     uint64_t t = 0;
-    while (q->last_used != used_idx) {
-        uint32_t id;
-        memcpy(&id, q->l->used + 4 + 8 * (q->last_used % q->l->num), 4);
-        q->last_used++;
-        uint32_t s = id / 3;
-        if (id % 3 || s >= p->iodepth) { /* a back-end bug; count it and lose the slot */
-            r->errors++;
-            continue;
-        }
+    void *cookie;
+    while ((got = virtq_poll(&q->vq, &cookie, NULL)) == 1) {
+        uint32_t s = (uint32_t)((uintptr_t)cookie - 1); /* ours: the queue checked the id */
         if (!t)
             t = now_ns();
         hist[bucket_of(t - q->submitted[s])]++;
@@ -195,10 +166,10 @@ static unsigned reap(struct q *q, const struct lg_params *p, struct lg_result *r
         r->bytes += p->bs;
         q->inflight--;
         n++;
-        if (resubmit)
-            submit(q, p, s, t);
+        if (resubmit && submit(q, p, s, t) < 0)
+            return -1;
     }
-    return n;
+    return got < 0 ? -1 : n;
 }
 
 static void wait_calls(struct q *qs, int nq)
@@ -221,38 +192,44 @@ int lg_run(const struct lg_params *p, struct lg_queue *lqs, int nq, struct lg_re
     if (nq < 1 || nq > MAX_QUEUES || p->bs == 0 || p->bs % 512 || p->capacity < p->bs || p->iodepth == 0)
         return -EINVAL;
     struct q qs[MAX_QUEUES];
+    memset(qs, 0, sizeof(qs[0]) * nq);
     uint64_t *hist = calloc(NBUCKETS, sizeof(uint64_t));
     if (!hist)
         return -ENOMEM;
     int rc = 0;
     for (int i = 0; i < nq; i++) {
+        qs[i].l = &lqs[i];
+        qs[i].rng = p->seed * 2654435761u + i + 1;
+        qs[i].cursor = p->capacity / p->bs / nq * i * p->bs;
         if (3u * p->iodepth > lqs[i].num) {
             rc = -EINVAL;
-            nq = i;
             goto out;
         }
-        qs[i] = (struct q){.l = &lqs[i], .rng = p->seed * 2654435761u + i + 1,
-                           .cursor = p->capacity / p->bs / nq * i * p->bs};
-        qs[i].submitted = calloc(p->iodepth, sizeof(uint64_t));
-        if (!qs[i].submitted) {
-            rc = -ENOMEM;
-            nq = i;
+        rc = setup_queue(&qs[i], p, i, r);
+        if (rc)
             goto out;
-        }
-        build_chains(&qs[i], p);
     }
     uint64_t start = now_ns(), deadline = start + (uint64_t)(p->seconds * 1e9);
     for (int i = 0; i < nq; i++) {
-        want_interrupt(&qs[i], p, !p->poll);
+        if (p->poll)
+            virtq_disable_intr(&qs[i].vq);
+        else
+            virtq_enable_intr(&qs[i].vq);
         for (uint32_t s = 0; s < p->iodepth; s++)
             submit(&qs[i], p, s, start);
-        publish(&qs[i], p, r);
+        publish(&qs[i], r);
     }
+    int broken = -1; /* the queue that broke */
     for (;;) {
         unsigned got = 0;
         for (int i = 0; i < nq; i++) {
-            got += reap(&qs[i], p, r, hist, 1);
-            publish(&qs[i], p, r);
+            int n = reap(&qs[i], p, r, hist, 1);
+            if (n < 0) {
+                broken = i;
+                goto stop;
+            }
+            got += (unsigned)n;
+            publish(&qs[i], r);
         }
         if (got == 0 && now_ns() >= deadline)
             break;
@@ -262,12 +239,9 @@ int lg_run(const struct lg_params *p, struct lg_queue *lqs, int nq, struct lg_re
             break;
         /* Nothing done: ask for a call, look once more (the back-end may
          * have completed in between), then sleep until it comes. */
-        for (int i = 0; i < nq; i++)
-            want_interrupt(&qs[i], p, 1);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
         int ready = 0;
         for (int i = 0; i < nq; i++)
-            ready |= rd16(qs[i].l->used + 2) != qs[i].last_used;
+            ready |= virtq_enable_intr(&qs[i].vq);
         if (!ready) {
             r->waits++;
             wait_calls(qs, nq);
@@ -280,7 +254,12 @@ int lg_run(const struct lg_params *p, struct lg_queue *lqs, int nq, struct lg_re
     r->drained = 1;
     for (int i = 0; i < nq; i++) {
         while (qs[i].inflight) {
-            if (!reap(&qs[i], p, r, hist, 0)) {
+            int n = reap(&qs[i], p, r, hist, 0);
+            if (n < 0) {
+                broken = i;
+                break;
+            }
+            if (!n) {
                 if (now_ns() > drain_end) {
                     r->drained = 0;
                     break;
@@ -291,6 +270,14 @@ int lg_run(const struct lg_params *p, struct lg_queue *lqs, int nq, struct lg_re
     }
     r->ios = ios;
     r->bytes = bytes;
+stop:
+    if (broken >= 0) {
+        if (!r->elapsed)
+            r->elapsed = (now_ns() - start) / 1e9;
+        r->drained = 0;
+        snprintf(r->error, sizeof(r->error), "%s", qs[broken].vq.error);
+        rc = -EPROTO;
+    }
 out:
     if (r->ios || r->drained) {
         uint64_t total = 0, seen = 0;
@@ -307,8 +294,10 @@ out:
                 r->max_us = bucket_mid(b) / 1000.0;
         }
     }
-    for (int i = 0; i < nq; i++)
+    for (int i = 0; i < nq; i++) {
         free(qs[i].submitted);
+        free(qs[i].state);
+    }
     free(hist);
     return rc;
 }

@@ -1,9 +1,10 @@
 """cffi build script for the C modules: the native data plane
-(`vhostd._native`), and two small single-file ones, the load generator's
-ring loop (`vhostd._loadgen`, vhostd/loadgen/lg.c: the driver side of the
-rings, sharing no code with the back-end on purpose) and the VMM's vCPU exit
-loop (`vhostd._vcpu`, vhostd/vmm/vcpu.c: `vm run` loads it without the data
-plane's libraries).
+(`vhostd._native`), and two small ones, the load generator's ring loop
+(`vhostd._loadgen`: vhostd/loadgen/lg.c on the guest programs' virtqueue,
+guest-drivers/lib/virtq.c built with -DVIRTQ_LIBC, the driver side of split
+and packed rings, sharing no code with the back-end on purpose) and the
+VMM's vCPU exit loop (`vhostd._vcpu`, vhostd/vmm/vcpu.c: `vm run` loads it
+without the data plane's libraries).
 
 Compiles with io_uring support when liburing's headers are installed
 (Debian: liburing-dev), with the NBD store when libnbd's are (libnbd-dev)
@@ -72,18 +73,28 @@ def make_builder(absolute_paths: bool) -> FFI:
     return ffi
 
 
+ROOT = HERE.parent.parent
+# More C a small module compiles: (sources, include dirs, macros), from the repository root.
+GUEST_LIB = Path("guest-drivers/lib")
+SMALL_EXTRAS = {"_loadgen": ([GUEST_LIB / "virtq.c"], [GUEST_LIB], [("VIRTQ_LIBC", "1")])}
+
+
 def single_file_builder(module: str, folder: str, name: str, absolute_paths: bool) -> FFI:
-    """vhostd.<module> from vhostd/<folder>/<name>.c, declared by <name>.h."""
+    """vhostd.<module> from vhostd/<folder>/<name>.c, declared by <name>.h
+    (plus what SMALL_EXTRAS adds)."""
     where = HERE.parent / folder
     ffi = FFI()
     lines = (where / f"{name}.h").read_text().splitlines()
     ffi.cdef("\n".join(line for line in lines if not line.lstrip().startswith("#")))
-    src = where / f"{name}.c"
+    extra_sources, extra_includes, macros = SMALL_EXTRAS.get(module, ([], [], []))
+    # setuptools wants sources relative to setup.py; an in-place build compiles elsewhere.
+    sources = [where / f"{name}.c", *(ROOT / s for s in extra_sources)]
     ffi.set_source(
         f"vhostd.{module}",
         f'#include "{name}.h"\n',
-        sources=[str(src) if absolute_paths else str(src.relative_to(HERE.parent.parent))],
-        include_dirs=[str(where)],
+        sources=[str(s) if absolute_paths else str(s.relative_to(ROOT)) for s in sources],
+        include_dirs=[str(where), *(str(ROOT / d) for d in extra_includes)],
+        define_macros=macros,
         extra_compile_args=["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                             "-fvisibility=hidden"],
         extra_link_args=["-pthread"],
