@@ -338,8 +338,11 @@ u16 virtq_used_idx(const struct virtq *q)
     return READ_ONCE(q->used->idx);
 }
 
-/* Checks common to both layouts of a used entry naming `id` with `len`. */
-static int check_used(struct virtq *q, u32 id, u32 len, const char *where, u32 at)
+/* Checks common to both layouts of a used entry naming `id` with `*len`.
+ * A chain with no device-writable buffer has nothing to report a length
+ * of: some devices (DPDK's vhost on packed rings) put the bytes they read
+ * there, so it is ignored (reported as 0) rather than refused. */
+static int check_used(struct virtq *q, u32 id, u32 *len, const char *where, u32 at)
 {
     if (id >= q->size || !q->busy[id])
         return fail(q, "used %s %u names %s %u, which is not in flight", where, at, q->packed ? "buffer id" : "head",
@@ -347,9 +350,13 @@ static int check_used(struct virtq *q, u32 id, u32 len, const char *where, u32 a
     if ((int32_t)(q->pub_seq - q->seq[id]) <= 0)
         return fail(q, "used %s %u names %s %u, which was never made available", where, at,
                     q->packed ? "buffer id" : "head", id);
-    if (len > q->in_len[id])
-        return fail(q, "used %s %u: %u bytes written into a buffer of %u writable bytes", where, at, len,
-                    q->in_len[id]);
+    if (*len > q->in_len[id]) {
+        if (q->in_len[id])
+            return fail(q, "used %s %u: %u bytes written into a buffer of %u writable bytes", where, at, *len,
+                        q->in_len[id]);
+        q->stat_len_ignored++;
+        *len = 0;
+    }
     return 0;
 }
 
@@ -385,7 +392,7 @@ static int poll_split(struct virtq *q, void **cookie, u32 *len)
     vq_rmb(); /* the index before the entry */
     const struct vring_used_elem *e = &q->used->ring[q->last_used & (q->size - 1)];
     u32 id = READ_ONCE(e->id), l = READ_ONCE(e->len);
-    if (check_used(q, id, l, "entry", q->last_used) < 0)
+    if (check_used(q, id, &l, "entry", q->last_used) < 0)
         return -1;
     release(q, (u16)id, cookie);
     q->last_used++;
@@ -405,7 +412,7 @@ static int poll_packed(struct virtq *q, void **cookie, u32 *len)
         return fail(q, "used descriptor at position %u with nothing in flight", q->last_used);
     vq_rmb(); /* the flags before the rest */
     u32 id = READ_ONCE(d->id), l = READ_ONCE(d->len);
-    if (check_used(q, id, l, "descriptor at position", q->last_used) < 0)
+    if (check_used(q, id, &l, "descriptor at position", q->last_used) < 0)
         return -1;
     u32 next = q->last_used + q->ndesc[id];
     if (next >= q->size) {

@@ -158,6 +158,7 @@ struct virtq {
     int broken;       /* the device returned something impossible */
     char error[128];  /* what, for messages */
     u64 stat_adds, stat_kicks, stat_kicks_skipped, stat_completions;
+    u64 stat_len_ignored; /* used lengths of chains with nothing writable (reported as 0) */
 };
 
 /* What a queue of `size` entries needs (size: split a power of two,
@@ -185,7 +186,10 @@ int virtq_kick_prepare(struct virtq *q);
 int virtq_descs_needed(const struct virtq *q, int n);
 static inline int virtq_has_room(const struct virtq *q, int n) { return q->num_free >= virtq_descs_needed(q, n); }
 /* One completion: returns 1 and fills cookie/len, 0 if none, -1 if the
- * device returned an impossible entry (the queue is then broken). */
+ * device returned an impossible entry (the queue is then broken): an id out
+ * of range, not in flight or never published, a length beyond the chain's
+ * writable bytes (a chain without any gets len 0 whatever the device said),
+ * a split used index beyond what is in flight. */
 int virtq_poll(struct virtq *q, void **cookie, u32 *len);
 /* A used entry is waiting (without taking it). */
 int virtq_has_used(const struct virtq *q);

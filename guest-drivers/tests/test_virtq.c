@@ -443,6 +443,22 @@ static void run(u16 size, unsigned flags, u16 indirect_max, unsigned long ops, u
 
     if (q.size < 4)
         goto done;
+    /* a chain with nothing device-writable: whatever length the device
+     * reports is ignored, not refused */
+    while (tok_n(token) != 1 || tok_out(token) != 1)
+        token++;
+    struct vq_buf rb = {tok_addr(token, 0), tok_len(token, 0)};
+    CHECK(virtq_add(&q, &rb, 1, 0, (void *)3) >= 0, "add");
+    virtq_publish(&q);
+    take_all(&v);
+    CHECK(v.nheld == 1 && v.held[0].len == 0, "the device has the read-only chain");
+    v.held[0].len = 72;
+    complete(&v, 1);
+    void *ck;
+    u32 l = 99;
+    CHECK(virtq_poll(&q, &ck, &l) == 1 && ck == (void *)3 && l == 0 && q.stat_len_ignored == 1,
+          "read-only chain: len %u, %s", l, q.error);
+    token++;
     /* impossible used entries are caught */
     printf("test-virtq: bad used entries follow; the driver must complain about each:\n");
     fflush(stdout);
