@@ -21,6 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from conftest import Guest, Vhostd, wait_until
 from test_inflight import Area, reconnect
 from vhostd.control import request as control
@@ -203,6 +205,35 @@ def test_get_vring_base_is_answered_once_the_requests_in_flight_are_done(vhostd_
     done = drv.q.poll_used()
     assert len(done) == 4  # every request before the base is complete
     g.close()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_get_vring_base_answers_with_the_last_completion_visible(vhostd_factory, hanging_disk, packed):
+    """The completion that drains a queue wakes GET_VRING_BASE while its
+    worker is still busy with other completions of the same round (here 32
+    bounced 1 MiB reads on the device's other queue, one worker): the answer
+    must wait for nothing, but that completion must be visible to the driver
+    by then (split: the used index; packed: its used descriptor's flags), or
+    it is lost to the next session."""
+    vd = start(vhostd_factory, [hang_device(hanging_disk, queues=2)], workers=1)
+    for _ in range(4):
+        g = vd.connect("hang", packed=packed, mem_size=64 << 20)
+        d0, d1 = g.blk(0, size=64), g.blk(1, size=128, arena=40 << 20)
+        hanging_disk.pause()
+        head, _, _ = d0.submit(BLK_T_IN, 8, in_len=4096)
+        wait_until(lambda: pending(vd, "hang") == 1, what="the read pending")
+        for i in range(32):
+            d1.q._arena_next += 8  # buffers O_DIRECT cannot take: bounced, copied at completion
+            d1.submit(BLK_T_IN, 2048 * i, in_len=1 << 20, indirect=True)
+        wait_until(lambda: pending(vd, "hang", 1) == 16, what="the big reads pending")  # 16 MiB of bounce buffers
+        resume = threading.Timer(0.05, hanging_disk.resume)
+        resume.start()
+        base = g.fe.get_vring_base(0)
+        resume.join()
+        assert base == (3 | 1 << 15 | 3 << 16 | 1 << 31 if packed else 1)
+        assert [u.head for u in d0.q.poll_used()] == [head], "GET_VRING_BASE answered before the completion was visible"
+        assert len(d1.q.wait_used(32, timeout=10)) == 32
+        g.close()
 
 
 def test_reset_device_waits_for_the_requests_in_flight(vhostd_factory, hanging_disk):

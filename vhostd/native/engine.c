@@ -849,6 +849,14 @@ uint32_t vd_queue_pending(vd_device *d, int i)
 int vd_queue_get_base(vd_device *d, int i, uint32_t *base, char *err, size_t errlen)
 {
     QUEUE_OR_FAIL(q, d, i);
+    /* The completions that drained the queue may not be visible yet: their
+     * worker publishes them after its reap round, which can end after this
+     * call (their draining woke the control plane).  The front-end resumes
+     * from the base returned here, so publish them before the queue stops. */
+    pthread_mutex_lock(&q->lock);
+    if (q->started && !q->broken && q->dirty)
+        vd_run_guarded(q, publish, q);
+    pthread_mutex_unlock(&q->lock);
     queue_stop(q);
     close_fd(&q->kick_fd);
     if (q->packed)
