@@ -2,7 +2,11 @@
  * rings.  See virtq.h. */
 #include "virtq.h"
 
-#define EVENT_SPACE 0x8000 /* split, EVENT_IDX: used_event kept this far ahead while polling */
+/* split, EVENT_IDX, polling: used_event is put this far ahead of the used
+ * index, and moved again once it is less than EVENT_MIN ahead (a write every
+ * 0x4000 completions rather than every one) */
+#define EVENT_SPACE 0x8000
+#define EVENT_MIN 0x4000
 
 /* split, EVENT_IDX: the slots after the two rings (2.7.10) */
 static inline u16 *used_event_slot(struct virtq *q)
@@ -396,8 +400,10 @@ static int poll_split(struct virtq *q, void **cookie, u32 *len)
         return -1;
     release(q, (u16)id, cookie);
     q->last_used++;
-    if (q->event_idx && !q->intr)
-        WRITE_ONCE(*used_event_slot(q), (u16)(q->last_used + EVENT_SPACE));
+    if (q->event_idx && !q->intr && (u16)(q->used_event - q->last_used) < EVENT_MIN) {
+        q->used_event = (u16)(q->last_used + EVENT_SPACE);
+        WRITE_ONCE(*used_event_slot(q), q->used_event);
+    }
     if (len)
         *len = l;
     return 1;
@@ -449,7 +455,8 @@ int virtq_enable_intr(struct virtq *q)
             WRITE_ONCE(q->driver_event->flags, VRING_EVENT_F_ENABLE);
         }
     } else if (q->event_idx) {
-        WRITE_ONCE(*used_event_slot(q), q->last_used);
+        q->used_event = q->last_used;
+        WRITE_ONCE(*used_event_slot(q), q->used_event);
     } else {
         WRITE_ONCE(q->avail->flags, 0);
     }
@@ -462,8 +469,10 @@ void virtq_disable_intr(struct virtq *q)
     q->intr = 0;
     if (q->packed)
         WRITE_ONCE(q->driver_event->flags, VRING_EVENT_F_DISABLE);
-    else if (q->event_idx) /* no flag with EVENT_IDX: used_event half the index space ahead (kept by poll) */
-        WRITE_ONCE(*used_event_slot(q), (u16)(q->last_used + EVENT_SPACE));
+    else if (q->event_idx) { /* no flag with EVENT_IDX: used_event far ahead (kept so by poll) */
+        q->used_event = (u16)(q->last_used + EVENT_SPACE);
+        WRITE_ONCE(*used_event_slot(q), q->used_event);
+    }
     else
         WRITE_ONCE(q->avail->flags, VRING_AVAIL_F_NO_INTERRUPT);
 }

@@ -145,6 +145,7 @@ struct virtq {
     u16 inflight;            /* chains added and not yet used */
     u32 add_seq, pub_seq;    /* chains added / published so far */
     int intr;                /* used-buffer notifications asked for (virtq_enable_intr) */
+    u16 used_event;          /* split, EVENT_IDX: what we last wrote there */
 
     /* per id (size entries each), in state memory */
     u16 *links;
