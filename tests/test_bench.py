@@ -71,6 +71,7 @@ def test_packed_rings_against_vhostd(vhostd_factory):
     assert sectors_written(vd.image("d0").read_bytes()) > 100
     ok_line(bench(vd.socket("d0"), "--packed", "--rw", "read", "--iodepth", "32"))  # 96 descriptors of 128: wraps
     ok_line(bench(vd.socket("d0"), "--packed", "--poll", "--iodepth", "1"))
+    ok_line(bench(vd.socket("d0"), "--packed", "--dirty-log", "--rw", "write"))
     out = bench(vd.socket("d0"), "--packed", "--json", "--rw", "randread", "--bs", "65536")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)

@@ -355,18 +355,23 @@ static void iov_copy_to(const struct iov *v, int n, uint64_t off, const uint8_t 
     }
 }
 
-static void push_used(struct fq *q, const struct chain *c, uint32_t len)
+/* A chain taken and not yet used: what push_used needs of it. */
+struct taken {
+    uint16_t id, ndesc;
+};
+
+static void push_used(struct fq *q, struct taken c, uint32_t len)
 {
     q->used_idx++;
     if (!q->packed) {
         uint32_t *e = used_ring(q) + 2 * ((uint16_t)(q->used_idx - 1) % q->num);
-        e[0] = c->head;
+        e[0] = c.id;
         e[1] = len;
         return;
     }
     struct pdesc *e = &pring(q)[q->used_pos];
     uint16_t flags = q->used_wrap ? (P_AVAIL | P_USED) : 0;
-    e->id = c->head;
+    e->id = c.id;
     e->len = len;
     if (!q->batch_open) { /* written last, by publish_used: the whole batch at once (2.8.21.1) */
         q->batch_open = 1;
@@ -375,8 +380,8 @@ static void push_used(struct fq *q, const struct chain *c, uint32_t len)
     } else {
         store16(&e->flags, flags);
     }
-    q->id_busy[c->head] = 0;
-    uint32_t next = q->used_pos + c->ndesc;
+    q->id_busy[c.id] = 0;
+    uint32_t next = q->used_pos + c.ndesc;
     if (next >= q->num) {
         next -= q->num;
         q->used_wrap ^= 1;
@@ -630,7 +635,7 @@ static void net_deliver(struct fdev *d, const uint8_t *frame, uint32_t len)
     int mrg = (d->feat & d->drv_feat & (1ull << 15)) != 0;
     uint8_t hdr[12] = {0};
     uint64_t total = 12 + len, done = 0;
-    struct chain bufs[64]; /* only head and ndesc are kept */
+    struct taken bufs[64];
     uint16_t ids[64];
     uint32_t lens[64];
     int nb = 0;
@@ -645,7 +650,7 @@ static void net_deliver(struct fdev *d, const uint8_t *frame, uint32_t len)
             return;
         if (got == 0)
             goto drop;
-        bufs[nb] = (struct chain){.head = c.head, .ndesc = c.ndesc};
+        bufs[nb] = (struct taken){c.head, c.ndesc};
         ids[nb] = c.head;
         if (c.nout) {
             violation(d, q, "rx buffer with device-readable descriptors");
@@ -679,7 +684,7 @@ static void net_deliver(struct fdev *d, const uint8_t *frame, uint32_t len)
         nbuf_at[1] = (uint8_t)(nb >> 8);
     }
     for (int i = 0; i < nb; i++)
-        push_used(q, &bufs[i], lens[i]);
+        push_used(q, bufs[i], lens[i]);
     publish_used(d, q);
     d->rx_frames++;
     return;
@@ -741,7 +746,7 @@ static void service_queue(struct fdev *d, struct fq *q)
 {
     want_kicks(d, q, 0);
     for (;;) {
-        static struct chain batch[1024]; /* only head and ndesc are kept (one device thread) */
+        struct taken batch[1024];
         uint32_t lens[1024];
         int n = 0, got = 0;
         struct chain *c = malloc(sizeof(*c));
@@ -754,7 +759,7 @@ static void service_queue(struct fdev *d, struct fq *q)
                 net_tx_chain(d, q, c);
             if (q->broken)
                 break;
-            batch[n] = (struct chain){.head = c->head, .ndesc = c->ndesc};
+            batch[n] = (struct taken){c->head, c->ndesc};
             lens[n++] = used;
         }
         free(c);
@@ -763,7 +768,7 @@ static void service_queue(struct fdev *d, struct fq *q)
         if (n) {
             for (int i = 0; i < n; i++) {
                 int k = opts.reorder && d->id == 2 ? n - 1 - i : i;
-                push_used(q, &batch[k], lens[k]);
+                push_used(q, batch[k], lens[k]);
             }
             publish_used(d, q);
         }
