@@ -121,6 +121,31 @@ def test_writes_mark_only_their_status_byte_and_the_used_ring(vhostd_factory, lo
     g.close()
 
 
+def test_packed_rings_mark_the_descriptors_they_write(vhostd_factory, log):
+    """A packed ring has no used ring: the device writes its used descriptors
+    into the descriptor ring (and kick suppression into its event area), and
+    those pages are what the log must show, with the data and status bytes."""
+    vd = vhostd_factory([{"name": "d0", "size": "4M", "queue_size": 1024}])
+    g = vd.connect("d0", features=(1 << 64) - 1 - (1 << F_LOG_ALL), packed=True)
+    drv = g.blk(0, size=1024)  # a 16 KiB descriptor ring: four pages
+    q = drv.q
+    assert q.packed
+    data = os.urandom(3 * PAGE)
+    for i in range(100):  # the used position into the ring's second page
+        assert drv.write(8, data) == BLK_S_OK
+    start_logging(g, log, [q])
+    pos = q.next_avail
+    head, bufs, lens = drv.submit(BLK_T_IN, 8, in_len=len(data))
+    q.wait_used(1)
+    assert g.mem.read(bufs[0], len(data)) == data and g.mem.read(bufs[1], 1)[0] == BLK_S_OK
+    written = pages_of(bufs[0], len(data)) | pages_of(bufs[1], 1)
+    used_desc = pages_of(q.desc + 16 * pos, 16)
+    assert used_desc != pages_of(q.desc, 1)
+    marked = log.pages()
+    assert written | used_desc <= marked <= written | used_desc | pages_of(q.used, 4)
+    g.close()
+
+
 def test_nothing_is_marked_without_log_all_or_after_it_is_dropped(vhostd_factory, log):
     vd = vhostd_factory([{"name": "d0", "size": "4M"}])
     g = connect(vd, "d0")
