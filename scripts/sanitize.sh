@@ -28,6 +28,6 @@ n = sys.modules["vhostd._native"]
 assert "build/asan" in n.__file__, f"not the sanitizer build: {n.__file__}"
 print("sanitizer build:", n.__file__, file=sys.stderr)
 EOF
-exec "$PY" -m pytest -q -p no:cacheprovider tests/test_fuzz_protocol.py tests/test_fuzz_corpus.py tests/test_hostile.py tests/test_inflight.py \
+exec "$PY" -m pytest -q -p no:cacheprovider tests/test_fuzz_protocol.py tests/test_fuzz_corpus.py tests/test_ring.py tests/test_hostile.py tests/test_inflight.py \
     tests/test_async_blk.py tests/test_nbd.py tests/test_rbd.py tests/test_dirty_log.py \
     tests/test_codec.py "$@"
