@@ -212,6 +212,14 @@ class Rings:
             out.append((q, ffi.string(buf).decode(errors="replace")))
         return out
 
+    def take_redos(self) -> list[tuple[int, int]]:
+        """(queue, requests) for each queue that started by redoing requests
+        from the inflight area since the last call."""
+        out, count = [], ffi.new("int *")
+        while (q := lib.vd_device_take_redo(self._ptr, count)) >= 0:
+            out.append((q, count[0]))
+        return out
+
     def set_inflight(self, index: int, region, queue_size: int = 0) -> None:
         """region: a cdata pointer into the inflight mapping, or ffi.NULL."""
         _call(lib.vd_queue_set_inflight, self._ptr, index, region, queue_size)

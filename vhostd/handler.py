@@ -121,6 +121,9 @@ class DeviceHandler:
     def _log_errors(self) -> None:
         for queue, message in self.rings.take_errors():
             self.log.error("queue %d marked NEEDS_RESET: %s", queue, message)
+        for queue, n in self.rings.take_redos():
+            self.log.warning("queue %d: redoing %d request(s) a previous vhostd took and did not complete "
+                             "(inflight area)", queue, n)
 
     def _dp(self, fn, *args):
         try:

@@ -62,6 +62,11 @@ void vd_device_set_rx_queues(vd_device *d, uint64_t mask, void (*rx_kick)(void *
 void vd_device_set_poll(vd_device *d, uint32_t poll_us);
 int vd_device_needs_reset(vd_device *d);
 int vd_device_take_error(vd_device *d, char *buf, size_t len);
+/* A queue that started on an inflight area holding requests a previous
+ * back-end took and never completed: its index (and *count, the requests it
+ * redoes), once per start; -1 when there is none to report.  The event fd
+ * is written when there is. */
+int vd_device_take_redo(vd_device *d, int *count);
 /* Break queue i with msg as its error (NEEDS_RESET), as a bad ring would. */
 int vd_device_fail(vd_device *d, int i, const char *msg, char *err, size_t errlen);
 /* Stopped queues' requests still in flight (their completion writes the event fd). */

@@ -1182,6 +1182,22 @@ int vd_device_take_error(vd_device *d, char *buf, size_t len)
     return -1;
 }
 
+int vd_device_take_redo(vd_device *d, int *count)
+{
+    for (int i = 0; i < d->nqueues; i++) {
+        struct vd_queue *q = &d->q[i];
+        pthread_mutex_lock(&q->lock);
+        int n = q->redo_noted;
+        q->redo_noted = 0;
+        pthread_mutex_unlock(&q->lock);
+        if (n) {
+            *count = n;
+            return i;
+        }
+    }
+    return -1;
+}
+
 /* Break queue i from the control plane (e.g. its image is locked by another
  * user): NEEDS_RESET, the err fd and the event fd, like a bad ring. */
 int vd_device_fail(vd_device *d, int i, const char *msg, char *err, size_t errlen)

@@ -31,6 +31,7 @@
  * What is read back from the region is checked like everything else. */
 #define _GNU_SOURCE
 #include <string.h>
+#include <unistd.h>
 
 #include "vd.h"
 
@@ -326,6 +327,18 @@ static int recover_packed(struct vd_queue *q)
     return 0;
 }
 
+/* Tell the control plane how many requests are redone (its log says so). */
+static int note_redo(struct vd_queue *q, int rc)
+{
+    if (rc == 0 && q->nresubmit) {
+        q->redo_noted = q->nresubmit;
+        uint64_t one = 1;
+        if (q->dev->event_fd >= 0 && write(q->dev->event_fd, &one, sizeof(one)) < 0) {
+        }
+    }
+    return rc;
+}
+
 /* Queue start with a region: set it up if fresh, else find what a crashed
  * back-end left unfinished and line it up to be redone, oldest first. */
 int vd_inflight_recover(struct vd_queue *q)
@@ -368,7 +381,7 @@ int vd_inflight_recover(struct vd_queue *q)
                       q->index, version, num, q->num);
         return -1;
     }
-    return q->packed ? recover_packed(q) : recover_split(q);
+    return note_redo(q, q->packed ? recover_packed(q) : recover_split(q));
 }
 
 int vd_inflight_chain(struct vd_queue *q, int k, struct vd_chain *c, struct iovec *iov, int maxiov)

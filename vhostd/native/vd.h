@@ -247,6 +247,7 @@ struct vd_queue {
     int fresh;              /* used_idx must be read from the ring before first use */
     char errmsg[VD_ERRMSG];
     int error_pending;      /* errmsg not yet collected by the control plane */
+    int redo_noted;         /* requests lined up to redo at the last start, not yet collected (0: none) */
     struct vd_queue_stats st;
     /* requests (request.c): those taken and not yet completed live in the pool */
     struct vd_reqpool *pool;
