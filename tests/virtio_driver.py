@@ -437,11 +437,13 @@ class PackedQueue(_Ring):
             return False
         if flags != EVENT_F_DESC:
             return True
-        lap = lambda p, w: p + (0 if w else self.size)  # noqa: E731
+        def lap(pos: int, wrap: int) -> int:  # position and wrap counter on one scale of two laps
+            return pos + (0 if wrap else self.size)
+
         laps = 2 * self.size
         old, new = lap(old_pos, old_wrap), lap(self.next_avail, self.avail_wrap)
         ev = lap(off_wrap & 0x7FFF, off_wrap >> 15)
-        return (ev - old) % laps < (new - old) % laps
+        return (ev - old) % laps < (new - old) % laps  # the named position was made available just now
 
     # --- used descriptors
     def _is_used(self, flags: int, wrap: int) -> bool:
