@@ -108,11 +108,13 @@ def test_restart_redoes_exactly_the_unfinished_requests(vhostd_factory):
         area.mark(head, counter=100 + n)
     g2 = reconnect(vd, g)
     session(vd, g2, area)
+    mark = vd.log_mark()
     saved, q.avail_idx = q.avail_idx, 1  # QEMU restores last_avail to the used index after a crash
     q.attach(g2.fe, 0)
     q.avail_idx = saved
     used = q.wait_used(3)
     assert [u.head for u in used] == pending  # oldest first, each exactly once
+    vd.wait_log(mark, r"queue 0: redoing 3 request\(s\) a previous vhostd took")
     assert struct.unpack_from("<H", bytes(g.mem.read(q.used + 2, 2)))[0] == 4
     for i in range(3):
         assert vd.read_image("d0", 8 * (i + 1) * 512, 4096) == bytes([0x10 + i]) * 4096

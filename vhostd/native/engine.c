@@ -846,17 +846,22 @@ uint32_t vd_queue_pending(vd_device *d, int i)
     return n;
 }
 
-int vd_queue_get_base(vd_device *d, int i, uint32_t *base, char *err, size_t errlen)
+/* Completions may not be visible yet: their worker publishes them after
+ * its reap round, which can end after the control plane stopped the queue
+ * (e.g. their draining woke it for GET_VRING_BASE).  Before a stop the
+ * front-end resumes from, publish them. */
+static void publish_finished(struct vd_queue *q)
 {
-    QUEUE_OR_FAIL(q, d, i);
-    /* The completions that drained the queue may not be visible yet: their
-     * worker publishes them after its reap round, which can end after this
-     * call (their draining woke the control plane).  The front-end resumes
-     * from the base returned here, so publish them before the queue stops. */
     pthread_mutex_lock(&q->lock);
     if (q->started && !q->broken && q->dirty)
         vd_run_guarded(q, publish, q);
     pthread_mutex_unlock(&q->lock);
+}
+
+int vd_queue_get_base(vd_device *d, int i, uint32_t *base, char *err, size_t errlen)
+{
+    QUEUE_OR_FAIL(q, d, i);
+    publish_finished(q);
     queue_stop(q);
     close_fd(&q->kick_fd);
     if (q->packed)
@@ -884,6 +889,7 @@ int vd_queue_set_kick(vd_device *d, int i, int fd, char *err, size_t errlen)
     struct vd_queue *q = queue_for_fd(d, i, fd, err, errlen);
     if (!q)
         return -EINVAL;
+    publish_finished(q); /* a restart re-reads the used index from the ring */
     queue_stop(q);
     close_fd(&q->kick_fd);
     q->kick_fd = fd;
