@@ -319,7 +319,7 @@ static int take(struct vd_queue *q, const struct vd_chain *c, int fresh)
     return 0;
 }
 
-/* How far ahead the next chains are prefetched (avail positions): their
+/* How far ahead the next chains are prefetched (chains): their
  * descriptors, and the first line of the buffer whose descriptor came in
  * a step earlier.  Farther (4/2, 8/4) was no better or worse (net_ab.py). */
 #define PREFETCH_DESC 2
@@ -369,10 +369,7 @@ int vd_queue_process(struct vd_queue *q, int quiet)
                 goto out;
             }
             for (; pending && budget; pending--, budget--) {
-                if (pending > PREFETCH_DESC)
-                    vd_ring_prefetch(q, (uint16_t)(q->last_avail + PREFETCH_DESC), 0);
-                if (pending > PREFETCH_BUF)
-                    vd_ring_prefetch(q, (uint16_t)(q->last_avail + PREFETCH_BUF), 1);
+                vd_ring_prefetch_ahead(q, pending, PREFETCH_DESC, PREFETCH_BUF);
                 struct vd_chain c;
                 if (vd_ring_peek(q, &c, q->scratch, VD_MAX_IOV) < 0 || take(q, &c, 1) != 0)
                     goto out;

@@ -349,9 +349,10 @@ int vd_ring_map_split(struct vd_queue *q, uint16_t head, struct vd_chain *c, str
 int vd_ring_map_packed(struct vd_queue *q, const struct vring_packed_desc *d, int n, struct vd_chain *c,
                        struct iovec *iov, int maxiov);
 uint16_t vd_ring_driver_avail(const struct vd_queue *q);
-/* Prefetch the descriptor (buffer 0) or first buffer line (1) of the chain
- * at avail position pos, which the driver published (split rings). */
-void vd_ring_prefetch(const struct vd_queue *q, uint16_t pos, int buffer);
+/* Prefetch the descriptor of the chain desc_ahead after the one at
+ * last_avail and the first buffer line of the one buf_ahead after it;
+ * pending: chains known to be available (split rings). */
+void vd_ring_prefetch_ahead(const struct vd_queue *q, int pending, unsigned desc_ahead, unsigned buf_ahead);
 void vd_ring_read_fresh_used(struct vd_queue *q);
 void vd_ring_notify_enable(struct vd_queue *q, int on);
 void vd_ring_put_used(struct vd_queue *q, uint16_t id, uint16_t ndesc, uint32_t len);

@@ -551,18 +551,21 @@ int vd_ring_pending(struct vd_queue *q)
     return pending;
 }
 
-/* Start loading what the chain at avail position pos (one the driver has
- * published) will need: its descriptor, or (`buffer`) the first line of its
- * first buffer, whose descriptor was prefetched a step earlier.  The next
- * requests' lines then arrive while this one is served, instead of one
- * cache miss after another.  A prefetch never faults: bad values cost
- * nothing here and are caught when the chain is really walked.  Split rings
- * only: a packed ring's next chains are its next lines, which the hardware
- * prefetcher streams in. */
-void vd_ring_prefetch(const struct vd_queue *q, uint16_t pos, int buffer)
+static void prefetch_buffer(const struct vd_queue *q, uint64_t addr, uint16_t flags)
 {
-    if (q->packed)
+    if (flags & VRING_DESC_F_INDIRECT)
         return;
+    const uint8_t *h = vd_mem_gpa(q->dev->mem, addr, 1);
+    if (h && (flags & VRING_DESC_F_WRITE))
+        __builtin_prefetch(h, 1);
+    else if (h)
+        __builtin_prefetch(h, 0);
+}
+
+/* Split: the descriptor (buffer 0) or first buffer line (1) of the chain at
+ * avail position pos, which the driver published. */
+static void prefetch_split(const struct vd_queue *q, uint16_t pos, int buffer)
+{
     uint16_t head = vd_rd16(q->avail + AVAIL_RING + 2 * (pos % q->num));
     if (head >= q->num)
         return;
@@ -573,13 +576,39 @@ void vd_ring_prefetch(const struct vd_queue *q, uint16_t pos, int buffer)
     }
     struct vring_desc desc;
     read_desc(q->desc, head, &desc);
-    if (desc.flags & VRING_DESC_F_INDIRECT)
+    prefetch_buffer(q, desc.addr, desc.flags);
+}
+
+/* Start loading what the chains after the one at last_avail will need: the
+ * descriptor of the one desc_ahead chains on, and the first line of the
+ * buffer of the one buf_ahead on (its descriptor came in a step earlier).
+ * The next requests' lines then arrive while this one is served, instead of
+ * one cache miss after another; the first touch of a buffer the driver just
+ * wrote is the costliest read of a request.  Split: for chains known to be
+ * there (pending).  Packed: the slots as many positions on, i.e. guessing
+ * one descriptor per chain (the common case), when the driver made them
+ * available.  A prefetch never faults: bad values cost nothing here and are
+ * caught when the chain is really walked. */
+void vd_ring_prefetch_ahead(const struct vd_queue *q, int pending, unsigned desc_ahead, unsigned buf_ahead)
+{
+    if (!q->packed) {
+        if (pending > (int)desc_ahead)
+            prefetch_split(q, (uint16_t)(q->last_avail + desc_ahead), 0);
+        if (pending > (int)buf_ahead)
+            prefetch_split(q, (uint16_t)(q->last_avail + buf_ahead), 1);
         return;
-    const uint8_t *h = vd_mem_gpa(q->dev->mem, desc.addr, 1);
-    if (h && (desc.flags & VRING_DESC_F_WRITE))
-        __builtin_prefetch(h, 1);
-    else if (h)
-        __builtin_prefetch(h, 0);
+    }
+    uint16_t pos = q->last_avail, wrap = q->avail_wrap;
+    packed_move(q, &pos, &wrap, desc_ahead % q->num);
+    __builtin_prefetch(q->desc + 16ull * pos);
+    pos = q->last_avail;
+    wrap = q->avail_wrap;
+    packed_move(q, &pos, &wrap, buf_ahead % q->num);
+    struct vring_packed_desc d;
+    memcpy(&d, q->desc + 16ull * pos, sizeof(d));
+    int avail = !!(d.flags & VRING_PACKED_DESC_F_AVAIL), used = !!(d.flags & VRING_PACKED_DESC_F_USED);
+    if (avail == wrap && used != wrap)
+        prefetch_buffer(q, d.addr, d.flags);
 }
 
 /* What status shows as the driver's side: split its avail index; packed
@@ -636,13 +665,9 @@ int vd_queue_pop(struct vd_queue *q, struct vd_req *req, struct iovec *iov, int 
     req->out_bytes = c.out_bytes;
     req->in_bytes = c.in_bytes;
     req->iov = iov;
-    if (q->packed)
-        return 1;
-    q->avail_known--;
-    if (q->avail_known > 1)
-        vd_ring_prefetch(q, (uint16_t)(q->last_avail + 1), 0);
-    if (q->avail_known)
-        vd_ring_prefetch(q, q->last_avail, 1);
+    if (!q->packed)
+        q->avail_known--;
+    vd_ring_prefetch_ahead(q, q->avail_known, 1, 0);
     return 1;
 }
 
