@@ -60,14 +60,15 @@ def main() -> int:
             print(f"filling a {IMAGE_SIZE >> 20} MiB image at {img} ...", flush=True)
             fill(img, IMAGE_SIZE)
         poll = f"poll_us: {args.poll_us}"
-        vd, socks = start_vhostd(shm_tmp, {"tmpfs": f"path: {images['tmpfs']}, {poll}",
-                                           "disk": f"path: {images['disk']}, direct: true, {poll}",
-                                           "null": f"backend: null, size: {IMAGE_SIZE}, {poll}"})
+        vd, socks = start_vhostd(shm_tmp, {"tmpfs0": f"path: {images['tmpfs']}, {poll}",
+                                           "disk0": f"path: {images['disk']}, direct: true, {poll}",
+                                           "null0": f"backend: null, size: {IMAGE_SIZE}, {poll}"})
         rows = []
         print(f"{'workload':<24} {'split IOPS':>11} {'packed IOPS':>12} {'packed/split (spread)':>22}   "
               f"{'CPU s/M split':>13} {'packed':>7}", flush=True)
         for label, disk, rw, bs, qd in WORKLOADS:
-            sides = {"split": (vd, socks[disk]), "packed": (vd, socks[disk], "--packed")}
+            sock = socks[disk + "0"]
+            sides = {"split": (vd, sock), "packed": (vd, sock, "--packed")}
             s = measure_rounds(sides, {}, rw, bs, qd, args.runs, args.seconds)
             ratio, lo, hi = ratio_spread(s["iops"]["packed"], s["iops"]["split"])
             rows.append({"workload": label, "vhostd": s["packed"], "anchor": s["split"], "ratio": ratio,
