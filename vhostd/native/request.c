@@ -286,12 +286,7 @@ static int take(struct vd_queue *q, const struct vd_chain *c, int fresh)
         req->iov = req->big_iov;
     }
     memcpy(req->iov, q->scratch, (size_t)n * sizeof(struct iovec)); /* scratch is hot; slots are many */
-    req->head = c->id;
-    req->ndesc = c->ndesc;
-    req->nout = c->nout;
-    req->nin = c->nin;
-    req->out_bytes = c->out_bytes;
-    req->in_bytes = c->in_bytes;
+    vd_req_from_chain(req, c, req->iov);
     req->queue = (uint16_t)q->index;
     req->used_len = 0;
     req->aio = q->aio;

@@ -184,6 +184,18 @@ struct vd_chain {
     uint64_t out_bytes, in_bytes;
 };
 
+/* A request takes over what the ring layer found of its chain. */
+static inline void vd_req_from_chain(struct vd_req *req, const struct vd_chain *c, struct iovec *iov)
+{
+    req->head = c->id;
+    req->ndesc = c->ndesc;
+    req->nout = c->nout;
+    req->nin = c->nin;
+    req->out_bytes = c->out_bytes;
+    req->in_bytes = c->in_bytes;
+    req->iov = iov;
+}
+
 struct vd_queue_stats {
     uint64_t requests, kicks, notifies, out_bytes, in_bytes, chain_errors;
     /* request latency (taken to completed), only while dev->timing is set:

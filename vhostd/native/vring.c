@@ -658,13 +658,7 @@ int vd_queue_pop(struct vd_queue *q, struct vd_req *req, struct iovec *iov, int 
     if (vd_ring_peek(q, &c, iov, maxiov) < 0)
         return -1;
     vd_ring_advance(q, &c);
-    req->head = c.id;
-    req->ndesc = c.ndesc;
-    req->nout = c.nout;
-    req->nin = c.nin;
-    req->out_bytes = c.out_bytes;
-    req->in_bytes = c.in_bytes;
-    req->iov = iov;
+    vd_req_from_chain(req, &c, iov);
     if (!q->packed)
         q->avail_known--;
     vd_ring_prefetch_ahead(q, q->avail_known, 1, 0);
