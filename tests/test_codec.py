@@ -327,7 +327,7 @@ def test_single_region_round_trip_and_size():
 class Recorder:
     """A small RequestHandler of our own that records what the protocol asks."""
 
-    FEATURES = (1 << 32) | (1 << 28) | (1 << 9)
+    FEATURES = (1 << 34) | (1 << 32) | (1 << 28) | (1 << 9)
     PROTOCOL = (1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.CONFIG) | (1 << PF.STATUS) | (1 << PF.RESET_DEVICE) | (
         1 << PF.CONFIGURE_MEM_SLOTS) | (1 << PF.MTU) | (1 << PF.RARP) | (1 << PF.LOG_SHMFD)
 
@@ -696,6 +696,14 @@ def test_set_vring_base_must_fit_16_bits(rec):
     assert ack_value(ask(p, R.SET_VRING_BASE, VringState(0, 0xFFFF).pack())) == 0
     assert ack_value(ask(p, R.SET_VRING_BASE, VringState(0, 0x10000).pack())) == 1
     assert rec.calls == [("set_vring_base", 0, 0xFFFF)]
+
+
+def test_packed_ring_bases_use_32_bits(rec):
+    """With packed rings the base carries the used side in bits 16-31."""
+    p = proto(rec)
+    ask(p, R.SET_FEATURES, pack_u64(1 << 34))
+    assert ack_value(ask(p, R.SET_VRING_BASE, VringState(0, 0x8005_8003).pack())) == 0
+    assert rec.calls[-1] == ("set_vring_base", 0, 0x8005_8003)
 
 
 def test_set_mem_table(rec):

@@ -44,6 +44,7 @@ from vhostd.protocol.codec import (
 )
 from vhostd.protocol.constants import (
     F_PROTOCOL_FEATURES,
+    F_RING_PACKED,
     MAX_CONFIG_SPACE,
     VRING_F_LOG,
     MAX_MEM_SLOTS,
@@ -374,7 +375,11 @@ class BackendProtocol:
 
     def _set_vring_base(self, msg: Message) -> None:
         st = VringState.unpack(msg.payload)
-        # 16 bits for split rings; packed ones use all 32 (the data plane checks)
+        # Split rings: the avail index, 16 bits.  Packed rings: position and
+        # wrap counter, with the used side in the upper half (the data plane
+        # checks them against the ring size).
+        if st.num > 0xFFFF and not self.acked_features & _bit(F_RING_PACKED):
+            raise RequestError(f"ring base {st.num} does not fit 16 bits")
         self.handler.set_vring_base(self._ring(st.index), st.num)
 
     def _get_vring_base(self, msg: Message) -> Wait:

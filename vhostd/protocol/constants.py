@@ -80,6 +80,8 @@ FLAG_NEED_REPLY = 1 << 3
 F_PROTOCOL_FEATURES = 30
 # vhost feature bit: the back-end logs its writes into guest memory (migration).
 F_LOG_ALL = 26
+# Virtio feature bit of packed rings: their SET/GET_VRING_BASE carry wrap counters.
+F_RING_PACKED = 34
 # SET_VRING_ADDR flag: log the used ring's writes at log_guest_addr.
 VRING_F_LOG = 1
 
