@@ -493,6 +493,31 @@ def test_unknown_key_suggests_the_closest(tmp_path):
     assert str(p) == f"{path}:6: devices[0].readonyl: unknown key 'readonyl' (did you mean 'readonly'?) (device 'disk0')"
 
 
+def test_a_misspelt_type_is_an_unknown_key_too(tmp_path):
+    path = write(tmp_path, """
+        devices:
+          - name: d0
+            typ: blk
+            socket: /tmp/d0.sock
+            path: /tmp/d0.img
+        """)
+    found = [str(p) for p in problems(path, check_files=False)]
+    assert f"{path}:3: devices[0].typ: unknown key 'typ' (did you mean 'type'?) (device 'd0')" in found
+
+
+def test_colon_separated_values_are_text_not_base_60_numbers(tmp_path):
+    """YAML 1.1 reads 52:54:00:12:34:56 as a base-60 number; vhostd takes
+    the text written, as YAML 1.2 does."""
+    path = write(tmp_path, """
+        devices:
+          - {name: n0, type: net, socket: /tmp/n0.sock, backend: loopback, mac: 52:54:00:12:34:56}
+          - {name: n1, type: net, socket: /tmp/n1.sock, backend: loopback, mac: 02:00:00:00:00:01, queue_size: 0x100}
+        """)
+    cfg = load_config(path, check_files=False)
+    assert [d.mac for d in cfg.devices] == ["52:54:00:12:34:56", "02:00:00:00:00:01"]
+    assert cfg.devices[1].queue_size == 256
+
+
 def test_unknown_key_without_close_match(tmp_path):
     p = only_problem(one_device(tmp_path, "colour: blue"))
     assert p.message == "unknown key 'colour' (device 'disk0')"

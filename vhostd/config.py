@@ -440,6 +440,10 @@ def _parse_device(index: int, node: Node, ctx: v.Context) -> v.Draft | None:
                 kind = dev.type.variant_key
                 dev.report(ctx, name, f"{name!r} only applies to {kind} {' or '.join(takers)}, not "
                            f"{dev.values[kind]}", node=key_node)
+        elif "type" not in items and name not in _any_device_key():
+            # No type to pick the key table, but a key no device type has is
+            # a typo all the same (typ: blk).
+            _unknown_key(ctx, key_node, path, name, known, dev.label)
 
     # Without a valid type only the common keys can be known to be missing.
     for name, spec in known.items():
@@ -473,6 +477,12 @@ def _variant(dev: v.Draft, items: dict[str, tuple[Node, Node]], ctx: v.Context) 
 
 def _variant_keys(t: DeviceType) -> list[str]:
     return [k for mod in t.variants.values() for k in mod.KEYS]
+
+
+def _any_device_key() -> set[str]:
+    """Every key some device type knows."""
+    return {*_COMMON_DEVICE_KEYS, *(k for t in DEVICE_TYPES.values()
+                                    for k in [*t.keys, *_variant_keys(t), *([t.variant_key] if t.variant_key else [])])}
 
 
 def _build_device(d: v.Draft) -> Any:
@@ -916,6 +926,30 @@ def load_config(path: str | os.PathLike, *, check_files: bool = True, text: str 
     return Config(path=abs_file, daemon=daemon, devices=devices, vms=tuple(_build_vm(vm) for vm in vms))
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's base-60 numbers: as in YAML
+    1.2's core schema, `mac: 52:54:00:12:34:56` (or a time like 1:30) is
+    the text written, not a number that needs quotes."""
+
+
+# PyYAML's int and float patterns less their base-60 forms (digits:digits).
+_NUMBERS = {
+    "tag:yaml.org,2002:int": re.compile(
+        r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    "tag:yaml.org,2002:float": re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+}
+
+
+def _without_base_60(resolvers: dict) -> dict:
+    return {first: [(tag, _NUMBERS.get(tag, regexp)) for tag, regexp in entries]
+            for first, entries in resolvers.items()}
+
+
+_Loader.yaml_implicit_resolvers = _without_base_60(yaml.SafeLoader.yaml_implicit_resolvers)
+
+
 def _compose(file: str, ctx: v.Context, text: str | None = None) -> Node | None:
     """Parse the file (or text) into a YAML node tree, or report why not and return None."""
     try:
@@ -933,7 +967,7 @@ def _compose(file: str, ctx: v.Context, text: str | None = None) -> Node | None:
         ctx.report(data[: e.start].count(b"\n") + 1, "", "the file is not valid UTF-8")
         return None
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         message = f"invalid YAML: {e.problem or e.context}"
