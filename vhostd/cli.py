@@ -263,19 +263,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"vhostd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="serve the devices of a config file")
-    p.add_argument("--config", "-c", default=DEFAULT_CONFIG)
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    config_help = f"the config file (default: {DEFAULT_CONFIG}, relative to the current directory)"
+    p = sub.add_parser("serve", help="serve the devices of a config file",
+                       description="Serve the devices (and autostart the VMs) of a config file until SIGTERM; "
+                                   "SIGHUP or `vhostd reload` re-reads it.")
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=config_help)
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="overrides the config's daemon.log_level")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("check", help="validate a config file and exit")
-    p.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    p = sub.add_parser("check", help="validate a config file and exit",
+                       description="Validate a config file as `vhostd serve` would (image files and socket "
+                                   "directories looked at too) and exit: 0 and one summary line when it is good, "
+                                   "else 1 and one FILE:LINE: KEY: problem line per problem.")
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=config_help)
     p.set_defaults(func=cmd_check)
 
     for name, func, text in (("status", cmd_status, "show every device of the running daemon"),
                              ("reload", cmd_reload, "make the running daemon re-read its config")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help="find the control socket in this config")
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ", through its control socket "
+                           "(daemon.control_socket of the config, or --control).")
+        p.add_argument("--config", "-c", default=DEFAULT_CONFIG,
+                       help=f"find the control socket in this config (default: {DEFAULT_CONFIG}, relative to the "
+                            "current directory)")
         p.add_argument("--control", help="the daemon's control socket (instead of --config)")
         if name == "status":
             p.add_argument("--json", action="store_true", help="print everything as JSON")
@@ -289,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("vm", help="the built-in VMM")
     vm_sub = p.add_subparsers(dest="vm_command", required=True)
     p = vm_sub.add_parser("run", help="run one VM of the config in the foreground (console on stdout)")
-    p.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=config_help)
     p.add_argument("--timeout", type=float, default=None, help="stop the VM after this many seconds (exit 124)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("name", help="the VM's name in the config")
