@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 
 from conftest import wait_until
 from vhostd.frontend import make_eventfd
+from vhostd.dataplane import DataPlaneError, _call
 from vhostd.native import ffi, lib
 from virtio_driver import (
     AVAIL_F_NO_INTERRUPT,
@@ -58,17 +59,6 @@ MAX_BUFS = 2048
 LAYOUTS = ["split", "packed"]
 packed_only = pytest.mark.parametrize("layout", ["packed"])
 split_only = pytest.mark.parametrize("layout", ["split"])
-
-
-class RingError(Exception):
-    pass
-
-
-def _call(fn, *args) -> None:
-    err = ffi.new("char[]", ERRLEN)
-    rc = fn(*args, err, ERRLEN)
-    if rc < 0:
-        raise RingError(ffi.string(err).decode(errors="replace") or os.strerror(-rc))
 
 
 @dataclass
@@ -771,17 +761,17 @@ def test_vring_base_refused(rig):
     r.queue(size=8, start=False)
     _call(lib.vd_queue_set_num, r.dev, 0, 8)
     if r.packed:
-        with pytest.raises(RingError, match=r"packed ring base 0x8 names a position beyond the ring size 8"):
+        with pytest.raises(DataPlaneError, match=r"packed ring base 0x8 names a position beyond the ring size 8"):
             r.set_base(0, 8)
-        with pytest.raises(RingError, match=r"beyond the ring size 8"):
+        with pytest.raises(DataPlaneError, match=r"beyond the ring size 8"):
             r.set_base(0, 1 | 9 << 16)
         r.set_base(0, 7 | 1 << 15 | 7 << 16)
     else:
-        with pytest.raises(RingError, match=r"ring base 65536 does not fit 16 bits"):
+        with pytest.raises(DataPlaneError, match=r"ring base 65536 does not fit 16 bits"):
             r.set_base(0, 0x10000)
         r.set_base(0, 0xFFFF)
     r.start(0)
-    with pytest.raises(RingError, match=r"cannot set the base of a running queue"):
+    with pytest.raises(DataPlaneError, match=r"cannot set the base of a running queue"):
         r.set_base(0, 0)
 
 

@@ -109,8 +109,9 @@ struct vd_reqpool;
 
 /* One descriptor chain, as a device sees it: device-readable bytes first
  * ("out", written by the driver), then device-writable bytes ("in").  It
- * lives in its queue's pool, in the slot of its head descriptor, from the
- * moment it is taken until the device completes it. */
+ * lives in its queue's pool, in the slot of its head descriptor (packed
+ * rings: its buffer id), from the moment it is taken until the device
+ * completes it. */
 struct vd_req {
     uint16_t head;          /* what names it in the used ring: split head descriptor, packed buffer id */
     uint16_t ndesc;         /* ring descriptors it took (packed rings move the used position by this) */

@@ -452,17 +452,22 @@ void vd_ring_notify_enable(struct vd_queue *q, int on)
 {
     if (q->packed) {
         uint16_t flags = on ? VRING_EVENT_F_ENABLE : VRING_EVENT_F_DISABLE;
+        int wrote = 0;
         if (on && q->event_idx) {
             /* a kick when the driver makes the next position available */
             vd_wr16(q->used + EVENT_OFF_WRAP, (uint16_t)(q->last_avail | q->avail_wrap << 15));
             flags = VRING_EVENT_F_DESC;
+            wrote = 1;
         }
         /* Disabled explicitly, not by leaving a descriptor event behind us
          * as split rings do: positions repeat every two laps, which on a
          * small ring is every few requests (a kick each time). */
-        if (vd_rd16(q->used + EVENT_FLAGS) != flags)
+        if (vd_rd16(q->used + EVENT_FLAGS) != flags) {
             __atomic_store_n((uint16_t *)(q->used + EVENT_FLAGS), flags, __ATOMIC_RELEASE);
-        log_host(q, q->used, 4);
+            wrote = 1;
+        }
+        if (wrote)
+            log_host(q, q->used, 4);
     } else if (q->event_idx) {
         if (on) {
             set_avail_event(q, q->last_avail);
