@@ -51,6 +51,12 @@ PACKAGES=(
     libvirt-daemon
     libvirt-daemon-driver-qemu
     libvirt-clients
+    # The web console is tested in a real browser (tests/test_web.py): Debian's
+    # headless Chromium driven through Selenium and chromedriver; nothing
+    # downloads a browser of its own.
+    chromium
+    chromium-driver
+    fonts-dejavu-core     # text in the console's screenshot
 )
 
 missing=()

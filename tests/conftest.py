@@ -10,7 +10,7 @@ if _here not in sys.path:
 
 # QEMU guest harness (tests/guest/): fixtures guest_image, qemu_guest,
 # storage_daemon, sock_dir; skips `qemu`-marked tests when QEMU cannot run.
-pytest_plugins = ["guest.fixtures", "stores", "hanging_disk"]
+pytest_plugins = ["guest.fixtures", "stores", "hanging_disk", "vmm_guests"]
 
 
 def pytest_configure(config):
@@ -83,7 +83,7 @@ class Vhostd(DaemonProcess):
     """The real daemon plus what tests need to look inside it from outside."""
 
     def __init__(self, workdir: Path, sockdir: str, devices: list[dict], daemon: dict | None = None,
-                 prefix: list[str] | tuple[str, ...] = ()) -> None:
+                 prefix: list[str] | tuple[str, ...] = (), vms: list[dict] | None = None) -> None:
         for d in devices:
             d.setdefault("type", "blk")
             d.setdefault("socket", os.path.join(sockdir, d["name"] + ".sock"))
@@ -92,7 +92,7 @@ class Vhostd(DaemonProcess):
             d.setdefault("path", d["name"] + ".img")
             if not (Path(workdir) / d["path"]).exists():
                 d.setdefault("size", "4M")
-        super().__init__(workdir, devices, daemon, prefix)
+        super().__init__(workdir, devices, daemon, prefix, vms)
 
     # ------------------------------------------------------------ files
     def image(self, name: str) -> Path:
@@ -361,11 +361,12 @@ def module_vhostd_factory(tmp_path_factory):
     started: list[Vhostd] = []
     sock = tempfile.mkdtemp(prefix="vd-", dir="/tmp")
 
-    def start(devices: list[dict], daemon: dict | None = None, images: dict[str, bytes] | None = None) -> Vhostd:
+    def start(devices: list[dict], daemon: dict | None = None, images: dict[str, bytes] | None = None,
+              vms: list[dict] | None = None) -> Vhostd:
         wd = tmp_path_factory.mktemp("vhostd")
         for name, content in (images or {}).items():
             (wd / f"{name}.img").write_bytes(content)
-        vd = Vhostd(wd, sock, devices, daemon)
+        vd = Vhostd(wd, sock, devices, daemon, vms=vms)
         started.append(vd)
         return vd.start()
 

@@ -22,8 +22,9 @@ class DaemonProcess:
     """
 
     def __init__(self, workdir: Path, devices: list[dict], daemon: dict | None = None,
-                 prefix: list[str] | tuple[str, ...] = ()) -> None:
-        """prefix: command words before the daemon's, e.g. ["ip", "netns", "exec", NS]."""
+                 prefix: list[str] | tuple[str, ...] = (), vms: list[dict] | None = None) -> None:
+        """prefix: command words before the daemon's, e.g. ["ip", "netns", "exec", NS].
+        vms: the config's `vms:` (VMs of the built-in VMM)."""
         self.prefix = list(prefix)
         self.workdir = Path(workdir)
         self.config_path = self.workdir / "vhostd.yaml"
@@ -31,6 +32,8 @@ class DaemonProcess:
         doc = {"devices": devices}
         if daemon:
             doc["daemon"] = daemon
+        if vms:
+            doc["vms"] = vms
         self.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
         self.devices = devices
         self.proc: subprocess.Popen | None = None

@@ -34,32 +34,16 @@ from daemon import DaemonProcess
 from vhostd.vmm.vm import hardware_virtualisation
 
 ROOT = Path(__file__).resolve().parent.parent
-PROBE_SRC = Path(__file__).resolve().parent / "vmm" / "probe.c"
 
 pytestmark = [
     pytest.mark.kvm,
     pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="/dev/kvm does not exist on this machine"),
 ]
 
-GUEST_CFLAGS = [
-    "-ffreestanding", "-nostdlib", "-static", "-fno-pie", "-no-pie", "-mno-sse", "-mno-mmx", "-mno-red-zone",
-    "-mgeneral-regs-only", "-O2", "-fno-stack-protector", "-fcf-protection=none", "-fno-asynchronous-unwind-tables",
-    "-Wall", "-Werror",
-    # one PT_LOAD at 0x200000 (ABI: the program is linked at or above it)
-    "-Wl,-N", "-Wl,-Ttext=0x200000", "-Wl,-e,_start", "-Wl,--build-id=none", "-Wl,--no-warn-rwx-segments",
-]
 VM_RUN_TIMEOUT = 25  # seconds; each test stays well below 30 s
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="session")
-def probe_elf(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("probe") / "probe.elf"
-    r = subprocess.run(["gcc", *GUEST_CFLAGS, "-o", str(out), str(PROBE_SRC)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -183,6 +183,8 @@ def cmd_status(args) -> int:
         if d["needs_reset"]:
             state += ", NEEDS_RESET"
         print(f"\n{d['name']}  {d['type']}  {d['socket']}  {state}  sessions={d['sessions']}")
+        if d.get("reset_reason"):
+            print(f"  {d['reset_reason']}")
         print(f"  features {d['features']:#x}: {' '.join(d['feature_names']) or '-'}")
         if "aio" in d:
             print(f"  aio {d['aio']}" + (f" ({d['aio_note']})" if d.get("aio_note") else ""))
@@ -202,6 +204,13 @@ def cmd_status(args) -> int:
         for i, counters in enumerate(d["counters"]):
             print(f"  {'pair' if d['type'] == 'net' else 'queue'} {i} counters: "
                   + " ".join(f"{k}={v}" for k, v in counters.items()))
+    for vm in reply.get("vms", []):
+        how = {"ended": f"ended: {vm['exit_reason']} (status {vm['exit_status']})",
+               "failed": f"did not start: {vm['error']}"}.get(vm["state"], vm["state"])
+        print(f"\nVM {vm['name']}  {how}  ran {vm['run_time']:g} s  devices: "
+              + (" ".join(f"{dev['type']}={dev['socket']}" for dev in vm["devices"]) or "-"))
+        for line in vm["console"][-5:]:
+            print(f"  | {line}")
     return 0
 
 

@@ -80,6 +80,8 @@ class DaemonConfig:
     user: int | None = None  # uid to drop to once every socket, image and TAP is open
     group: int | None = None  # gid to drop to (default: the user's primary group)
     metrics: tuple[str, int] | None = None  # (host, port) of the Prometheus endpoint; None = off
+    web: tuple[str, int] | None = None  # (host, port) of the web console (vhostd.web); None = off
+    web_token_file: str | None = None  # holds the token the console's actions need; None = read-only
 
 
 LOG_FORMATS = ("auto", "journal", "text")
@@ -230,6 +232,8 @@ _DAEMON_KEYS: dict[str, Key] = {
     "user": Key(v.user, None),
     "group": Key(v.group, None),
     "metrics": Key(v.address, None),
+    "web": Key(v.address, None),
+    "web_token_file": Key(v.path, None),
 }
 
 # "type" is handled before the table (it selects the table), but it is listed
@@ -375,7 +379,8 @@ def _parse_daemon(node: Node | None, ctx: v.Context) -> DaemonConfig:
         ctx.report(node, "daemon", f"must be a mapping of daemon settings, got {v.describe(node)}")
         return DaemonConfig()
     values = {}
-    for name, (key_node, value_node) in _mapping_items(node, ctx, "daemon").items():
+    items = _mapping_items(node, ctx, "daemon")
+    for name, (key_node, value_node) in items.items():
         spec = _DAEMON_KEYS.get(name)
         if spec is None:
             _unknown_key(ctx, key_node, "daemon", name, _DAEMON_KEYS)
@@ -384,7 +389,22 @@ def _parse_daemon(node: Node | None, ctx: v.Context) -> DaemonConfig:
             values[name] = spec.parse(value_node, ctx)
         except v.Invalid as e:
             ctx.report(v.value_line(key_node, value_node), f"daemon.{name}", str(e))
+    _check_web(values, items, ctx)
     return DaemonConfig(**values)
+
+
+def _check_web(values: dict, items: dict, ctx: v.Context) -> None:
+    """The console's actions need a token; one the network can reach also
+    needs it for reading (and a token file anyone else can read is no secret)."""
+    web, token_file = values.get("web"), values.get("web_token_file")
+    if web is not None and token_file is None and not v.is_loopback(web[0]):
+        ctx.report(v.value_line(*items["web"]), "daemon.web",
+                   f"{web[0]} is not a loopback address: a console others can reach needs daemon.web_token_file "
+                   "(or listen on 127.0.0.1 / [::1])")
+    if token_file is not None and ctx.check_files:
+        problem = v.why_not_secret(token_file)
+        if problem:
+            ctx.report(v.value_line(*items["web_token_file"]), "daemon.web_token_file", problem)
 
 
 def _parse_device(index: int, node: Node, ctx: v.Context) -> v.Draft | None:

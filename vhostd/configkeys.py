@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import grp
+import ipaddress
 import os
 import pwd
 import re
@@ -274,6 +275,34 @@ def address(node: Node, ctx: Context) -> tuple[str, int]:
     if not m or not 1 <= int(m.group(3)) <= 65535:
         raise Invalid(f"must be {what}, got {describe(node)}")
     return (m.group(1) or m.group(2), int(m.group(3)))
+
+
+def is_loopback(host: str) -> bool:
+    """host (of an address key) is only reachable from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to
+
+
+def why_not_secret(path: str) -> str | None:
+    """Why the file at path cannot hold a secret (missing, empty, or open to
+    other users), or None if it can."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return f"{path} is not a regular file"
+        if st.st_mode & 0o077:
+            return (f"{path} has mode {stat.S_IMODE(st.st_mode):04o}: others may read the token; "
+                    f"chmod 600 {path}")
+        with open(path, "rb") as f:
+            if not f.read(4096).strip():
+                return f"{path} is empty: put the token in it (for example: head -c 32 /dev/urandom | base64)"
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror}"
+    return None
 
 
 def mode(node: Node, ctx: Context) -> int:

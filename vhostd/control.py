@@ -35,6 +35,9 @@ def device_status(name: str, server, cfg) -> dict:
                        "driver_avail": q.driver_avail, "packed": q.packed, "requests": q.requests,
                        "kicks": q.kicks, "notifies": q.notifies, "bytes_out": q.out_bytes, "bytes_in": q.in_bytes,
                        "pending": q.pending})
+    needs_reset = handler.rings.needs_reset
+    if needs_reset:
+        handler.log_errors()  # (its error eventfd may not have been read yet)
     peer = None
     if server.peer is not None:
         peer = dict(zip(("pid", "uid", "gid"), server.peer))
@@ -49,7 +52,8 @@ def device_status(name: str, server, cfg) -> dict:
         "features": handler.features,
         "feature_names": feature_names(handler.features, cfg.type),
         "status": handler.status,
-        "needs_reset": handler.rings.needs_reset,
+        "needs_reset": needs_reset,
+        "reset_reason": handler.reset_reason if needs_reset else "",
         **server.device.describe(),
         "queues": queues,
         "counters": server.device.stats(),
@@ -63,9 +67,12 @@ def opening_status(name: str, op) -> dict:
 
 
 def daemon_status(daemon) -> dict:
+    """The one snapshot of the daemon: `vhostd status --json`, the metrics
+    and the web console all show this."""
     return {"ok": True, "config": daemon.config.path, "pid": os.getpid(),
             "devices": [device_status(name, server, daemon.configs[name]) for name, server in daemon.servers.items()]
-            + [opening_status(name, op) for name, op in daemon.opening.items()]}
+            + [opening_status(name, op) for name, op in daemon.opening.items()],
+            "vms": daemon.vms.describe() if daemon.vms is not None else []}
 
 
 class ControlServer:

@@ -64,7 +64,7 @@ def raise_open_file_limit(wanted: int) -> int:
 
 
 #: daemon keys a reload cannot apply (they keep their running value until a restart)
-RESTART_KEYS = ("workers", "control_socket", "user", "group", "metrics")
+RESTART_KEYS = ("workers", "control_socket", "user", "group", "metrics", "web", "web_token_file")
 #: seconds between attempts to open a store that is not there yet (doubling up to the second)
 OPEN_RETRY = (1.0, 30.0)
 
@@ -95,6 +95,8 @@ class Daemon:
         self._stopped = asyncio.Event()
         self.control = None  # vhostd.control.ControlServer when daemon.control_socket is set
         self.metrics = None  # vhostd.metrics.MetricsServer when daemon.metrics is set
+        self.web = None  # vhostd.web.WebConsole when daemon.web is set
+        self.vms = None  # vhostd.vmm.HostedVms when the config has VMs (imported only then)
 
     def start(self) -> None:
         """Start every device; if one fails, undo the others and raise."""
@@ -143,7 +145,7 @@ class Daemon:
                                   access=Access.from_config(cfg), on_session=self._sessions_changed,
                                   listener=listener)
             handler.log = server.log
-            if self.config.daemon.metrics:
+            if self.config.daemon.metrics or self.config.daemon.web:
                 handler.rings.set_timing(True)  # latency histograms only when someone reads them
             server.start()
         except BaseException:
@@ -263,10 +265,46 @@ class Daemon:
         # Keys that need a restart keep their running value.
         self.config = dataclasses.replace(new, daemon=dataclasses.replace(
             new_d, **{k: getattr(old_d, k) for k in RESTART_KEYS}))
+        self.take_vms(new.vms)
         outcome["ok"] = not outcome["failed"]
         log.info("reload: %d kept, %d started, %d stopped, %d restarted, %d failed",
                  *(len(outcome[k]) for k in ("kept", "started", "stopped", "restarted", "failed")))
         return outcome
+
+    # ------------------------------------------------------------ VMs
+
+    def take_vms(self, configs) -> None:
+        """Know the config's VMs (the built-in VMM is imported only if there are any)."""
+        if self.vms is None and not configs:
+            return
+        if self.vms is None:
+            from vhostd.vmm import HostedVms
+
+            self.vms = HostedVms(log)
+        self.vms.update(configs)
+
+    def start_vm(self, name: str) -> dict:
+        """Start a VM of the config (an action of the web console)."""
+        from vhostd.vmm import VmError
+
+        vm = self.vms.vms.get(name) if self.vms else None
+        if vm is None:
+            return {"ok": False, "error": f"no VM named {name!r} in {self.config.path}"}
+        try:
+            vm.start()
+        except (VmError, OSError) as exc:
+            return {"ok": False, "error": str(exc)}
+        log.info("%s: VM started", name)
+        return {"ok": True, "vm": name, "state": "running"}
+
+    def stop_vm(self, name: str) -> dict:
+        vm = self.vms.vms.get(name) if self.vms else None
+        if vm is None:
+            return {"ok": False, "error": f"no VM named {name!r} in {self.config.path}"}
+        if not vm.running:
+            return {"ok": False, "error": f"VM {name!r} is not running"}
+        vm.stop()
+        return {"ok": True, "vm": name, "state": "stopping"}
 
     def status_line(self) -> str:
         connected = sum(1 for s in self.servers.values() if s.connection is not None)
@@ -379,7 +417,7 @@ async def serve(config: Config, passed: list[tuple[str, socket.socket]] | None =
     loop.add_signal_handler(signal.SIGUSR1, daemon.log_stats)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)
     daemon.start()
-    vms = []
+    daemon.take_vms(config.vms)
     watchdog = None
     try:
         if config.daemon.control_socket:
@@ -391,14 +429,17 @@ async def serve(config: Config, passed: list[tuple[str, socket.socket]] | None =
             from vhostd.metrics import MetricsServer
 
             daemon.metrics = MetricsServer(daemon, config.daemon.metrics, loop)
-        drop_privileges(config.daemon.user, config.daemon.group)
-        autostart = [vm for vm in config.vms if vm.autostart]
-        if autostart:
-            # The built-in VMM: each VM runs on its own threads and connects
-            # to the sockets this loop serves.
-            from vhostd.vmm import start_vms
+        if config.daemon.web:
+            from vhostd.web import WebConsole
 
-            vms = start_vms(autostart, log=log)
+            daemon.web = WebConsole(daemon, config.daemon.web, config.daemon.web_token_file)
+            await daemon.web.start()
+        drop_privileges(config.daemon.user, config.daemon.group)
+        # The built-in VMM: each VM runs on its own threads and connects to
+        # the sockets this loop serves.
+        for vm in config.vms:
+            if vm.autostart:
+                daemon.start_vm(vm.name)
         systemd.notify_ready(daemon.status_line())
         if (interval := systemd.watchdog_interval()) is not None:
             watchdog = loop.create_task(_watchdog(interval))
@@ -414,11 +455,12 @@ async def serve(config: Config, passed: list[tuple[str, socket.socket]] | None =
     finally:
         if watchdog is not None:
             watchdog.cancel()
-        if vms:
-            from vhostd.vmm import stop_vms
-
+        if daemon.web is not None:
+            await daemon.web.close()
+            daemon.web = None
+        if daemon.vms is not None:
             # Off the loop: a vCPU may be waiting for an answer from a device
             # this loop serves.
-            await loop.run_in_executor(None, stop_vms, vms)
+            await loop.run_in_executor(None, daemon.vms.stop_all)
         daemon.close()
     return 0

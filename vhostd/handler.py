@@ -100,6 +100,7 @@ class DeviceHandler:
         self._pending_claim = None  # abandons a claim running off the loop (see _claim_off_loop)
         self._lock_thread: ThreadPoolExecutor | None = None
         self.rings = Rings(engine, device, self.event_fd)
+        self.reset_reason = ""  # the log line of the last queue that broke (for status views)
 
     def close(self) -> None:
         if self._lock_thread is not None:
@@ -114,13 +115,14 @@ class DeviceHandler:
             os.eventfd_read(self.event_fd)
         except BlockingIOError:
             pass
-        self._log_errors()
+        self.log_errors()
         if self._release_wanted:
             self._release_if_stopped()
 
-    def _log_errors(self) -> None:
+    def log_errors(self) -> None:
         for queue, message in self.rings.take_errors():
             self.log.error("queue %d marked NEEDS_RESET: %s", queue, message)
+            self.reset_reason = f"queue {queue} marked NEEDS_RESET: {message}"
         for queue, n in self.rings.take_redos():
             self.log.warning("queue %d: redoing %d request(s) a previous vhostd took and did not complete "
                              "(inflight area)", queue, n)
@@ -212,7 +214,7 @@ class DeviceHandler:
         # and NEEDS_RESET, and the log names the holder.
         _close(fd)
         self._dp(self.rings.fail, index, f"queue {index} cannot start: {exc.strerror or exc}")
-        self._log_errors()
+        self.log_errors()
 
     def _locker(self) -> ThreadPoolExecutor:
         """One thread for a device's lock calls that wait for a cluster: in
@@ -402,7 +404,7 @@ class DeviceHandler:
         self._release_if_stopped()
         # A queue may have broken after the last event_fd wake-up; with the
         # rings stopped no new error can come, so collect it now or never.
-        self._log_errors()
+        self.log_errors()
         self.status = 0
         self.features = 0
 

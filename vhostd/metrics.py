@@ -34,7 +34,7 @@ STORE_COUNTERS = {"reconnects": "Times a connection to the NBD server came back"
                   "stalls": "Times a request to the RBD image waited longer than warn_after"}
 
 
-def _snapshot(daemon) -> list[dict]:
+def snapshot(daemon) -> list[dict]:
     """Runs on the loop: what `vhostd status` shows, plus each queue's
     latency histogram (bucket counts, total ns)."""
     devices = daemon_status(daemon)["devices"]
@@ -54,78 +54,102 @@ class DaemonCollector:
 
     def collect(self):
         async def snap():
-            return _snapshot(self.daemon)
+            return snapshot(self.daemon)
 
         try:
             devices = asyncio.run_coroutine_threadsafe(snap(), self.loop).result(SCRAPE_TIMEOUT)
         except Exception as exc:  # a scrape must never take the daemon down
             log.warning("metrics scrape failed: %s", exc)
             return
-        info = GaugeMetricFamily("vhostd_device_info", "One per device", labels=["device", "type", "socket"])
-        connected = GaugeMetricFamily("vhostd_device_connected", "1 while a front-end is connected",
-                                      labels=["device"])
-        needs_reset = GaugeMetricFamily("vhostd_device_needs_reset", "1 when a queue broke (NEEDS_RESET)",
-                                        labels=["device"])
-        features = GaugeMetricFamily("vhostd_device_features", "Negotiated virtio feature bits", labels=["device"])
-        qc = {key: CounterMetricFamily(f"vhostd_queue_{metric.removesuffix('_total')}", text,
-                                       labels=["device", "queue"]) for key, metric, text in QUEUE_COUNTERS}
-        pending = GaugeMetricFamily("vhostd_queue_pending", "Requests taken off the ring whose I/O is in flight",
+        yield from metric_families(devices)
+
+
+def metric_families(devices: list[dict]):
+    """The Prometheus metric families of a snapshot (from the loop)."""
+    info = GaugeMetricFamily("vhostd_device_info", "One per device", labels=["device", "type", "socket"])
+    connected = GaugeMetricFamily("vhostd_device_connected", "1 while a front-end is connected",
+                                  labels=["device"])
+    needs_reset = GaugeMetricFamily("vhostd_device_needs_reset", "1 when a queue broke (NEEDS_RESET)",
+                                    labels=["device"])
+    features = GaugeMetricFamily("vhostd_device_features", "Negotiated virtio feature bits", labels=["device"])
+    qc = {key: CounterMetricFamily(f"vhostd_queue_{metric.removesuffix('_total')}", text,
+                                   labels=["device", "queue"]) for key, metric, text in QUEUE_COUNTERS}
+    pending = GaugeMetricFamily("vhostd_queue_pending", "Requests taken off the ring whose I/O is in flight",
+                                labels=["device", "queue"])
+    latency = HistogramMetricFamily("vhostd_request_latency_seconds",
+                                    "Time from taking a request off the ring to its completion",
                                     labels=["device", "queue"])
-        latency = HistogramMetricFamily("vhostd_request_latency_seconds",
-                                        "Time from taking a request off the ring to its completion",
-                                        labels=["device", "queue"])
-        store_up = GaugeMetricFamily("vhostd_store_up", "1 when the device's remote store (NBD, RBD) answers",
-                                     labels=["device"])
-        store_timeouts = CounterMetricFamily("vhostd_store_timeouts", "Requests failed after waiting io_timeout",
-                                             labels=["device"])
-        # the rest of "store" is each kind's own: vhostd_store_<key>
-        store_more: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
-        device_counters: dict[str, CounterMetricFamily] = {}
-        for d in devices:
-            dev = d["name"]
-            info.add_metric([dev, d["type"], d["socket"]], 1)
-            if d["state"] != "serving":  # its remote store is not open yet
-                connected.add_metric([dev], 0)
-                store_up.add_metric([dev], 0)
-                continue
-            if "store" in d:
-                store_up.add_metric([dev], int(d["store"]["up"]))
-                store_timeouts.add_metric([dev], d["store"]["timeouts"])
-                for key, value in d["store"].items():
-                    if key in STORE_GAUGES or key in STORE_COUNTERS:
-                        fam = store_more.get(key)
-                        if fam is None:
-                            kind, text = (GaugeMetricFamily, STORE_GAUGES[key]) if key in STORE_GAUGES \
-                                else (CounterMetricFamily, STORE_COUNTERS[key])
-                            fam = store_more[key] = kind(f"vhostd_store_{key}", text, labels=["device"])
-                        fam.add_metric([dev], value)
-            connected.add_metric([dev], int(d["connected"]))
-            needs_reset.add_metric([dev], int(d["needs_reset"]))
-            features.add_metric([dev], d["features"])
-            for q in d["queues"]:
-                buckets, total_ns = q["latency"]
-                labels = [dev, str(q["index"])]
-                for key, _, _ in QUEUE_COUNTERS:
-                    qc[key].add_metric(labels, q[key])
-                pending.add_metric(labels, q["pending"])
-                cumulative, running = [], 0
-                for k, count in enumerate(buckets):
-                    running += count
-                    bound = "+Inf" if k == len(buckets) - 1 else repr((1 << k) / 1e6)
-                    cumulative.append((bound, running))
-                if running:
-                    latency.add_metric(labels, cumulative, total_ns / 1e9)
-            unit = "pair" if d["type"] == "net" else "queue"
-            for i, counters in enumerate(d["counters"]):
-                for key, value in counters.items():
-                    name = f"vhostd_{d['type']}_{key}"
-                    fam = device_counters.get(name)
+    store_up = GaugeMetricFamily("vhostd_store_up", "1 when the device's remote store (NBD, RBD) answers",
+                                 labels=["device"])
+    store_timeouts = CounterMetricFamily("vhostd_store_timeouts", "Requests failed after waiting io_timeout",
+                                         labels=["device"])
+    # the rest of "store" is each kind's own: vhostd_store_<key>
+    store_more: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+    device_counters: dict[str, CounterMetricFamily] = {}
+    for d in devices:
+        dev = d["name"]
+        info.add_metric([dev, d["type"], d["socket"]], 1)
+        if d["state"] != "serving":  # its remote store is not open yet
+            connected.add_metric([dev], 0)
+            store_up.add_metric([dev], 0)
+            continue
+        if "store" in d:
+            store_up.add_metric([dev], int(d["store"]["up"]))
+            store_timeouts.add_metric([dev], d["store"]["timeouts"])
+            for key, value in d["store"].items():
+                if key in STORE_GAUGES or key in STORE_COUNTERS:
+                    fam = store_more.get(key)
                     if fam is None:
-                        fam = device_counters[name] = CounterMetricFamily(
-                            name, f"{d['type']} {key.replace('_', ' ')} per {unit}", labels=["device", unit])
-                    fam.add_metric([dev, str(i)], value)
-        yield from (info, connected, needs_reset, features, *qc.values(), pending, latency, store_up,
-                    store_timeouts, *store_more.values(), *device_counters.values())
+                        kind, text = (GaugeMetricFamily, STORE_GAUGES[key]) if key in STORE_GAUGES \
+                            else (CounterMetricFamily, STORE_COUNTERS[key])
+                        fam = store_more[key] = kind(f"vhostd_store_{key}", text, labels=["device"])
+                    fam.add_metric([dev], value)
+        connected.add_metric([dev], int(d["connected"]))
+        needs_reset.add_metric([dev], int(d["needs_reset"]))
+        features.add_metric([dev], d["features"])
+        for q in d["queues"]:
+            buckets, total_ns = q["latency"]
+            labels = [dev, str(q["index"])]
+            for key, _, _ in QUEUE_COUNTERS:
+                qc[key].add_metric(labels, q[key])
+            pending.add_metric(labels, q["pending"])
+            cumulative, running = [], 0
+            for k, count in enumerate(buckets):
+                running += count
+                bound = "+Inf" if k == len(buckets) - 1 else repr((1 << k) / 1e6)
+                cumulative.append((bound, running))
+            if running:
+                latency.add_metric(labels, cumulative, total_ns / 1e9)
+        unit = "pair" if d["type"] == "net" else "queue"
+        for i, counters in enumerate(d["counters"]):
+            for key, value in counters.items():
+                name = f"vhostd_{d['type']}_{key}"
+                fam = device_counters.get(name)
+                if fam is None:
+                    fam = device_counters[name] = CounterMetricFamily(
+                        name, f"{d['type']} {key.replace('_', ' ')} per {unit}", labels=["device", unit])
+                fam.add_metric([dev, str(i)], value)
+    yield from (info, connected, needs_reset, features, *qc.values(), pending, latency, store_up,
+                store_timeouts, *store_more.values(), *device_counters.values())
+
+
+class _Fixed:
+    """A collector of one snapshot already taken (on the loop)."""
+
+    def __init__(self, devices: list[dict]) -> None:
+        self.devices = devices
+
+    def collect(self):
+        return metric_families(self.devices)
+
+
+def exposition(daemon) -> bytes:
+    """The metrics in Prometheus' text format, from the loop (the web console's /metrics)."""
+    from prometheus_client import generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(snapshot(daemon)))
+    return generate_latest(registry)
 
 
 class MetricsServer:

@@ -135,7 +135,10 @@ class BlkDevice(Device):
         return bit(ProtocolFeature.INFLIGHT_SHMFD)
 
     def describe(self) -> dict:
-        return {"backend": self.cfg.backend, **self.store.describe(), "block_size": self.block_size}
+        names = storage.BACKENDS[self.cfg.backend].identity(self.cfg.store)
+        return {"backend": self.cfg.backend, "image": names[2] if names else None,
+                "capacity": self.capacity * SECTOR, "readonly": self.readonly,
+                **self.store.describe(), "block_size": self.block_size}
 
     def write_config(self, offset: int, data: bytes) -> None:
         # Only `writeback` is writable and only with CONFIG_WCE, which we do not offer.

@@ -291,6 +291,11 @@ class NetDevice(Device):
             self._switches.release(self.cfg.switch)
             self._switch = None
 
+    def describe(self) -> dict:
+        return {"backend": self.cfg.backend, "mac": self.cfg.mac, "mtu": self.cfg.mtu,
+                **({"tap": self.cfg.tap} if self.cfg.backend == "tap" else {}),
+                **({"switch": self.cfg.switch} if self.cfg.backend == "switch" else {})}
+
     def stats(self) -> list[dict[str, int]]:
         out = []
         st = ffi.new("struct vd_net_stats *")
