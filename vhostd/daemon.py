@@ -284,7 +284,7 @@ class Daemon:
         self.vms.update(configs)
 
     def start_vm(self, name: str) -> dict:
-        """Start a VM of the config (an action of the web console)."""
+        """Start a VM of the config (autostart, or an action of the web console)."""
         from vhostd.vmm import VmError
 
         vm = self.vms.vms.get(name) if self.vms else None
@@ -293,6 +293,7 @@ class Daemon:
         try:
             vm.start()
         except (VmError, OSError) as exc:
+            log.error("%s: VM not started: %s", name, exc)
             return {"ok": False, "error": str(exc)}
         log.info("%s: VM started", name)
         return {"ok": True, "vm": name, "state": "running"}

@@ -63,6 +63,10 @@ class BlkDevice(Device):
         if store is None:
             store = storage.BACKENDS[cfg.backend].open_store(cfg.store, cfg.name, cfg.readonly)
         self.store = store
+        # What status views name as the data (looked up now: a status must
+        # never touch a file system, which may hang with the disk).
+        names = storage.BACKENDS[cfg.backend].identity(cfg.store)
+        self.image = names[2] if names else None
         # Another user of the image is told who holds it.
         store.owner = f"device {cfg.name!r} (socket {cfg.socket})"
         try:
@@ -135,8 +139,7 @@ class BlkDevice(Device):
         return bit(ProtocolFeature.INFLIGHT_SHMFD)
 
     def describe(self) -> dict:
-        names = storage.BACKENDS[self.cfg.backend].identity(self.cfg.store)
-        return {"backend": self.cfg.backend, "image": names[2] if names else None,
+        return {"backend": self.cfg.backend, "image": self.image,
                 "capacity": self.capacity * SECTOR, "readonly": self.readonly,
                 **self.store.describe(), "block_size": self.block_size}
 
