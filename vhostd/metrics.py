@@ -4,7 +4,8 @@ prometheus_client serves HTTP from its own thread; at each scrape the
 collector asks the asyncio loop for a snapshot, because devices belong to
 the loop (a reload may free one while a scrape runs).  Nothing is counted
 in Python: the numbers are the data plane's own counters, and latency
-histograms are switched on in the data plane only while metrics are on.
+histograms are switched on in the data plane only while metrics (or the
+web console, which serves the same text at its /metrics: exposition()) are on.
 """
 
 from __future__ import annotations
