@@ -18,7 +18,7 @@ and request sizes are bounded.
     GET  /                      the page
     GET  /api/status            the snapshot (as `vhostd status --json`)
     GET  /api/events            the stream: a "hello" event with the graphs'
-                                history, then an "update" event a second
+                                history and its length, then an "update" event a second
     POST /api/reload            reload the config; its outcome or FILE:LINE errors
     POST /api/vms/NAME/start    start a VM of the config
     POST /api/vms/NAME/stop     stop it
@@ -67,7 +67,7 @@ class _HttpLog(logging.LoggerAdapter):
 
     def exception(self, msg, *args, exc_info=True, **kwargs):
         exc = sys.exc_info()[1] if exc_info is True else exc_info
-        self.debug("%s: %s", msg % args if args else msg, str(exc).strip().splitlines()[0] if str(exc) else exc)
+        self.debug("%s: %s", msg % args if args else msg, (str(exc).strip().splitlines() or [repr(exc)])[0])
 
 
 def read_token(path: str) -> bytes:
@@ -77,9 +77,10 @@ def read_token(path: str) -> bytes:
 
 def _host_names(host: str, port: int) -> set[str]:
     """Host header values that name this console (lower case)."""
-    names = {host.lower(), socket.gethostname().lower(), socket.getfqdn().lower()}
     if is_loopback(host):
-        names |= {"localhost", "127.0.0.1", "::1"}
+        names = {host.lower(), "localhost", "127.0.0.1", "::1"}
+    else:  # (the FQDN may take a DNS lookup: only when other machines may ask)
+        names = {host.lower(), socket.gethostname().lower(), socket.getfqdn().lower()}
     return {_with_port(n, port) for n in names if n and n not in ("0.0.0.0", "::")}
 
 
@@ -142,9 +143,9 @@ class WebConsole:
     # ------------------------------------------------------------ updates
 
     def _sample(self) -> None:
-        status = daemon_status(self.daemon)
-        rates = self.rates.update(status, time.monotonic(), time.time())
-        update = {"time": time.time(), "actions": self.token is not None, "status": status, "rates": rates}
+        status, wall = daemon_status(self.daemon), time.time()
+        rates = self.rates.update(status, time.monotonic(), wall)
+        update = {"time": wall, "actions": self.token is not None, "status": status, "rates": rates}
         self.last = _event("update", update)
         for q in self._streams:
             if q.full():  # a page that does not keep up misses updates, not the others
@@ -226,7 +227,8 @@ class WebConsole:
         q: asyncio.Queue = asyncio.Queue(maxsize=2)
         self._streams.add(q)
         try:
-            await response.write(_event("hello", {"interval": INTERVAL, "history": list(self.rates.history)}))
+            await response.write(_event("hello", {"keep": self.rates.history.maxlen,
+                                                  "history": list(self.rates.history)}))
             await response.write(self.last)
             while (message := await q.get()) is not None:
                 await response.write(message)
@@ -241,7 +243,6 @@ class WebConsole:
             return refused
         log.info("web console: reload asked by %s", request.remote)
         outcome = self.daemon.reload()
-        self._sample()
         return web.json_response(outcome, status=200 if outcome.get("ok") else 422)
 
     async def _vm_action(self, request: web.Request) -> web.Response:

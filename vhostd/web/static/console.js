@@ -3,7 +3,7 @@
 // reports (device names, a guest's console) is shown as text, never as HTML.
 "use strict";
 
-const HISTORY = 300;            // samples per graph (one a second)
+let keep = 300;                 // samples per graph (one a second); the daemon says how many
 const TOKEN_KEY = "vhostd-token"; // sessionStorage: this tab only, never a cookie
 const history = new Map();      // device name -> [{time, ops, bytes, drops}]
 let actionsOn = false;
@@ -109,7 +109,7 @@ function graph(name) {
   ctx.strokeRect(0.5, 0.5, w - 1, h - 1);
   if (!points.length) return canvas;
   const top = Math.max(1, ...points.map((p) => p.ops));
-  const x = (i) => w - 1 - (points.length - 1 - i) * (w - 2) / (HISTORY - 1);
+  const x = (i) => w - 1 - (points.length - 1 - i) * (w - 2) / (keep - 1);
   const y = (v) => h - 2 - v / top * (h - 5);
   ctx.beginPath();
   ctx.moveTo(x(0), h - 1);
@@ -197,7 +197,7 @@ function remember(time, rates) {
   for (const [name, r] of Object.entries(rates)) {
     const h = history.get(name) || [];
     h.push({time, ops: r.ops, bytes: r.bytes, drops: r.drops});
-    if (h.length > HISTORY) h.splice(0, h.length - HISTORY);
+    if (h.length > keep) h.splice(0, h.length - keep);
     history.set(name, h);
   }
 }
@@ -220,8 +220,10 @@ function render(update) {
 function connect() {
   const events = new EventSource("/api/events");
   events.addEventListener("hello", (e) => {
+    const hello = JSON.parse(e.data);
+    keep = hello.keep;
     history.clear();
-    for (const sample of JSON.parse(e.data).history) {
+    for (const sample of hello.history) {
       remember(sample.time, sample.devices);
     }
   });
