@@ -31,6 +31,7 @@ import os
 import re
 import select
 import shutil
+import socket
 import struct
 import tempfile
 import time
@@ -57,6 +58,13 @@ def wait_until(pred, timeout: float = 5.0, interval: float = 0.002, what: str = 
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for the daemon's HTTP listeners)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def readable(fd: int, timeout: float) -> bool:
@@ -380,7 +388,8 @@ def module_vhostd_factory(tmp_path_factory):
 
 __all__ = [
     "BLK_S_OK", "BLK_T_IN", "BLK_T_OUT", "F_PROTOCOL_FEATURES", "STATUS_NEEDS_RESET", "Guest", "Vhostd",
-    "blk_roundtrip", "connect_frontend", "eventfd_take", "fd_is_closed", "readable", "wait_broken", "wait_until",
+    "blk_roundtrip", "connect_frontend", "eventfd_take", "fd_is_closed", "free_port", "readable", "wait_broken",
+    "wait_until",
 ]
 
 

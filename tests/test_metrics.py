@@ -8,13 +8,7 @@ import subprocess
 import sys
 import urllib.request
 
-from conftest import Guest, blk_roundtrip, wait_until
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import Guest, blk_roundtrip, free_port, wait_until
 
 
 def scrape(port: int) -> str:

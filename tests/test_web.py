@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Guest, wait_until
+from conftest import Guest, free_port, wait_until
 from vhostd.config import ConfigError, load_config
 from vhostd.web.rates import Rates
 
@@ -32,12 +31,6 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 SCREENSHOT = Path(__file__).resolve().parent / ".cache" / "web-console.png"
 TOKEN = "s3cret-token-for-the-tests"
 KVM = os.path.exists("/dev/kvm")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def request(port: int, method: str, path: str, headers: dict | None = None, body: bytes | None = None,

@@ -283,13 +283,19 @@ class Daemon:
             self.vms = HostedVms(log)
         self.vms.update(configs)
 
+    def _vm(self, name: str):
+        return self.vms.vms.get(name) if self.vms is not None else None
+
+    def _no_vm(self, name: str) -> dict:
+        return {"ok": False, "error": f"no VM named {name!r} in {self.config.path}"}
+
     def start_vm(self, name: str) -> dict:
         """Start a VM of the config (autostart, or an action of the web console)."""
         from vhostd.vmm import VmError
 
-        vm = self.vms.vms.get(name) if self.vms else None
+        vm = self._vm(name)
         if vm is None:
-            return {"ok": False, "error": f"no VM named {name!r} in {self.config.path}"}
+            return self._no_vm(name)
         try:
             vm.start()
         except (VmError, OSError) as exc:
@@ -299,9 +305,9 @@ class Daemon:
         return {"ok": True, "vm": name, "state": "running"}
 
     def stop_vm(self, name: str) -> dict:
-        vm = self.vms.vms.get(name) if self.vms else None
+        vm = self._vm(name)
         if vm is None:
-            return {"ok": False, "error": f"no VM named {name!r} in {self.config.path}"}
+            return self._no_vm(name)
         if not vm.running:
             return {"ok": False, "error": f"VM {name!r} is not running"}
         vm.stop()
